@@ -1,0 +1,34 @@
+# Set-up and batch entry points. `make demo` and `make test` are all a fresh machine needs.
+#
+# The venv holds an editable install (`pip install -e '.[test]'`): setuptools maps the
+# repository root onto the `distill` package (package-dir in pyproject.toml) through an
+# import hook, so edits under storage/, pipeline/, stages/ are live without reinstalling.
+# Torch: see scripts/setup-venv.sh (TORCH_SPEC, TORCH_INDEX_URL, TORCH_CPU_VERSION).
+
+PYTHON ?= python3
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+export PYTHON VENV
+
+.PHONY: venv test demo bench-store labels student teacher clean
+
+venv:
+	@scripts/setup-venv.sh
+
+test: venv
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/distill demo --out demo-out
+
+bench-store: venv
+	$(VENV)/bin/python benchmarks/store.py
+
+labels student teacher:
+	@echo "make $@: not implemented yet (the soft-label store exists; the stages come next)" >&2
+	@exit 2
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache demo-out
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

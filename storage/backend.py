@@ -1,0 +1,44 @@
+"""The backend interface: a shard's named arrays <-> the bytes of its files.
+
+Backends never touch a filesystem; the writer and reader do the I/O, the checksums and
+the atomic commit, so both backends get the same guarantees from the same code.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+__all__ = ["Backend", "get_backend", "BACKENDS"]
+
+# Arrays with one value per position (the rest, but "offsets", have one per slot: (P, K)).
+POSITION_COLUMNS = ("tail_logprob", "tempered_lse", "token_index")
+ENTRY_COLUMNS = ("ids_delta", "logprobs", "logprob_codes", "counts")
+
+
+class Backend(abc.ABC):
+    """Serialises one shard's arrays (names and shapes as in docs/FORMAT.md)."""
+
+    name: str
+
+    @abc.abstractmethod
+    def serialize(self, columns: dict[str, np.ndarray]) -> dict[str, bytes]:
+        """Files of one shard, as {path relative to the shard directory: bytes}."""
+
+    @abc.abstractmethod
+    def deserialize(self, files: dict[str, bytes]) -> dict[str, np.ndarray]:
+        """The arrays back from the files that ``serialize`` wrote."""
+
+
+def get_backend(name: str) -> Backend:
+    from distill.storage.parquet_backend import ParquetBackend
+    from distill.storage.zarr_backend import ZarrBackend
+
+    backends = {"zarr": ZarrBackend, "parquet": ParquetBackend}
+    if name not in backends:
+        raise ValueError(f"unknown backend {name!r}: use one of {', '.join(backends)}")
+    return backends[name]()
+
+
+BACKENDS = ("zarr", "parquet")

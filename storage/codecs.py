@@ -1,0 +1,150 @@
+"""Value and id encodings: soft labels <-> the plain arrays a shard stores.
+
+Ids are sorted within each position and stored as gaps (``ids_delta``: the first id,
+then differences), which a byte-shuffling compressor turns into about
+log2(V/k) + 1.5 bits per id instead of log2(V). Values follow their ids.
+
+Value encodings:
+    lossless: ``logprobs`` float32 as given; tail and normalisers float32.
+    sqrt:     ``logprob_codes`` = round(sqrt(p) * L), uint8 or uint16. Uniform steps in
+              sqrt(p) are uniform steps in the Fisher metric, so every entry costs the
+              KL the same (about 1 / (6 L^2) nats each, entries in the zero bin less).
+              Decoding takes p = (c / L)^2 (c = 0 -> (0.25 / L)^2) and rescales the
+              position's K values so that they and the exact tail sum to 1. Tail and
+              tempered normalisers are float16.
+See docs/FORMAT.md for the layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from distill.storage.labels import SoftLabels
+
+__all__ = ["ValueEncoding", "encode_labels", "decode_labels", "default_levels"]
+
+# Default error budget of the sqrt encoding: expected KL (nats) per position at T=1.
+DEFAULT_KL_BUDGET = 5e-5
+
+
+def default_levels(k: int, kl_budget: float = DEFAULT_KL_BUDGET) -> int:
+    """Quantisation levels L for which k entries cost about ``kl_budget`` nats of KL."""
+    return max(15, math.ceil(math.sqrt(k / (6.0 * kl_budget))))
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueEncoding:
+    """How log-probabilities are stored: ``lossless`` or ``sqrt`` with ``levels`` steps."""
+
+    name: str = "sqrt"
+    levels: int = 0
+
+    def __post_init__(self):
+        if self.name not in ("lossless", "sqrt"):
+            raise ValueError(f"unknown value encoding {self.name!r}: use 'sqrt' (default, lossy) or 'lossless'")
+        if self.name == "sqrt" and not 1 <= self.levels <= 65535:
+            raise ValueError(f"sqrt encoding needs 1 <= levels <= 65535, got {self.levels}")
+
+    @property
+    def lossless(self) -> bool:
+        return self.name == "lossless"
+
+    def to_json(self) -> dict:
+        return {"name": self.name} if self.lossless else {"name": self.name, "levels": self.levels}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ValueEncoding":
+        return cls(name=d["name"], levels=int(d.get("levels", 0)))
+
+    @classmethod
+    def for_k(cls, name: str, k: int) -> "ValueEncoding":
+        return cls(name, default_levels(k) if name == "sqrt" else 0)
+
+
+def ids_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def _numpy(t):
+    return None if t is None else (t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
+
+
+def encode_labels(labels: SoftLabels, vocab_size: int, encoding: ValueEncoding) -> dict[str, np.ndarray]:
+    """The arrays of one shard (names as in docs/FORMAT.md) from in-memory labels."""
+    ids = _numpy(labels.topk_ids).astype(np.int64, copy=False)
+    logprobs = _numpy(labels.topk_logprobs).astype(np.float32, copy=False)
+    counts = _numpy(labels.counts)
+    order = np.argsort(ids, axis=1, kind="stable")  # ascending ids within each position
+    ids = np.take_along_axis(ids, order, 1)
+    logprobs = np.take_along_axis(logprobs, order, 1)
+    columns = {"offsets": _numpy(labels.offsets).astype(np.int64)}
+    delta = np.diff(ids, axis=1, prepend=0)  # (P, K) first id, then gaps >= 0
+    columns["ids_delta"] = delta.astype(ids_dtype(vocab_size))
+    float_dtype = np.float32 if encoding.lossless else np.float16
+    if encoding.lossless:
+        columns["logprobs"] = logprobs
+    else:
+        root_p = np.exp(0.5 * logprobs, dtype=np.float32)  # sqrt(p); -inf -> 0
+        codes = np.rint(root_p * encoding.levels)
+        columns["logprob_codes"] = codes.astype(np.uint8 if encoding.levels <= 255 else np.uint16)
+    columns["tail_logprob"] = _numpy(labels.tail_logprob).astype(float_dtype)
+    lse = _numpy(labels.tempered_lse)
+    if lse is not None and lse.shape[1]:
+        columns["tempered_lse"] = lse.astype(float_dtype)
+    if counts is not None:
+        counts = np.take_along_axis(counts, order, 1)
+        columns["counts"] = counts.astype(np.uint8 if counts.max(initial=0) < 256 else np.uint16)
+    if labels.token_index is not None:
+        columns["token_index"] = _numpy(labels.token_index).astype(np.int32)
+    return columns
+
+
+def _code_tables(levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log p, p) of each code 0..levels, float32; code 0 stands for (0.25 / L)^2."""
+    root = np.arange(levels + 1, dtype=np.float64) / levels
+    root[0] = 0.25 / levels
+    p = root * root
+    return np.log(p).astype(np.float32), p.astype(np.float32)
+
+
+def decode_labels(
+    columns: dict[str, np.ndarray], k: int, encoding: ValueEncoding, temperatures: tuple[float, ...], example_start: int = 0
+) -> SoftLabels:
+    """Soft labels (torch tensors, ids int64 ascending) from a shard's arrays."""
+    delta = columns["ids_delta"].reshape(-1, k)
+    n = delta.shape[0]
+    ids = np.cumsum(delta, axis=1, dtype=np.int64)  # (P, K)
+    tail = columns["tail_logprob"].reshape(n).astype(np.float32)
+    counts = columns.get("counts")
+    if encoding.lossless:
+        logprobs = columns["logprobs"].reshape(n, k).astype(np.float32, copy=False)
+    else:
+        log_table, p_table = _code_tables(encoding.levels)
+        codes = columns["logprob_codes"].reshape(n, k)
+        logprobs = log_table[codes]  # (P, K)
+        mass = p_table[codes].sum(axis=1, dtype=np.float32)
+        if counts is not None:  # padding slots hold nothing
+            mass -= np.where(counts.reshape(n, k) == 0, p_table[codes], 0).sum(axis=1, dtype=np.float32)
+        target = -np.expm1(tail.astype(np.float64))  # exact top-k mass, 1 - tail
+        logprobs += np.log(target / mass).astype(np.float32)[:, None]
+    if counts is not None:
+        counts = counts.reshape(n, k).astype(np.int32)
+        logprobs = np.where(counts == 0, np.float32(-np.inf), logprobs)
+    lse = columns.get("tempered_lse")
+    lse = np.zeros((n, 0), np.float32) if lse is None else lse.reshape(n, len(temperatures)).astype(np.float32)
+    token_index = columns.get("token_index")
+    return SoftLabels(
+        offsets=torch.from_numpy(np.array(columns["offsets"], dtype=np.int64)),
+        topk_ids=torch.from_numpy(ids),
+        topk_logprobs=torch.from_numpy(np.ascontiguousarray(logprobs)),
+        tail_logprob=torch.from_numpy(tail),
+        tempered_lse=torch.from_numpy(lse),
+        temperatures=tuple(temperatures),
+        counts=None if counts is None else torch.from_numpy(counts),
+        token_index=None if token_index is None else torch.from_numpy(token_index.astype(np.int32)),
+        example_start=example_start,
+    )

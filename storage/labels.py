@@ -1,0 +1,201 @@
+"""Soft labels in memory: what the store holds for a run of consecutive examples.
+
+A *position* is one teacher distribution (one per classification example, one per
+non-padding token of a causal LM). ``offsets`` maps examples to contiguous position
+ranges, so ragged sequences carry no padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+__all__ = ["SoftLabels", "topk_labels", "sampled_labels", "concat_labels"]
+
+
+@dataclasses.dataclass
+class SoftLabels:
+    """Teacher distributions for ``num_examples`` consecutive examples.
+
+    Fields (P positions, K slots, E examples, nT stored temperatures other than 1):
+        offsets:        (E+1,) int64, example e owns positions offsets[e]:offsets[e+1].
+        topk_ids:       (P, K) int64, top-k ids (method "topk") or sampled ids (method
+                        "sample", unique, padded with count-0 slots); ascending within a
+                        position once stored.
+        topk_logprobs:  (P, K) float32, exact log-probabilities of those ids under the
+                        teacher's full-vocabulary softmax at T=1 (-inf on padding slots).
+        tail_logprob:   (P,) float32, log of the mass outside the K ids (-inf if none).
+        tempered_lse:   (P, nT) float32, logsumexp(logprobs / T) over the whole vocabulary
+                        for each temperature T in ``temperatures`` (T=1 needs none).
+        temperatures:   the nT temperatures of ``tempered_lse``' columns.
+        counts:         (P, K) int32 draw counts (method "sample"), else None.
+        token_index:    (P,) int32 token index of each position within its example, or
+                        None when position i of an example is token i.
+        example_start:  global index of the first example.
+    """
+
+    offsets: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    tail_logprob: torch.Tensor
+    tempered_lse: torch.Tensor
+    temperatures: tuple[float, ...] = ()
+    counts: torch.Tensor | None = None
+    token_index: torch.Tensor | None = None
+    example_start: int = 0
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+    def example(self, e: int) -> "SoftLabels":
+        """Labels of the e-th example held here (0-based, relative to ``example_start``)."""
+        return self.examples(e, e + 1)
+
+    def examples(self, start: int, stop: int) -> "SoftLabels":
+        """Labels of examples ``start:stop`` held here (relative indices)."""
+        a, b = int(self.offsets[start]), int(self.offsets[stop])
+        cut = lambda t: None if t is None else t[a:b]  # noqa: E731
+        return SoftLabels(
+            offsets=self.offsets[start : stop + 1] - a,
+            topk_ids=self.topk_ids[a:b],
+            topk_logprobs=self.topk_logprobs[a:b],
+            tail_logprob=self.tail_logprob[a:b],
+            tempered_lse=self.tempered_lse[a:b],
+            temperatures=self.temperatures,
+            counts=cut(self.counts),
+            token_index=cut(self.token_index),
+            example_start=self.example_start + start,
+        )
+
+    def tempered(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact tempered log-probabilities of the stored ids and of the tail.
+
+        Returns ``(logprobs_T (P, K), tail_logprob_T (P,))``, float32, a distribution over
+        K+1 buckets. ``temperature`` must be 1 or one of ``temperatures``.
+        """
+        if temperature == 1.0:
+            return self.topk_logprobs, self.tail_logprob
+        if temperature not in self.temperatures:
+            held = ", ".join(str(t) for t in (1.0, *self.temperatures))
+            raise ValueError(f"temperature {temperature} is not in the store (it holds {held})")
+        col = self.temperatures.index(temperature)
+        lp = self.topk_logprobs.double() / temperature - self.tempered_lse[:, col : col + 1].double()
+        mass = lp.exp().sum(1)
+        # Lossy values or a float16 normaliser can push the k-mass a hair past 1: clamp, renormalise.
+        tail = (1.0 - mass).clamp_min(0.0)
+        log_total = torch.log(mass + tail)
+        return (lp - log_total[:, None]).float(), (tail.log() - log_total).float()
+
+
+def concat_labels(parts: list[SoftLabels]) -> SoftLabels:
+    """Concatenate labels of consecutive example runs."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets, base = [torch.zeros(1, dtype=torch.int64)], 0
+    for p in parts:
+        offsets.append(p.offsets[1:] + base)
+        base += p.num_positions
+    cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return SoftLabels(
+        offsets=torch.cat(offsets),
+        topk_ids=cat("topk_ids"),
+        topk_logprobs=cat("topk_logprobs"),
+        tail_logprob=cat("tail_logprob"),
+        tempered_lse=cat("tempered_lse"),
+        temperatures=parts[0].temperatures,
+        counts=cat("counts"),
+        token_index=cat("token_index"),
+        example_start=parts[0].example_start,
+    )
+
+
+def _tail_and_lse(logprobs: torch.Tensor, ids: torch.Tensor, temperatures) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tail log-mass outside ``ids`` and the tempered normalisers, from full log-probs (P, V)."""
+    outside = logprobs.scatter(1, ids, float("-inf"))
+    tail = torch.logsumexp(outside, dim=1)  # exact even when the tail is tiny
+    temps = [t for t in temperatures if t != 1.0]
+    lse = torch.stack([torch.logsumexp(logprobs / t, dim=1) for t in temps], 1) if temps else logprobs.new_zeros(len(logprobs), 0)
+    return tail, lse
+
+
+def _positions_tensor(n: int, lengths) -> torch.Tensor:
+    if lengths is None:
+        return torch.arange(n + 1, dtype=torch.int64)
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    if int(lengths.sum()) != n:
+        raise ValueError(f"lengths sum to {int(lengths.sum())} but there are {n} positions")
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+
+
+@torch.no_grad()
+def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None) -> SoftLabels:
+    """Top-k soft labels from full logits, computed where ``logits`` live (GPU or CPU).
+
+    logits: (P, V) any float dtype; softmax is taken in float32.
+    lengths: positions per example (E,), or None for one position per example.
+    Only (P, K + 1 + nT) numbers leave the device.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (P, V)
+    values, ids = logprobs.topk(k, dim=-1)  # (P, K)
+    tail, lse = _tail_and_lse(logprobs, ids, temperatures)
+    return SoftLabels(
+        offsets=_positions_tensor(len(logits), lengths),
+        topk_ids=ids.cpu(),
+        topk_logprobs=values.cpu(),
+        tail_logprob=tail.cpu(),
+        tempered_lse=lse.cpu(),
+        temperatures=tuple(float(t) for t in temperatures if t != 1.0),
+    )
+
+
+@torch.no_grad()
+def sampled_labels(
+    logits: torch.Tensor, samples: int, temperatures=(), lengths=None, generator: torch.Generator | None = None,
+    sample_temperature: float = 1.0,
+) -> SoftLabels:
+    """Sampled soft labels: ``samples`` draws per position from the teacher's distribution.
+
+    Keeps the unique drawn ids (ascending, padded to ``samples`` slots with count 0 and
+    id repeated), their draw counts and their exact log-probabilities.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (P, V)
+    proposal = torch.softmax(logits.float() / sample_temperature, dim=-1)
+    draws = torch.multinomial(proposal, samples, replacement=True, generator=generator)  # (P, M)
+    draws, _ = draws.sort(dim=1)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    # Count of each unique id = run length; place uniques first, pad by repeating the last one.
+    rank = first.long().cumsum(1) - 1  # (P, M) slot of each draw's unique id
+    counts = torch.zeros_like(draws).scatter_add_(1, rank, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(1, rank, draws)
+    n_unique = first.sum(1, keepdim=True)
+    slot = torch.arange(samples, device=draws.device)[None, :]
+    pad = slot >= n_unique
+    last = ids.gather(1, n_unique - 1)
+    ids = torch.where(pad, last, ids)
+    values = torch.where(pad, float("-inf"), logprobs.gather(1, ids))
+    unique_ids = torch.where(pad, draws[:, :1].expand_as(draws), ids)  # duplicates of a kept id add nothing
+    in_set = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(1, unique_ids, True)
+    tail = torch.logsumexp(logprobs.masked_fill(in_set, float("-inf")), dim=1)
+    _, lse = _tail_and_lse(logprobs, ids[:, :1], temperatures)
+    return SoftLabels(
+        offsets=_positions_tensor(len(logits), lengths),
+        topk_ids=ids.cpu(),
+        topk_logprobs=values.cpu(),
+        tail_logprob=tail.cpu(),
+        tempered_lse=lse.cpu(),
+        temperatures=tuple(float(t) for t in temperatures if t != 1.0),
+        counts=counts.int().cpu(),
+    )
+

@@ -1,0 +1,211 @@
+"""The store's manifest and per-shard commit records (JSON, self-checksummed).
+
+A store is self-describing: ``manifest.json`` at its root says what it holds (format
+version, method, k, vocabulary, temperatures, value encoding, fingerprints, the shard
+plan). A shard is complete once its commit record ``shards/<index>.commit.json`` exists;
+the record is written last, after the shard's files are durable, and carries their sizes
+and CRC-32s. ``finalize`` copies the records into the manifest's shard table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+
+from distill.errors import CorruptStoreError, IncompatibleStoreError, StoreError
+from distill.storage.codecs import ValueEncoding
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "StoreSpec", "ShardRecord", "Manifest", "dumps_checked", "loads_checked"]
+
+FORMAT_NAME = "distill-soft-labels"
+FORMAT_VERSION = 1
+METHODS = ("topk", "sample")
+BACKENDS = ("zarr", "parquet")
+
+
+def dumps_checked(obj: dict) -> bytes:
+    """JSON bytes with a ``crc32`` field over the canonical JSON of everything else."""
+    body = {k: v for k, v in obj.items() if k != "crc32"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    body["crc32"] = f"{zlib.crc32(canonical.encode()):08x}"
+    return (json.dumps(body, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def loads_checked(data: bytes, what: str, shard: int | None = None) -> dict:
+    """Parse JSON written by ``dumps_checked``; any damage raises ``CorruptStoreError``."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptStoreError(f"{what} is not valid JSON ({e}); rewrite it or regenerate the store", shard) from None
+    body = {k: v for k, v in obj.items() if k != "crc32"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    if obj.get("crc32") != f"{zlib.crc32(canonical.encode()):08x}":
+        raise CorruptStoreError(f"{what} fails its checksum (damaged or edited by hand); regenerate it", shard)
+    return body
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSpec:
+    """What a store holds; two runs with equal specs write interchangeable shards.
+
+    method:              "topk" (top-k ids + exact log-probs + tail) or "sample" (drawn ids + counts).
+    k:                   slots per position: top-k size, or draws per position for "sample".
+    vocab_size:          size V of the teacher's output distribution.
+    num_examples:        examples in the dataset; example i maps to shard i // examples_per_shard.
+    examples_per_shard:  shard size, the unit of writing, checking, resuming and parallelism.
+    temperatures:        temperatures whose exact tempered normalisers are stored (1 is implicit).
+    value_encoding:      "sqrt" (default, lossy, error measured) or "lossless", or a ValueEncoding.
+    backend:             "zarr" (default) or "parquet".
+    teacher_fingerprint: identifies the teacher (weights hash, config), refuses mismatched resumes.
+    dataset_fingerprint: identifies the data, so stage two never joins labels to the wrong data.
+    sample_temperature:  temperature of the distribution draws come from ("sample" only).
+    has_token_index:     positions carry their token index within the example.
+    extra:               free-form JSON metadata (task, generation settings, ...).
+    """
+
+    method: str
+    k: int
+    vocab_size: int
+    num_examples: int
+    examples_per_shard: int = 1024
+    temperatures: tuple[float, ...] = (1.0,)
+    value_encoding: str | ValueEncoding = "sqrt"
+    backend: str = "zarr"
+    teacher_fingerprint: str = ""
+    dataset_fingerprint: str = ""
+    sample_temperature: float | None = None
+    has_token_index: bool = False
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise StoreError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.backend not in BACKENDS:
+            raise StoreError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.vocab_size < 1:
+            raise StoreError(f"vocab_size must be positive, got {self.vocab_size}")
+        if not 1 <= self.k <= (self.vocab_size if self.method == "topk" else 65535):
+            raise StoreError(f"k={self.k} is out of range: use 1 <= k <= vocab_size ({self.vocab_size})")
+        if self.num_examples < 0 or self.examples_per_shard < 1:
+            raise StoreError("num_examples must be >= 0 and examples_per_shard >= 1")
+        temps = tuple(sorted({float(t) for t in (1.0, *self.temperatures)}))
+        if any(not t > 0 or t != t or t == float("inf") for t in temps):
+            raise StoreError(f"temperatures must be finite and > 0, got {list(self.temperatures)}")
+        object.__setattr__(self, "temperatures", temps)
+        enc = self.value_encoding
+        if isinstance(enc, str):
+            try:
+                enc = ValueEncoding.for_k(enc, self.k)
+            except ValueError as e:
+                raise StoreError(str(e)) from None
+        object.__setattr__(self, "value_encoding", enc)
+        if self.method == "sample" and self.sample_temperature is None:
+            object.__setattr__(self, "sample_temperature", 1.0)
+
+    @property
+    def stored_temperatures(self) -> tuple[float, ...]:
+        """Temperatures with a stored normaliser column (all but 1)."""
+        return tuple(t for t in self.temperatures if t != 1.0)
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, -(-self.num_examples // self.examples_per_shard))
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        start = index * self.examples_per_shard
+        return start, min(start + self.examples_per_shard, self.num_examples)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["temperatures"] = list(self.temperatures)
+        d["value_encoding"] = self.value_encoding.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "StoreSpec":
+        d = dict(d)
+        d["temperatures"] = tuple(d["temperatures"])
+        d["value_encoding"] = ValueEncoding.from_json(d["value_encoding"])
+        return cls(**d)
+
+    def check_same(self, other: "StoreSpec") -> None:
+        """Raise IncompatibleStoreError naming the first setting that differs."""
+        mine, theirs = self.to_json(), other.to_json()
+        for key in mine:
+            if mine[key] != theirs[key]:
+                raise IncompatibleStoreError(
+                    f"the store was written with {key}={theirs[key]!r}, not {mine[key]!r}: "
+                    "use a new --out, or --overwrite to replace it"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRecord:
+    """A complete shard: its example range, position count and file checksums."""
+
+    index: int
+    example_start: int
+    example_stop: int
+    positions: int
+    files: dict  # relative path -> {"bytes": int, "crc32": "8 hex digits"}
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(f["bytes"] for f in self.files.values())
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "status": "complete"}
+
+    @classmethod
+    def from_json(cls, d: dict, shard: int | None = None) -> "ShardRecord":
+        try:
+            return cls(int(d["index"]), int(d["example_start"]), int(d["example_stop"]), int(d["positions"]), dict(d["files"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptStoreError(f"shard record is malformed ({e!r}); rerun generation to redo the shard", shard) from None
+
+
+@dataclasses.dataclass
+class Manifest:
+    """The store's root document: spec, tool version, and (once finalized) the shard table."""
+
+    spec: StoreSpec
+    tool_version: str
+    finalized: bool = False
+    shards: list[ShardRecord] = dataclasses.field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        table = {r.index: r.to_json() for r in self.shards}
+        shards = [
+            table.get(i, {"index": i, "example_start": a, "example_stop": b, "status": "pending"})
+            for i, (a, b) in ((i, self.spec.shard_range(i)) for i in range(self.spec.num_shards))
+        ]
+        return dumps_checked(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "tool_version": self.tool_version,
+                "finalized": self.finalized,
+                **self.spec.to_json(),
+                "shards": shards,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Manifest":
+        d = loads_checked(data, "manifest.json")
+        if d.get("format") != FORMAT_NAME:
+            raise StoreError("manifest.json is not a distill soft-label store manifest; check the path")
+        version = d.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise IncompatibleStoreError(
+                f"the store has format version {version}, newer than this distill reads ({FORMAT_VERSION}): upgrade distill"
+            )
+        try:
+            spec = StoreSpec.from_json({f.name: d[f.name] for f in dataclasses.fields(StoreSpec)})
+            shards = [ShardRecord.from_json(s, s.get("index")) for s in d["shards"] if s.get("status") == "complete"]
+            return cls(spec=spec, tool_version=str(d["tool_version"]), finalized=bool(d["finalized"]), shards=shards)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptStoreError(f"manifest.json is malformed ({e!r}); regenerate the store") from None

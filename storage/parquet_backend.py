@@ -1,0 +1,61 @@
+"""Parquet backend: each shard is three Parquet files, one row per example, position or slot.
+
+    examples.parquet   offsets         (E+1 rows)
+    positions.parquet  tail_logprob, tempered_lse_<j>, token_index   (P rows)
+    entries.parquet    ids_delta, logprobs | logprob_codes, counts   (P*K rows, position-major)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distill.storage.backend import ENTRY_COLUMNS, Backend
+
+__all__ = ["ParquetBackend"]
+
+
+def _table_bytes(columns: dict[str, np.ndarray]) -> bytes:
+    table = pa.table({name: pa.array(data) for name, data in columns.items()})
+    multibyte = [n for n, d in columns.items() if d.dtype.itemsize > 1]
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table, sink, compression="zstd", compression_level=5, use_dictionary=False,
+        use_byte_stream_split=multibyte, write_statistics=False, store_schema=False,
+    )
+    return sink.getvalue().to_pybytes()
+
+
+def _table_columns(data: bytes) -> dict[str, np.ndarray]:
+    table = pq.read_table(pa.BufferReader(data))
+    return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+class ParquetBackend(Backend):
+    name = "parquet"
+
+    def serialize(self, columns: dict[str, np.ndarray]) -> dict[str, bytes]:
+        positions, entries = {}, {}
+        for name, data in columns.items():
+            if name in ENTRY_COLUMNS:
+                entries[name] = data.reshape(-1)
+            elif name == "tempered_lse":
+                positions.update({f"tempered_lse_{j}": data[:, j] for j in range(data.shape[1])})
+            elif name != "offsets":
+                positions[name] = data
+        return {
+            "examples.parquet": _table_bytes({"offsets": columns["offsets"]}),
+            "positions.parquet": _table_bytes(positions),
+            "entries.parquet": _table_bytes(entries),
+        }
+
+    def deserialize(self, files: dict[str, bytes]) -> dict[str, np.ndarray]:
+        columns = _table_columns(files["examples.parquet"])
+        positions = _table_columns(files["positions.parquet"])
+        lse = [positions.pop(f"tempered_lse_{j}") for j in range(len(positions)) if f"tempered_lse_{j}" in positions]
+        if lse:
+            columns["tempered_lse"] = np.stack(lse, axis=1)
+        columns.update(positions)
+        columns.update(_table_columns(files["entries.parquet"]))  # flat; the decoder reshapes to (P, K)
+        return columns

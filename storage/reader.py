@@ -1,0 +1,189 @@
+"""Reading a store: random access to examples, and bounded-memory streaming over shards.
+
+Every shard read checks each file's size and CRC-32 against the shard's commit record
+before decoding, so damaged bytes raise ``CorruptStoreError`` naming the shard instead of
+turning into wrong labels.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from distill.errors import CorruptStoreError, StoreError
+from distill.storage.backend import get_backend
+from distill.storage.codecs import decode_labels
+from distill.storage.fs import StoreFS
+from distill.storage.labels import SoftLabels, concat_labels
+from distill.storage.manifest import FORMAT_VERSION, Manifest, ShardRecord
+from distill.storage.writer import MANIFEST, read_commit_records, shard_dir
+
+__all__ = ["StoreReader", "open_store", "load_manifest"]
+
+
+def load_manifest(sfs: StoreFS) -> Manifest:
+    try:
+        data = sfs.read(MANIFEST)
+    except FileNotFoundError:
+        raise StoreError(f"{sfs.url} has no manifest.json: it is not a distill store (or was never created)") from None
+    return Manifest.from_bytes(data)
+
+
+def open_store(url: str) -> "StoreReader":
+    """Open the store at ``url`` (any fsspec URL) for reading."""
+    sfs = StoreFS(url)
+    if sfs.isfile():
+        raise StoreError(f"{url} is a file, not a store: pass the store's directory")
+    if not sfs.exists():
+        raise StoreError(f"no store at {url}: check the path, or create it with `distill generate-labels`")
+    return StoreReader(sfs, load_manifest(sfs))
+
+
+class StoreReader:
+    """Read-only view of a store. Only complete shards are ever read."""
+
+    def __init__(self, sfs: StoreFS, manifest: Manifest):
+        self.sfs = sfs
+        self.manifest = manifest
+        self.spec = manifest.spec
+        self.backend = get_backend(self.spec.backend)
+        if manifest.finalized:
+            self.records = {r.index: r for r in manifest.shards}
+        else:  # still being written: the commit records say what is complete
+            self.records = read_commit_records(sfs, self.spec)
+        self._cache: tuple[int, SoftLabels] | None = None
+
+    # --- what the store holds -------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self.sfs.url
+
+    @property
+    def num_examples(self) -> int:
+        return self.spec.num_examples
+
+    @property
+    def num_positions(self) -> int:
+        """Positions in complete shards."""
+        return sum(r.positions for r in self.records.values())
+
+    @property
+    def complete(self) -> bool:
+        return len(self.records) == self.spec.num_shards
+
+    def complete_shards(self) -> list[int]:
+        return sorted(self.records)
+
+    def shard_of(self, example: int) -> int:
+        if not 0 <= example < self.num_examples:
+            raise IndexError(f"example {example} is out of range [0, {self.num_examples})")
+        return example // self.spec.examples_per_shard
+
+    # --- reading ----------------------------------------------------------------------
+    def read_shard(self, index: int) -> SoftLabels:
+        """All labels of a complete shard (torch tensors; ids ascending within a position)."""
+        record = self._record(index)
+        files = {rel: self._read_checked(index, rel, meta) for rel, meta in record.files.items()}
+        try:
+            columns = self.backend.deserialize(files)
+            labels = decode_labels(columns, self.spec.k, self.spec.value_encoding, self.spec.stored_temperatures, record.example_start)
+        except Exception as e:  # checksums matched, so this is a writer bug or an edited record
+            raise CorruptStoreError(f"shard {index} cannot be decoded ({type(e).__name__}: {e}); regenerate it", index) from None
+        if labels.num_examples != record.example_stop - record.example_start or labels.num_positions != record.positions:
+            raise CorruptStoreError(f"shard {index} does not hold what its commit record says; regenerate it", index)
+        return labels
+
+    def example(self, example: int) -> SoftLabels:
+        """Labels of one example (its positions), by global example index."""
+        index = self.shard_of(example)
+        if self._cache is None or self._cache[0] != index:
+            self._cache = (index, self.read_shard(index))
+        labels = self._cache[1]
+        return labels.example(example - labels.example_start)
+
+    def iter_shards(self, shards: Iterable[int] | None = None) -> Iterator[SoftLabels]:
+        """Decoded shards one at a time, in the order given (default: all, ascending)."""
+        for index in self.complete_shards() if shards is None else shards:
+            yield self.read_shard(index)
+
+    def iter_batches(self, batch_examples: int, shards: Iterable[int] | None = None) -> Iterator[SoftLabels]:
+        """Batches of ``batch_examples`` consecutive examples over the given shards.
+
+        Memory holds at most one decoded shard plus one batch. A batch never spans two
+        shards, so the last batch of each shard may be short.
+        """
+        if batch_examples < 1:
+            raise ValueError("batch_examples must be >= 1")
+        for labels in self.iter_shards(shards):
+            for start in range(0, labels.num_examples, batch_examples):
+                yield labels.examples(start, min(start + batch_examples, labels.num_examples))
+
+    def read_all(self) -> SoftLabels:
+        """Every complete shard concatenated (for tests and small stores)."""
+        return concat_labels(list(self.iter_shards()))
+
+    def verify(self) -> list[dict]:
+        """Read and check every shard; returns ``[{"shard": i, "error": str}]`` for damaged or missing ones."""
+        damaged = []
+        for index in range(self.spec.num_shards):
+            if index not in self.records:
+                damaged.append({"shard": index, "error": "not complete"})
+                continue
+            try:
+                self.read_shard(index)
+            except CorruptStoreError as e:
+                damaged.append({"shard": index, "error": str(e)})
+        return damaged
+
+    def summary(self) -> dict:
+        """Figures about the store; reads every complete shard (streaming) for the mass statistics."""
+        spec = self.spec
+        payload = sum(r.payload_bytes for r in self.records.values())
+        positions = self.num_positions
+        mass_sum, count = 0.0, 0
+        for labels in self.iter_shards():
+            mass_sum += float(-np.expm1(labels.tail_logprob.double().numpy()).sum())
+            count += labels.num_positions
+        return {
+            "url": self.url,
+            "format_version": FORMAT_VERSION,
+            "tool_version": self.manifest.tool_version,
+            "method": spec.method,
+            "backend": spec.backend,
+            "value_encoding": spec.value_encoding.to_json(),
+            "examples": spec.num_examples,
+            "positions": positions,
+            "k": spec.k,
+            "vocab_size": spec.vocab_size,
+            "temperatures": list(spec.temperatures),
+            "finalized": self.manifest.finalized,
+            "shards_complete": len(self.records),
+            "shards_total": spec.num_shards,
+            "payload_bytes": payload,
+            "bytes_per_position": payload / positions if positions else math.nan,
+            "bytes_per_entry": payload / (positions * spec.k) if positions else math.nan,
+            "topk_mass_mean": mass_sum / count if count else math.nan,
+            "teacher_fingerprint": spec.teacher_fingerprint,
+            "dataset_fingerprint": spec.dataset_fingerprint,
+        }
+
+    # --- internals --------------------------------------------------------------------
+    def _record(self, index: int) -> ShardRecord:
+        if index not in self.records:
+            if not 0 <= index < self.spec.num_shards:
+                raise StoreError(f"shard {index} does not exist: the store has shards 0..{self.spec.num_shards - 1}")
+            raise StoreError(f"shard {index} is not complete: rerun generation to finish the store")
+        return self.records[index]
+
+    def _read_checked(self, index: int, rel: str, meta: dict) -> bytes:
+        path = f"{shard_dir(index)}/{rel}"
+        try:
+            data = self.sfs.read(path)
+        except FileNotFoundError:
+            raise CorruptStoreError(f"shard {index} is missing its file {rel}; regenerate the shard", index) from None
+        if len(data) != meta.get("bytes") or f"{zlib.crc32(data):08x}" != meta.get("crc32"):
+            raise CorruptStoreError(f"shard {index} is damaged: {rel} fails its checksum; regenerate the shard", index)
+        return data

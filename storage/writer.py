@@ -1,0 +1,183 @@
+"""Writing a store: create or reopen it, write whole shards, finalize the manifest.
+
+Order of writes for one shard, which is what makes a crash at any moment safe:
+1. remove whatever an earlier, interrupted attempt left of the shard;
+2. write every data file of the shard (each atomically and durably);
+3. write the shard's commit record (sizes + CRC-32 of every file), atomically, last.
+A shard without a valid commit record is pending and is rewritten from step 1.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from distill import __version__
+from distill.errors import CorruptStoreError, StoreError
+from distill.storage.backend import get_backend
+from distill.storage.codecs import encode_labels
+from distill.storage.fs import StoreFS
+from distill.storage.labels import SoftLabels, concat_labels
+from distill.storage.manifest import Manifest, ShardRecord, StoreSpec, dumps_checked, loads_checked
+
+__all__ = ["StoreWriter", "ShardWriter", "create_store", "shard_dir", "commit_path", "read_commit_records"]
+
+MANIFEST = "manifest.json"
+
+
+def shard_dir(index: int) -> str:
+    return f"shards/{index:06d}"
+
+
+def commit_path(index: int) -> str:
+    return f"shards/{index:06d}.commit.json"
+
+
+def read_commit_records(sfs: StoreFS, spec: StoreSpec) -> dict[int, ShardRecord]:
+    """Valid commit records found under ``shards/``; damaged ones raise CorruptStoreError."""
+    records = {}
+    for name in sfs.listdir("shards"):
+        if not name.endswith(".commit.json"):
+            continue
+        index = int(name.split(".")[0]) if name.split(".")[0].isdigit() else -1
+        record = ShardRecord.from_json(loads_checked(sfs.read(f"shards/{name}"), f"commit record of shard {index}", index), index)
+        if record.index != index or not 0 <= index < spec.num_shards:
+            raise CorruptStoreError(f"commit record {name} names shard {record.index}; remove it and rerun", index)
+        records[index] = record
+    return records
+
+
+class StoreWriter:
+    """Writes shards of one store; several writers may work on disjoint shards at once."""
+
+    def __init__(self, sfs: StoreFS, manifest: Manifest):
+        self.sfs = sfs
+        self.manifest = manifest
+        self.spec = manifest.spec
+        self.backend = get_backend(self.spec.backend)
+
+    @property
+    def url(self) -> str:
+        return self.sfs.url
+
+    def complete_shards(self) -> set[int]:
+        return set(read_commit_records(self.sfs, self.spec))
+
+    def pending_shards(self) -> list[int]:
+        done = self.complete_shards()
+        return [i for i in range(self.spec.num_shards) if i not in done]
+
+    def shard(self, index: int) -> "ShardWriter":
+        """A buffer for shard ``index``: append its examples' labels in order, then commit."""
+        if not 0 <= index < self.spec.num_shards:
+            raise StoreError(f"shard {index} does not exist: the store has shards 0..{self.spec.num_shards - 1}")
+        return ShardWriter(self, index)
+
+    def write_shard(self, index: int, labels: SoftLabels) -> ShardRecord:
+        """Encode and write a whole shard, then mark it complete. Returns its record."""
+        start, stop = self.spec.shard_range(index)
+        self._check(labels, index, stop - start)
+        columns = encode_labels(labels, self.spec.vocab_size, self.spec.value_encoding)
+        files = self.backend.serialize(columns)
+        self.sfs.remove(commit_path(index))
+        self.sfs.remove(shard_dir(index))
+        table = {}
+        for rel, data in sorted(files.items()):
+            self.sfs.write(f"{shard_dir(index)}/{rel}", data)
+            table[rel] = {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+        record = ShardRecord(index, start, stop, labels.num_positions, table)
+        self.sfs.write(commit_path(index), dumps_checked(record.to_json()))
+        return record
+
+    def finalize(self) -> Manifest:
+        """Seal the store: every shard must be complete; the manifest gets the shard table."""
+        records = read_commit_records(self.sfs, self.spec)
+        missing = [i for i in range(self.spec.num_shards) if i not in records]
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise StoreError(f"cannot finalize: {len(missing)} shard(s) not complete ({shown}); rerun generation first")
+        self.manifest = Manifest(self.spec, __version__, finalized=True, shards=[records[i] for i in sorted(records)])
+        self.sfs.write(MANIFEST, self.manifest.to_bytes())
+        return self.manifest
+
+    def _check(self, labels: SoftLabels, index: int, n_examples: int) -> None:
+        spec, where = self.spec, f"shard {index}"
+        if labels.num_examples != n_examples:
+            raise StoreError(f"{where} holds examples {spec.shard_range(index)}: got {labels.num_examples} examples, not {n_examples}")
+        if labels.num_positions and labels.k != spec.k:
+            raise StoreError(f"{where}: labels have {labels.k} slots per position, the store {spec.k}")
+        if int(labels.offsets[-1]) != labels.num_positions or bool((labels.offsets[1:] < labels.offsets[:-1]).any()):
+            raise StoreError(f"{where}: offsets do not describe {labels.num_positions} positions")
+        if labels.num_positions:
+            ids = labels.topk_ids
+            if int(ids.min()) < 0 or int(ids.max()) >= spec.vocab_size:
+                raise StoreError(f"{where}: ids outside the vocabulary [0, {spec.vocab_size})")
+        if tuple(labels.temperatures) != spec.stored_temperatures:
+            raise StoreError(f"{where}: labels carry normalisers for {labels.temperatures}, the store wants {spec.stored_temperatures}")
+        if (labels.counts is None) != (spec.method != "sample"):
+            raise StoreError(f"{where}: draw counts are required for method 'sample' and only for it")
+        if (labels.token_index is None) == spec.has_token_index:
+            raise StoreError(f"{where}: token_index is {'required' if spec.has_token_index else 'not expected'} by this store")
+
+
+class ShardWriter:
+    """Collects one shard's labels batch by batch; ``commit`` writes the shard."""
+
+    def __init__(self, writer: StoreWriter, index: int):
+        self.writer, self.index = writer, index
+        self.parts: list[SoftLabels] = []
+
+    @property
+    def num_examples(self) -> int:
+        return sum(p.num_examples for p in self.parts)
+
+    def append(self, labels: SoftLabels) -> None:
+        self.parts.append(labels)
+
+    def commit(self) -> ShardRecord:
+        spec = self.writer.spec
+        labels = concat_labels(self.parts) if self.parts else _empty_labels(spec)
+        return self.writer.write_shard(self.index, labels)
+
+
+def _empty_labels(spec: StoreSpec) -> SoftLabels:
+    return SoftLabels(
+        offsets=torch.zeros(1, dtype=torch.int64),
+        topk_ids=torch.zeros(0, spec.k, dtype=torch.int64),
+        topk_logprobs=torch.zeros(0, spec.k),
+        tail_logprob=torch.zeros(0),
+        tempered_lse=torch.zeros(0, len(spec.stored_temperatures)),
+        temperatures=spec.stored_temperatures,
+        counts=torch.zeros(0, spec.k, dtype=torch.int32) if spec.method == "sample" else None,
+        token_index=torch.zeros(0, dtype=torch.int32) if spec.has_token_index else None,
+    )
+
+
+def create_store(url: str, spec: StoreSpec, overwrite: bool = False) -> StoreWriter:
+    """Create a store at ``url``, or reopen it to resume when it was made with the same spec.
+
+    A store made with another spec is refused (IncompatibleStoreError) unless ``overwrite``;
+    a path that holds something other than a store is refused too.
+    """
+    sfs = StoreFS(url)
+    if sfs.isfile():
+        raise StoreError(f"{url} is a file, not a store directory: pass a directory path for the store")
+    if sfs.isfile(MANIFEST) and not overwrite:
+        from distill.storage.reader import load_manifest
+
+        existing = load_manifest(sfs)
+        spec.check_same(existing.spec)
+        return StoreWriter(sfs, existing)
+    if overwrite:
+        if sfs.isdir() and sfs.listdir() and not sfs.isfile(MANIFEST):
+            raise StoreError(f"{url} exists and is not a distill store; refusing to overwrite it: choose another path")
+        sfs.remove(MANIFEST)
+        sfs.remove("shards")
+    elif sfs.isdir() and sfs.listdir():
+        raise StoreError(f"{url} exists and is not empty (no manifest.json): choose a new path for the store")
+    sfs.makedirs()
+    manifest = Manifest(spec, __version__)
+    sfs.write(MANIFEST, manifest.to_bytes())
+    return StoreWriter(sfs, manifest)
+
