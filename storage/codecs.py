@@ -6,19 +6,19 @@ log2(V/k) + 1.5 bits per id instead of log2(V). Values follow their ids.
 
 Value encodings:
     lossless: ``logprobs`` float32 as given; tail and normalisers float32.
-    sqrt:     ``logprob_codes`` = round(sqrt(p) * L), uint8 or uint16. Uniform steps in
-              sqrt(p) are uniform steps in the Fisher metric, so every entry costs the
-              KL the same (about 1 / (6 L^2) nats each, entries in the zero bin less).
-              Decoding takes p = (c / L)^2 (c = 0 -> (0.25 / L)^2) and rescales the
-              position's K values so that they and the exact tail sum to 1. Tail and
-              tempered normalisers are float16.
+    sqrt:     ``logprob_codes`` = round(L * sqrt(p / p_max)), uint8 (L <= 255) or uint16,
+              with p_max the position's largest stored probability. Uniform steps in
+              sqrt(p) are uniform steps in the Fisher metric, so every entry costs about
+              the same KL, about p_max / (6 L^2) nats (less in the zero bin). Decoding
+              takes p ~ (c / L)^2 (c = 0 -> (0.25 / L)^2) and rescales the position's
+              values so that they and the exact tail sum to 1: the scale p_max need not
+              be stored. Tail and tempered normalisers are float16.
 See docs/FORMAT.md for the layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -27,13 +27,14 @@ from distill.storage.labels import SoftLabels
 
 __all__ = ["ValueEncoding", "encode_labels", "decode_labels", "default_levels"]
 
-# Default error budget of the sqrt encoding: expected KL (nats) per position at T=1.
-DEFAULT_KL_BUDGET = 5e-5
+# One byte per code: zstd's entropy stage works on bytes, so 255 levels cost about the
+# information they carry; more levels (uint16 codes) compress markedly worse.
+DEFAULT_LEVELS = 255
 
 
-def default_levels(k: int, kl_budget: float = DEFAULT_KL_BUDGET) -> int:
-    """Quantisation levels L for which k entries cost about ``kl_budget`` nats of KL."""
-    return max(15, math.ceil(math.sqrt(k / (6.0 * kl_budget))))
+def default_levels(k: int) -> int:
+    """Quantisation levels of the default sqrt encoding (the same for every k)."""
+    return DEFAULT_LEVELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,28 +76,33 @@ def _numpy(t):
 
 def encode_labels(labels: SoftLabels, vocab_size: int, encoding: ValueEncoding) -> dict[str, np.ndarray]:
     """The arrays of one shard (names as in docs/FORMAT.md) from in-memory labels."""
-    ids = _numpy(labels.topk_ids).astype(np.int64, copy=False)
-    logprobs = _numpy(labels.topk_logprobs).astype(np.float32, copy=False)
-    counts = _numpy(labels.counts)
-    order = np.argsort(ids, axis=1, kind="stable")  # ascending ids within each position
-    ids = np.take_along_axis(ids, order, 1)
-    logprobs = np.take_along_axis(logprobs, order, 1)
+    ids = torch.as_tensor(labels.topk_ids)
+    logprobs = torch.as_tensor(labels.topk_logprobs).float()
+    counts = None if labels.counts is None else torch.as_tensor(labels.counts)
+    delta = ids.clone()
+    delta[:, 1:] -= ids[:, :-1]  # (P, K) first id, then gaps >= 0 once sorted
+    if bool((delta[:, 1:] < 0).any()):  # topk_labels sorts on the device; others may not
+        ids, order = torch.sort(ids, dim=1)
+        logprobs = logprobs.gather(1, order)
+        counts = None if counts is None else counts.gather(1, order)
+        delta = ids.clone()
+        delta[:, 1:] -= ids[:, :-1]
     columns = {"offsets": _numpy(labels.offsets).astype(np.int64)}
-    delta = np.diff(ids, axis=1, prepend=0)  # (P, K) first id, then gaps >= 0
-    columns["ids_delta"] = delta.astype(ids_dtype(vocab_size))
+    columns["ids_delta"] = delta.numpy().astype(ids_dtype(vocab_size))
     float_dtype = np.float32 if encoding.lossless else np.float16
     if encoding.lossless:
-        columns["logprobs"] = logprobs
+        columns["logprobs"] = logprobs.numpy()
     else:
-        root_p = np.exp(0.5 * logprobs, dtype=np.float32)  # sqrt(p); -inf -> 0
-        codes = np.rint(root_p * encoding.levels)
+        top = logprobs.amax(dim=1, keepdim=True) if logprobs.shape[1] else logprobs
+        root = torch.exp(0.5 * (logprobs - top))  # (P, K) sqrt(p / p_max) in [0, 1]; -inf -> 0
+        codes = torch.round(root * encoding.levels).numpy()
         columns["logprob_codes"] = codes.astype(np.uint8 if encoding.levels <= 255 else np.uint16)
     columns["tail_logprob"] = _numpy(labels.tail_logprob).astype(float_dtype)
     lse = _numpy(labels.tempered_lse)
     if lse is not None and lse.shape[1]:
         columns["tempered_lse"] = lse.astype(float_dtype)
     if counts is not None:
-        counts = np.take_along_axis(counts, order, 1)
+        counts = counts.numpy()
         columns["counts"] = counts.astype(np.uint8 if counts.max(initial=0) < 256 else np.uint16)
     if labels.token_index is not None:
         columns["token_index"] = _numpy(labels.token_index).astype(np.int32)
@@ -118,10 +124,10 @@ def decode_labels(
     delta = columns["ids_delta"].reshape(-1, k)
     n = delta.shape[0]
     ids = np.cumsum(delta, axis=1, dtype=np.int64)  # (P, K)
-    tail = columns["tail_logprob"].reshape(n).astype(np.float32)
+    tail = np.array(columns["tail_logprob"], dtype=np.float32).reshape(n)
     counts = columns.get("counts")
     if encoding.lossless:
-        logprobs = columns["logprobs"].reshape(n, k).astype(np.float32, copy=False)
+        logprobs = np.array(columns["logprobs"], dtype=np.float32).reshape(n, k)  # a writable copy
     else:
         log_table, p_table = _code_tables(encoding.levels)
         codes = columns["logprob_codes"].reshape(n, k)
@@ -130,7 +136,7 @@ def decode_labels(
         if counts is not None:  # padding slots hold nothing
             mass -= np.where(counts.reshape(n, k) == 0, p_table[codes], 0).sum(axis=1, dtype=np.float32)
         target = -np.expm1(tail.astype(np.float64))  # exact top-k mass, 1 - tail
-        logprobs += np.log(target / mass).astype(np.float32)[:, None]
+        logprobs += np.log(target / mass).astype(np.float32)[:, None]  # the scale p_max, recovered
     if counts is not None:
         counts = counts.reshape(n, k).astype(np.int32)
         logprobs = np.where(counts == 0, np.float32(-np.inf), logprobs)

@@ -23,7 +23,7 @@ class SoftLabels:
         offsets:        (E+1,) int64, example e owns positions offsets[e]:offsets[e+1].
         topk_ids:       (P, K) int64, top-k ids (method "topk") or sampled ids (method
                         "sample", unique, padded with count-0 slots); ascending within a
-                        position once stored.
+                        position (the store sorts them if they are not).
         topk_logprobs:  (P, K) float32, exact log-probabilities of those ids under the
                         teacher's full-vocabulary softmax at T=1 (-inf on padding slots).
         tail_logprob:   (P,) float32, log of the mass outside the K ids (-inf if none).
@@ -147,7 +147,9 @@ def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None) -> 
     Only (P, K + 1 + nT) numbers leave the device.
     """
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (P, V)
-    values, ids = logprobs.topk(k, dim=-1)  # (P, K)
+    values, ids = logprobs.topk(k, dim=-1)  # (P, K) by rank
+    ids, order = ids.sort(dim=-1)  # by id, as the store keeps them: sorting here runs on the device
+    values = values.gather(1, order)
     tail, lse = _tail_and_lse(logprobs, ids, temperatures)
     return SoftLabels(
         offsets=_positions_tensor(len(logits), lengths),

@@ -19,5 +19,5 @@ def zipf_logits(positions: int, vocab_size: int, generator: torch.Generator) -> 
     s = 1.0 + torch.rand(positions, 1, generator=generator)  # (P, 1)
     ranks = torch.arange(1, vocab_size + 1, dtype=torch.float32)  # (V,)
     by_rank = -s * ranks.log() + 0.3 * torch.randn(positions, vocab_size, generator=generator)  # (P, V)
-    perm = torch.rand(positions, vocab_size, generator=generator).argsort(dim=1)  # random id of each rank
+    perm = torch.stack([torch.randperm(vocab_size, generator=generator) for _ in range(positions)])  # id of each rank
     return torch.empty_like(by_rank).scatter_(1, perm, by_rank)

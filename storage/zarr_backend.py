@@ -6,9 +6,11 @@ same file or chunk, and no write ever read-modify-writes another shard's data.
 
 from __future__ import annotations
 
+import json
+
+import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
@@ -17,32 +19,99 @@ from distill.storage.backend import Backend
 __all__ = ["ZarrBackend"]
 
 
-def _compressor(dtype: np.dtype):
-    if dtype.itemsize == 1:
-        return ZstdCodec(level=5)
-    # Byte-shuffle first: gaps and codes put their entropy in the low bytes, zeros above.
-    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=dtype.itemsize)
+def _compressor(name: str, dtype: np.dtype) -> dict:
+    """The zarr v3 compressor codec of a column, as its metadata JSON."""
+    if dtype.itemsize == 1:  # codes and counts: zstd's entropy stage on bytes is what they need
+        return {"name": "zstd", "configuration": {"level": 1, "checksum": False}}
+    # gaps: low bits near-uniform, high bits mostly zero; bit planes split them. Floats: byte planes.
+    shuffle = "bitshuffle" if name == "ids_delta" else "shuffle"
+    return {"name": "blosc", "configuration": {"typesize": dtype.itemsize, "cname": "zstd", "clevel": 5,
+                                               "shuffle": shuffle, "blocksize": 0}}
+
+
+def _encode_chunk(data: np.ndarray, codec: dict) -> bytes:
+    raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
+    config = codec["configuration"]
+    if codec["name"] == "zstd":
+        return numcodecs.Zstd(level=config["level"]).encode(raw)
+    shuffle = {"shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[config["shuffle"]]
+    blosc = numcodecs.Blosc(cname=config["cname"], clevel=config["clevel"], shuffle=shuffle)
+    return blosc.encode(np.frombuffer(raw, dtype=data.dtype))  # typesize comes from the dtype
+
+
+def _array_metadata(data: np.ndarray, codec: dict) -> bytes:
+    bytes_codec = {"name": "bytes"} if data.dtype.itemsize == 1 else {"name": "bytes", "configuration": {"endian": "little"}}
+    meta = {
+        "shape": list(data.shape),
+        "data_type": data.dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, n) for n in data.shape]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0,
+        "codecs": [bytes_codec, codec],
+        "attributes": {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+    return json.dumps(meta, indent=2).encode()
 
 
 class ZarrBackend(Backend):
     name = "zarr"
 
     def serialize(self, columns: dict[str, np.ndarray]) -> dict[str, bytes]:
-        files: dict = {}
-        group = zarr.open_group(MemoryStore(files), mode="w", zarr_format=3)
+        # Written directly (the layout zarr itself writes for these arrays, checked by the
+        # plain-zarr tests): zarr's async write path costs more than the compression.
+        files = {"zarr.json": json.dumps({"attributes": {}, "zarr_format": 3, "node_type": "group"}, indent=2).encode()}
         for name, data in columns.items():
-            chunks = tuple(max(1, s) for s in data.shape)
-            arr = group.create_array(
-                name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=[_compressor(data.dtype)],
-                fill_value=0,
-            )
+            codec = _compressor(name, data.dtype)
+            files[f"{name}/zarr.json"] = _array_metadata(data, codec)
             if data.size:
-                arr[...] = data
-        return {key: buf.to_bytes() for key, buf in files.items()}
+                files[f"{name}/c/" + "/".join("0" for _ in data.shape)] = _encode_chunk(data, codec)
+        return files
 
     def deserialize(self, files: dict[str, bytes]) -> dict[str, np.ndarray]:
+        names = sorted(key[: -len("/zarr.json")] for key in files if key.endswith("/zarr.json"))
+        columns = {name: _decode_single_chunk(name, files) for name in names}
+        if any(v is None for v in columns.values()):
+            return self._deserialize_with_zarr(files)
+        return columns
+
+    def _deserialize_with_zarr(self, files: dict[str, bytes]) -> dict[str, np.ndarray]:
         prototype = default_buffer_prototype()
         store = MemoryStore({key: prototype.buffer.from_bytes(data) for key, data in files.items()})
         group = zarr.open_group(store, mode="r", zarr_format=3)
         names = sorted(key[: -len("/zarr.json")] for key in files if key.endswith("/zarr.json"))
         return {name: group[name][...] for name in names}
+
+
+def _decode_single_chunk(name: str, files: dict[str, bytes]) -> np.ndarray | None:
+    """Decode an array this backend wrote without zarr's async machinery (3x faster).
+
+    Handles exactly what ``serialize`` writes (one chunk; bytes codec + blosc or zstd);
+    returns None for anything else, and the caller falls back to zarr itself.
+    """
+    meta = json.loads(files[f"{name}/zarr.json"])
+    shape = tuple(meta.get("shape", ()))
+    codecs = meta.get("codecs", [])
+    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    if (
+        meta.get("zarr_format") != 3 or len(codecs) != 2 or codecs[0].get("name") != "bytes"
+        or codecs[0].get("configuration", {}).get("endian", "little") != "little"
+        or grid != [max(1, n) for n in shape] or meta.get("fill_value") != 0
+        or meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") != "/"
+    ):
+        return None
+    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    key = f"{name}/c/" + "/".join("0" for _ in shape)
+    if key not in files:  # zarr writes no chunk that is all fill value
+        return np.zeros(shape, dtype)
+    compressor, config = codecs[1]["name"], codecs[1].get("configuration", {})
+    if compressor == "blosc":
+        raw = numcodecs.Blosc.decode(numcodecs.Blosc(), files[key])  # blosc frames describe themselves
+    elif compressor == "zstd":
+        raw = numcodecs.Zstd().decode(files[key])
+    else:
+        return None
+    chunk = np.frombuffer(raw, dtype).reshape(grid)
+    return chunk[tuple(slice(0, n) for n in shape)]
