@@ -85,7 +85,13 @@ def run_one(vocab, k, positions, repeats, backend, encoding, shard, tmp):
     d2_lp, d2_tail = decoded.tempered(2.0)
     kl2 = bucket_kl(sorted_by_id(exact2)[1], tail2, d2_lp, d2_tail)
     s = reader.summary()
+    by_column = {}
+    for record in reader.records.values():
+        for rel, meta in record.files.items():
+            column = rel.split("/")[0] if "/" in rel else rel
+            by_column[column] = by_column.get(column, 0) + meta["bytes"]
     return {
+        "bytes_by_file_per_position": {c: round(b / positions, 3) for c, b in sorted(by_column.items())},
         "bytes_per_position": s["bytes_per_position"],
         "bytes_per_entry": s["bytes_per_entry"],
         "encode_positions_per_s": positions * repeats / t_enc,

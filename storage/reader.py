@@ -139,12 +139,20 @@ class StoreReader:
         return damaged
 
     def summary(self) -> dict:
-        """Figures about the store; reads every complete shard (streaming) for the mass statistics."""
+        """Figures about the store; reads every complete shard (streaming) for the mass statistics.
+
+        Damaged shards are listed in ``shards_unreadable`` and left out of the statistics.
+        """
         spec = self.spec
         payload = sum(r.payload_bytes for r in self.records.values())
         positions = self.num_positions
-        mass_sum, count = 0.0, 0
-        for labels in self.iter_shards():
+        mass_sum, count, unreadable = 0.0, 0, []
+        for index in self.complete_shards():
+            try:
+                labels = self.read_shard(index)
+            except CorruptStoreError:
+                unreadable.append(index)  # `distill inspect --verify` says why
+                continue
             mass_sum += float(-np.expm1(labels.tail_logprob.double().numpy()).sum())
             count += labels.num_positions
         return {
@@ -162,6 +170,7 @@ class StoreReader:
             "finalized": self.manifest.finalized,
             "shards_complete": len(self.records),
             "shards_total": spec.num_shards,
+            "shards_unreadable": unreadable,
             "payload_bytes": payload,
             "bytes_per_position": payload / positions if positions else math.nan,
             "bytes_per_entry": payload / (positions * spec.k) if positions else math.nan,
