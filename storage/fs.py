@@ -50,26 +50,38 @@ class StoreFS:
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
 
-    def write(self, rel: str, data: bytes) -> None:
-        """Write ``data`` atomically and durably: readers see the old file or the whole new one."""
+    def write(self, rel: str, data: bytes, atomic: bool = True) -> None:
+        """Write ``data`` durably. ``atomic``: readers see the old file or the whole new one.
+
+        Non-atomic writes suit files that nothing reads until a later atomic write (a
+        commit record) vouches for them; their directories need ``sync_dirs`` before it.
+        """
         path = self.path(rel)
         if not self.local:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             self.fs.pipe_file(path, data)  # one PUT: object stores make it visible whole
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}" if atomic else path
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if atomic:
+                os.replace(tmp, path)
         except BaseException:
-            if os.path.exists(tmp):
+            if atomic and os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _fsync_dir(os.path.dirname(path))
+        if atomic:
+            _fsync_dir(os.path.dirname(path))
+
+    def sync_dirs(self, rels) -> None:
+        """Make the directory entries of files written with ``atomic=False`` durable."""
+        if self.local:
+            for d in sorted({os.path.dirname(self.path(rel)) for rel in rels}, key=len, reverse=True):
+                _fsync_dir(d)
 
     def remove(self, rel: str) -> None:
         """Remove a file or a directory tree; missing is fine."""

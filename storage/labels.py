@@ -150,15 +150,7 @@ def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None) -> 
     values, ids = logprobs.topk(k, dim=-1)  # (P, K) by rank
     ids, order = ids.sort(dim=-1)  # by id, as the store keeps them: sorting here runs on the device
     values = values.gather(1, order)
-    tail, lse = _tail_and_lse(logprobs, ids, temperatures)
-    return SoftLabels(
-        offsets=_positions_tensor(len(logits), lengths),
-        topk_ids=ids.cpu(),
-        topk_logprobs=values.cpu(),
-        tail_logprob=tail.cpu(),
-        tempered_lse=lse.cpu(),
-        temperatures=tuple(float(t) for t in temperatures if t != 1.0),
-    )
+    return _to_host(logprobs, ids, values, temperatures, lengths)
 
 
 @torch.no_grad()
@@ -187,17 +179,19 @@ def sampled_labels(
     last = ids.gather(1, n_unique - 1)
     ids = torch.where(pad, last, ids)
     values = torch.where(pad, float("-inf"), logprobs.gather(1, ids))
-    unique_ids = torch.where(pad, draws[:, :1].expand_as(draws), ids)  # duplicates of a kept id add nothing
-    in_set = torch.zeros_like(logprobs, dtype=torch.bool).scatter_(1, unique_ids, True)
-    tail = torch.logsumexp(logprobs.masked_fill(in_set, float("-inf")), dim=1)
-    _, lse = _tail_and_lse(logprobs, ids[:, :1], temperatures)
+    return _to_host(logprobs, ids, values, temperatures, lengths, counts)  # padding repeats a kept id: no effect on the tail
+
+
+def _to_host(logprobs, ids, values, temperatures, lengths, counts=None) -> SoftLabels:
+    """Tail and normalisers from the full (P, V) log-probs, then only (P, K + 1 + nT) numbers to the host."""
+    tail, lse = _tail_and_lse(logprobs, ids, temperatures)
     return SoftLabels(
-        offsets=_positions_tensor(len(logits), lengths),
+        offsets=_positions_tensor(len(logprobs), lengths),
         topk_ids=ids.cpu(),
         topk_logprobs=values.cpu(),
         tail_logprob=tail.cpu(),
         tempered_lse=lse.cpu(),
         temperatures=tuple(float(t) for t in temperatures if t != 1.0),
-        counts=counts.int().cpu(),
+        counts=None if counts is None else counts.int().cpu(),
     )
 

@@ -2,7 +2,7 @@
 
 Order of writes for one shard, which is what makes a crash at any moment safe:
 1. remove whatever an earlier, interrupted attempt left of the shard;
-2. write every data file of the shard (each atomically and durably);
+2. write every data file of the shard and fsync it and its directory;
 3. write the shard's commit record (sizes + CRC-32 of every file), atomically, last.
 A shard without a valid commit record is pending and is rewritten from step 1.
 """
@@ -83,9 +83,10 @@ class StoreWriter:
         self.sfs.remove(commit_path(index))
         self.sfs.remove(shard_dir(index))
         table = {}
-        for rel, data in sorted(files.items()):
-            self.sfs.write(f"{shard_dir(index)}/{rel}", data)
+        for rel, data in sorted(files.items()):  # unread until the commit record vouches for them
+            self.sfs.write(f"{shard_dir(index)}/{rel}", data, atomic=False)
             table[rel] = {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+        self.sfs.sync_dirs([f"{shard_dir(index)}/{rel}" for rel in files] + [shard_dir(index)])
         record = ShardRecord(index, start, stop, labels.num_positions, table)
         self.sfs.write(commit_path(index), dumps_checked(record.to_json()))
         return record

@@ -90,11 +90,11 @@ def test_half_written_shard_is_pending_and_rewrite_is_safe(backend, tmp_path, mo
     writer.write_shard(0, labels.examples(0, 5))
     real_write, calls = StoreFS.write, []
 
-    def crash_on_second_file(self, rel, data):
+    def crash_on_second_file(self, rel, data, atomic=True):
         calls.append(rel)
         if len(calls) == 2:
             raise OSError("simulated crash")
-        return real_write(self, rel, data)
+        return real_write(self, rel, data, atomic)
 
     monkeypatch.setattr(StoreFS, "write", crash_on_second_file)
     with pytest.raises(OSError):
@@ -297,3 +297,17 @@ def test_empty_shards_and_empty_examples(backend, tmp_path):
     writer.write_shard(0, empty)
     writer.finalize()
     assert open_store(str(tmp_path / "s")).read_all().num_positions == 0
+
+
+def test_shard_writer_appends_batches(backend, tmp_path):
+    labels = make_labels("topk", n_examples=10)
+    spec = StoreSpec("topk", k=K, vocab_size=V, num_examples=10, examples_per_shard=10, temperatures=(1, 2, 4),
+                     value_encoding="lossless", backend=backend)
+    shard = create_store(str(tmp_path / "s"), spec).shard(0)
+    for a in range(0, 10, 3):
+        shard.append(labels.examples(a, min(a + 3, 10)))
+    assert shard.num_examples == 10
+    record = shard.commit()
+    assert record.positions == labels.num_positions
+    back = open_store(str(tmp_path / "s")).read_all()
+    assert torch.equal(back.offsets, labels.offsets) and torch.equal(back.topk_ids, by_id(labels)[0])
