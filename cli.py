@@ -47,7 +47,7 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
     from distill.storage import open_store
 
     reader = open_store(store)
-    summary = dict(reader.summary())
+    summary = dict(reader.summary(read_shards=verify))
     damaged = reader.verify() if verify else []
     if verify:
         summary["damaged_shards"] = damaged

@@ -144,13 +144,14 @@ class StoreSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ShardRecord:
-    """A complete shard: its example range, position count and file checksums."""
+    """A complete shard: its example range, position count, file checksums and statistics."""
 
     index: int
     example_start: int
     example_stop: int
     positions: int
     files: dict  # relative path -> {"bytes": int, "crc32": "8 hex digits"}
+    stats: dict = dataclasses.field(default_factory=dict)  # {"topk_mass_sum": float, "entropy_sum": ...}
 
     @property
     def payload_bytes(self) -> int:
@@ -162,7 +163,8 @@ class ShardRecord:
     @classmethod
     def from_json(cls, d: dict, shard: int | None = None) -> "ShardRecord":
         try:
-            return cls(int(d["index"]), int(d["example_start"]), int(d["example_stop"]), int(d["positions"]), dict(d["files"]))
+            return cls(int(d["index"]), int(d["example_start"]), int(d["example_stop"]), int(d["positions"]),
+                       dict(d["files"]), dict(d.get("stats", {})))
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptStoreError(f"shard record is malformed ({e!r}); rerun generation to redo the shard", shard) from None
 

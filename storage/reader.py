@@ -138,16 +138,23 @@ class StoreReader:
                 damaged.append({"shard": index, "error": str(e)})
         return damaged
 
-    def summary(self) -> dict:
-        """Figures about the store; reads every complete shard (streaming) for the mass statistics.
+    def summary(self, read_shards: bool = False) -> dict:
+        """Figures about the store, from the commit records (cheap at any size).
 
-        Damaged shards are listed in ``shards_unreadable`` and left out of the statistics.
+        With ``read_shards`` (or for records without statistics) the top-k mass is computed
+        from the decoded shards instead; damaged shards are then listed in
+        ``shards_unreadable`` and left out of the statistics.
         """
         spec = self.spec
         payload = sum(r.payload_bytes for r in self.records.values())
         positions = self.num_positions
         mass_sum, count, unreadable = 0.0, 0, []
         for index in self.complete_shards():
+            record = self.records[index]
+            if "topk_mass_sum" in record.stats and not read_shards:
+                mass_sum += float(record.stats["topk_mass_sum"])
+                count += record.positions
+                continue
             try:
                 labels = self.read_shard(index)
             except CorruptStoreError:

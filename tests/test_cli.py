@@ -25,7 +25,7 @@ class FakeReader:
     def __init__(self, damaged=()):
         self.damaged = list(damaged)
 
-    def summary(self):
+    def summary(self, read_shards=False):
         return dict(SUMMARY)
 
     def verify(self):
