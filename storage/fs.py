@@ -79,9 +79,14 @@ class StoreFS:
 
     def sync_dirs(self, rels) -> None:
         """Make the directory entries of files written with ``atomic=False`` durable."""
-        if self.local:
-            for d in sorted({os.path.dirname(self.path(rel)) for rel in rels}, key=len, reverse=True):
-                _fsync_dir(d)
+        if not self.local:
+            return
+        dirs = set()
+        for rel in rels:  # every directory between the file and the store root gained an entry
+            parts = rel.split("/")[:-1]
+            dirs.update("/".join(parts[:i]) for i in range(len(parts) + 1))
+        for d in sorted(dirs, key=len, reverse=True):  # children before parents
+            _fsync_dir(self.path(d))
 
     def remove(self, rel: str) -> None:
         """Remove a file or a directory tree; missing is fine."""

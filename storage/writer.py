@@ -86,7 +86,7 @@ class StoreWriter:
         for rel, data in sorted(files.items()):  # unread until the commit record vouches for them
             self.sfs.write(f"{shard_dir(index)}/{rel}", data, atomic=False)
             table[rel] = {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
-        self.sfs.sync_dirs([f"{shard_dir(index)}/{rel}" for rel in files] + [shard_dir(index)])
+        self.sfs.sync_dirs([f"{shard_dir(index)}/{rel}" for rel in files])
         mass = -torch.expm1(torch.as_tensor(labels.tail_logprob).double())  # top-k mass per position
         record = ShardRecord(index, start, stop, labels.num_positions, table, {"topk_mass_sum": float(mass.sum())})
         self.sfs.write(commit_path(index), dumps_checked(record.to_json()))
