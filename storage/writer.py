@@ -80,6 +80,9 @@ class StoreWriter:
         self._check(labels, index, stop - start)
         columns = encode_labels(labels, self.spec.vocab_size, self.spec.value_encoding)
         files = self.backend.serialize(columns)
+        if self.manifest.finalized:  # redoing a shard: the sealed shard table is about to go stale
+            self.manifest = Manifest(self.spec, __version__)
+            self.sfs.write(MANIFEST, self.manifest.to_bytes())
         self.sfs.remove(commit_path(index))
         self.sfs.remove(shard_dir(index))
         table = {}

@@ -313,3 +313,15 @@ def test_shard_writer_appends_batches(backend, tmp_path):
     assert record.positions == labels.num_positions
     back = open_store(str(tmp_path / "s")).read_all()
     assert torch.equal(back.offsets, labels.offsets) and torch.equal(back.topk_ids, by_id(labels)[0])
+
+
+def test_rewriting_a_shard_of_a_finalized_store_unseals_it(backend, tmp_path):
+    url = str(tmp_path / "s")
+    writer = write_store(url, make_labels("topk", n_examples=10), backend=backend)
+    other = make_labels("topk", n_examples=10, seed=9)
+    writer.write_shard(1, other.examples(5, 10))
+    reader = open_store(url)
+    assert not reader.manifest.finalized and reader.complete_shards() == [0, 1]
+    assert torch.equal(reader.read_shard(1).topk_ids, by_id(other.examples(5, 10))[0])
+    create_store(url, writer.spec).finalize()
+    assert open_store(url).manifest.finalized and open_store(url).verify() == []
