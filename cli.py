@@ -47,10 +47,8 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
     from distill.storage import open_store
 
     reader = open_store(store)
-    summary = dict(reader.summary(read_shards=verify))
-    damaged = reader.verify() if verify else []
-    if verify:
-        summary["damaged_shards"] = damaged
+    summary = reader.summary(verify=verify)  # with --verify, reads and checks every shard once
+    damaged = summary.get("damaged_shards", [])
     click.echo(json.dumps(summary) if as_json else _format_summary(summary))
     if damaged:
         sys.exit(1)

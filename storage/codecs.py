@@ -25,16 +25,11 @@ import torch
 
 from distill.storage.labels import SoftLabels
 
-__all__ = ["ValueEncoding", "encode_labels", "decode_labels", "default_levels"]
+__all__ = ["ValueEncoding", "encode_labels", "decode_labels", "DEFAULT_LEVELS"]
 
 # One byte per code: zstd's entropy stage works on bytes, so 255 levels cost about the
 # information they carry; more levels (uint16 codes) compress markedly worse.
 DEFAULT_LEVELS = 255
-
-
-def default_levels(k: int) -> int:
-    """Quantisation levels of the default sqrt encoding (the same for every k)."""
-    return DEFAULT_LEVELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +57,8 @@ class ValueEncoding:
         return cls(name=d["name"], levels=int(d.get("levels", 0)))
 
     @classmethod
-    def for_k(cls, name: str, k: int) -> "ValueEncoding":
-        return cls(name, default_levels(k) if name == "sqrt" else 0)
+    def named(cls, name: str) -> "ValueEncoding":
+        return cls(name, DEFAULT_LEVELS if name == "sqrt" else 0)
 
 
 def ids_dtype(vocab_size: int):
@@ -79,14 +74,12 @@ def encode_labels(labels: SoftLabels, vocab_size: int, encoding: ValueEncoding) 
     ids = torch.as_tensor(labels.topk_ids)
     logprobs = torch.as_tensor(labels.topk_logprobs).float()
     counts = None if labels.counts is None else torch.as_tensor(labels.counts)
-    delta = ids.clone()
-    delta[:, 1:] -= ids[:, :-1]  # (P, K) first id, then gaps >= 0 once sorted
-    if bool((delta[:, 1:] < 0).any()):  # topk_labels sorts on the device; others may not
+    if bool((ids[:, 1:] < ids[:, :-1]).any()):  # topk_labels sorts on the device; others may not
         ids, order = torch.sort(ids, dim=1)
         logprobs = logprobs.gather(1, order)
         counts = None if counts is None else counts.gather(1, order)
-        delta = ids.clone()
-        delta[:, 1:] -= ids[:, :-1]
+    delta = ids.clone()
+    delta[:, 1:] -= ids[:, :-1]  # (P, K) first id, then gaps >= 0
     columns = {"offsets": _numpy(labels.offsets).astype(np.int64)}
     columns["ids_delta"] = delta.numpy().astype(ids_dtype(vocab_size))
     float_dtype = np.float32 if encoding.lossless else np.float16

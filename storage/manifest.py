@@ -98,7 +98,7 @@ class StoreSpec:
         enc = self.value_encoding
         if isinstance(enc, str):
             try:
-                enc = ValueEncoding.for_k(enc, self.k)
+                enc = ValueEncoding.named(enc)
             except ValueError as e:
                 raise StoreError(str(e)) from None
         object.__setattr__(self, "value_encoding", enc)

@@ -138,30 +138,28 @@ class StoreReader:
                 damaged.append({"shard": index, "error": str(e)})
         return damaged
 
-    def summary(self, read_shards: bool = False) -> dict:
+    def summary(self, verify: bool = False) -> dict:
         """Figures about the store, from the commit records (cheap at any size).
 
-        With ``read_shards`` (or for records without statistics) the top-k mass is computed
-        from the decoded shards instead; damaged shards are then listed in
-        ``shards_unreadable`` and left out of the statistics.
+        With ``verify`` every shard is also read and checked once: ``damaged_shards``
+        lists what ``verify()`` returns and ``shards_unreadable`` the complete shards
+        among them. Records without statistics (allowed by the format) are read for them.
         """
         spec = self.spec
         payload = sum(r.payload_bytes for r in self.records.values())
         positions = self.num_positions
-        mass_sum, count, unreadable = 0.0, 0, []
+        damaged = self.verify() if verify else []
+        unreadable = [d["shard"] for d in damaged if d["shard"] in self.records]
+        mass_sum, count = 0.0, 0
         for index in self.complete_shards():
             record = self.records[index]
-            if "topk_mass_sum" in record.stats and not read_shards:
+            if "topk_mass_sum" in record.stats:
                 mass_sum += float(record.stats["topk_mass_sum"])
                 count += record.positions
-                continue
-            try:
+            elif index not in unreadable:
                 labels = self.read_shard(index)
-            except CorruptStoreError:
-                unreadable.append(index)  # `distill inspect --verify` says why
-                continue
-            mass_sum += float(-np.expm1(labels.tail_logprob.double().numpy()).sum())
-            count += labels.num_positions
+                mass_sum += float(-np.expm1(labels.tail_logprob.double().numpy()).sum())
+                count += labels.num_positions
         return {
             "url": self.url,
             "format_version": FORMAT_VERSION,
@@ -178,6 +176,7 @@ class StoreReader:
             "shards_complete": len(self.records),
             "shards_total": spec.num_shards,
             "shards_unreadable": unreadable,
+            **({"damaged_shards": damaged} if verify else {}),
             "payload_bytes": payload,
             "bytes_per_position": payload / positions if positions else math.nan,
             "bytes_per_entry": payload / (positions * spec.k) if positions else math.nan,

@@ -10,9 +10,6 @@ import json
 
 import numcodecs
 import numpy as np
-import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import MemoryStore
 
 from distill.storage.backend import Backend
 
@@ -30,13 +27,12 @@ def _compressor(name: str, dtype: np.dtype) -> dict:
 
 
 def _encode_chunk(data: np.ndarray, codec: dict) -> bytes:
-    raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).tobytes()
+    array = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))  # the bytes codec: little-endian, C order
     config = codec["configuration"]
     if codec["name"] == "zstd":
-        return numcodecs.Zstd(level=config["level"]).encode(raw)
+        return numcodecs.Zstd(level=config["level"]).encode(array)
     shuffle = {"shuffle": numcodecs.Blosc.SHUFFLE, "bitshuffle": numcodecs.Blosc.BITSHUFFLE}[config["shuffle"]]
-    blosc = numcodecs.Blosc(cname=config["cname"], clevel=config["clevel"], shuffle=shuffle)
-    return blosc.encode(np.frombuffer(raw, dtype=data.dtype))  # typesize comes from the dtype
+    return numcodecs.Blosc(cname=config["cname"], clevel=config["clevel"], shuffle=shuffle).encode(array)  # typesize from dtype
 
 
 def _array_metadata(data: np.ndarray, codec: dict) -> bytes:
@@ -56,6 +52,10 @@ def _array_metadata(data: np.ndarray, codec: dict) -> bytes:
     return json.dumps(meta, indent=2).encode()
 
 
+def _chunk_key(name: str, ndim: int) -> str:
+    return f"{name}/c/" + "/".join("0" for _ in range(ndim))  # the single chunk, default key encoding
+
+
 class ZarrBackend(Backend):
     name = "zarr"
 
@@ -67,29 +67,19 @@ class ZarrBackend(Backend):
             codec = _compressor(name, data.dtype)
             files[f"{name}/zarr.json"] = _array_metadata(data, codec)
             if data.size:
-                files[f"{name}/c/" + "/".join("0" for _ in data.shape)] = _encode_chunk(data, codec)
+                files[_chunk_key(name, data.ndim)] = _encode_chunk(data, codec)
         return files
 
     def deserialize(self, files: dict[str, bytes]) -> dict[str, np.ndarray]:
         names = sorted(key[: -len("/zarr.json")] for key in files if key.endswith("/zarr.json"))
-        columns = {name: _decode_single_chunk(name, files) for name in names}
-        if any(v is None for v in columns.values()):
-            return self._deserialize_with_zarr(files)
-        return columns
-
-    def _deserialize_with_zarr(self, files: dict[str, bytes]) -> dict[str, np.ndarray]:
-        prototype = default_buffer_prototype()
-        store = MemoryStore({key: prototype.buffer.from_bytes(data) for key, data in files.items()})
-        group = zarr.open_group(store, mode="r", zarr_format=3)
-        names = sorted(key[: -len("/zarr.json")] for key in files if key.endswith("/zarr.json"))
-        return {name: group[name][...] for name in names}
+        return {name: _decode_single_chunk(name, files) for name in names}
 
 
-def _decode_single_chunk(name: str, files: dict[str, bytes]) -> np.ndarray | None:
-    """Decode an array this backend wrote without zarr's async machinery (3x faster).
+def _decode_single_chunk(name: str, files: dict[str, bytes]) -> np.ndarray:
+    """Decode an array as ``serialize`` writes it, without zarr's async machinery (3x faster).
 
-    Handles exactly what ``serialize`` writes (one chunk; bytes codec + blosc or zstd);
-    returns None for anything else, and the caller falls back to zarr itself.
+    Anything else (another chunking, codec or byte order) raises ValueError; the reader
+    reports it as a shard that cannot be decoded.
     """
     meta = json.loads(files[f"{name}/zarr.json"])
     shape = tuple(meta.get("shape", ()))
@@ -100,18 +90,13 @@ def _decode_single_chunk(name: str, files: dict[str, bytes]) -> np.ndarray | Non
         or codecs[0].get("configuration", {}).get("endian", "little") != "little"
         or grid != [max(1, n) for n in shape] or meta.get("fill_value") != 0
         or meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") != "/"
+        or codecs[1].get("name") not in ("blosc", "zstd")
     ):
-        return None
+        raise ValueError(f"array {name} is not laid out as distill writes it")
     dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-    key = f"{name}/c/" + "/".join("0" for _ in shape)
-    if key not in files:  # zarr writes no chunk that is all fill value
+    key = _chunk_key(name, len(shape))
+    if key not in files:  # zarr itself writes no chunk that is all fill value
         return np.zeros(shape, dtype)
-    compressor, config = codecs[1]["name"], codecs[1].get("configuration", {})
-    if compressor == "blosc":
-        raw = numcodecs.Blosc.decode(numcodecs.Blosc(), files[key])  # blosc frames describe themselves
-    elif compressor == "zstd":
-        raw = numcodecs.Zstd().decode(files[key])
-    else:
-        return None
-    chunk = np.frombuffer(raw, dtype).reshape(grid)
+    codec = numcodecs.Blosc() if codecs[1]["name"] == "blosc" else numcodecs.Zstd()  # frames describe themselves
+    chunk = np.frombuffer(codec.decode(files[key]), dtype).reshape(grid)
     return chunk[tuple(slice(0, n) for n in shape)]

@@ -25,8 +25,8 @@ class FakeReader:
     def __init__(self, damaged=()):
         self.damaged = list(damaged)
 
-    def summary(self, read_shards=False):
-        return dict(SUMMARY)
+    def summary(self, verify=False):
+        return {**SUMMARY, "damaged_shards": self.verify()} if verify else dict(SUMMARY)
 
     def verify(self):
         return self.damaged

@@ -286,7 +286,7 @@ def test_summary_figures(backend, store_url):
     assert s["bytes_per_entry"] == pytest.approx(s["payload_bytes"] / (labels.num_positions * K))
     mass = float((1 - labels.tail_logprob.double().exp()).mean())
     assert s["topk_mass_mean"] == pytest.approx(mass, rel=1e-6)  # from the commit records' statistics
-    read = open_store(store_url).summary(read_shards=True)  # from the decoded (float16) tails
+    read = open_store(store_url).summary(verify=True)  # every shard read and checked
     assert read["topk_mass_mean"] == pytest.approx(mass, rel=1e-3) and read["shards_unreadable"] == []
     assert s["temperatures"] == [1.0, 2.0, 4.0] and s["value_encoding"]["name"] == "sqrt"
 
