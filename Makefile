@@ -25,8 +25,14 @@ demo: venv
 bench-store: venv
 	$(VENV)/bin/python benchmarks/store.py
 
-labels student teacher:
-	@echo "make $@: not implemented yet (the soft-label store exists; the stages come next)" >&2
+# Stage one as a batch job: make labels TEACHER=... DATA=... OUT=... [ARGS="--k 32 --shard 0/4 ..."]
+# (or CONFIG=job.toml holding the same settings). Rerunning the same command resumes.
+labels: venv
+	$(VENV)/bin/distill generate-labels $(if $(TEACHER),--teacher '$(TEACHER)') $(if $(DATA),--data '$(DATA)') \
+		$(if $(OUT),--out '$(OUT)') $(if $(CONFIG),--config '$(CONFIG)') $(ARGS)
+
+student teacher:
+	@echo "make $@: not implemented yet (stage two comes next)" >&2
 	@exit 2
 
 clean:

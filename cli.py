@@ -6,6 +6,7 @@ import json
 import sys
 
 import click
+from click.core import ParameterSource
 
 from distill import __version__
 from distill.errors import DistillError
@@ -52,6 +53,68 @@ def inspect(store: str, as_json: bool, verify: bool) -> None:
     click.echo(json.dumps(summary) if as_json else _format_summary(summary))
     if damaged:
         sys.exit(1)
+
+
+def _flags(ctx: click.Context, params: dict) -> dict:
+    """The flags the user gave (not click's defaults), so they override --config values only when given."""
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {k: v for k, v in params.items() if k != "config" and ctx.get_parameter_source(k) in given}
+
+
+def _stage_config(ctx: click.Context, cls, command: str, params: dict):
+    from distill.pipeline.config import build_config, load_toml
+
+    path = params.get("config")
+    file_values = load_toml(path, command) if path else {}
+    return build_config(cls, file_values, _flags(ctx, params), source=path or "")
+
+
+@cli.command("generate-labels")
+@click.option("--teacher", help="Teacher: a Hugging Face directory, package.module:factory, a TorchScript file, or a built-in (mlp, cnn, gpt).")
+@click.option("--data", help="Data: mnist1d, a .parquet/.jsonl/.txt file or directory, a saved `datasets` dataset, or package.module:function.")
+@click.option("--out", help="The store to write: a directory path or fsspec URL.")
+@click.option("--task", type=click.Choice(["classification", "causal-lm"]), help="The teacher's task [default: inferred from the teacher].")
+@click.option("--method", type=click.Choice(["topk", "sample"]), help="Top-k ids with exact log-probs and tail, or sampled ids [default: topk].")
+@click.option("--k", type=int, help="Top-k size [default: 64, or every class when fewer].")
+@click.option("--samples", type=int, help="Draws per position for --method sample [default: 12].")
+@click.option("--temperature", "temperatures", type=float, multiple=True, help="Store the exact normaliser for this temperature; repeat for several [default: 1 and 2].")
+@click.option("--sample-temperature", type=float, help="Temperature of the distribution draws come from [default: 1].")
+@click.option("--batch-size", type=int, help="Examples per teacher forward pass [default: 32].")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto].")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="auto: bfloat16 autocast on CUDA, float32 on CPU [default: auto].")
+@click.option("--backend", type=click.Choice(["zarr", "parquet"]), help="Store backend [default: zarr].")
+@click.option("--value-encoding", type=click.Choice(["sqrt", "lossless"]), help="How log-probs are stored [default: sqrt].")
+@click.option("--examples-per-shard", type=int, help="Shard size [default: about 65,536 positions].")
+@click.option("--shard", help="I/N: do only this job-array task's shards; seal with --finalize afterwards.")
+@click.option("--finalize", is_flag=True, default=None, help="Only check that every shard is complete and seal the store.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with other settings.")
+@click.option("--weights", help="Teacher weights: .safetensors, or a state dict (loaded with weights_only=True).")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Let a Hugging Face teacher run code from its directory.")
+@click.option("--split", help="Data split [default: train].")
+@click.option("--tokenizer", help="Tokenizer for text data: a Hugging Face directory or `bytes` [default: the teacher's].")
+@click.option("--seq-len", type=int, help="Tokens per sequence cut from text files; max length for text columns [default: 256].")
+@click.option("--text-column", help="Column of text [default: text].")
+@click.option("--ids-column", help="Column of token ids [default: input_ids].")
+@click.option("--label-column", help="Column of class labels [default: label].")
+@click.option("--limit", type=int, help="Use only the first N examples.")
+@click.option("--seed", type=int, help="Seed of the draws for --method sample [default: 0].")
+@click.option("--queue-size", type=int, help="Labelled batches that may wait for the writer thread [default: 8].")
+@click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar or log lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it.")
+@click.pass_context
+def generate_labels(ctx: click.Context, as_json: bool, **params) -> None:
+    """Run the teacher once over the data and write its soft labels to a store.
+
+    Rerunning the same command resumes: complete shards are kept, the rest redone.
+    """
+    from distill.stages.generate import GenerateConfig, generate_labels as run
+
+    result = run(_stage_config(ctx, GenerateConfig, "generate-labels", params))
+    if as_json:
+        click.echo(json.dumps(result))
+    elif "store" in result:
+        click.echo(_format_summary(result["store"]))
 
 
 @cli.command()
@@ -104,9 +167,14 @@ def _format_summary(summary: dict) -> str:
     damaged = summary.pop("damaged_shards", None)
     if "shards_complete" in summary and "shards_total" in summary:
         summary["shards"] = f"{summary.pop('shards_complete'):,} of {summary.pop('shards_total'):,} complete"
+    summary = {k: v for k, v in summary.items() if v is not None}
     width = max((len(k) for k in summary), default=0)
     lines = [f"{k.replace('_', ' '):<{width}}  {_format_value(k, v)}" for k, v in summary.items()]
     if damaged is not None:
         lines.append(f"{'verify':<{width}}  " + ("ok" if not damaged else f"{len(damaged)} damaged shard(s)"))
         lines += [f"  shard {d['shard']}: {d['error']}" for d in damaged]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # `python -m distill.cli ...`, e.g. under torchrun --module
+    main()

@@ -120,13 +120,46 @@ def concat_labels(parts: list[SoftLabels]) -> SoftLabels:
     )
 
 
-def _tail_and_lse(logprobs: torch.Tensor, ids: torch.Tensor, temperatures) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tail log-mass outside ``ids`` and the tempered normalisers, from full log-probs (P, V)."""
-    outside = logprobs.scatter(1, ids, float("-inf"))
-    tail = torch.logsumexp(outside, dim=1)  # exact even when the tail is tiny
-    temps = [t for t in temperatures if t != 1.0]
-    lse = torch.stack([torch.logsumexp(logprobs / t, dim=1) for t in temps], 1) if temps else logprobs.new_zeros(len(logprobs), 0)
-    return tail, lse
+class _Softmax:
+    """The teacher's softmax over the vocabulary, from one exp pass (the costly part on a CPU).
+
+    Keeps ``exp(logits - max)`` (P, V) and its row sums; the log-normaliser is held in
+    float64 (max + log sum) so log-probabilities of large logits keep their digits. The
+    tail and every tempered normaliser are sums over ``e`` (or a power of it): no other
+    exp pass over the vocabulary.
+    """
+
+    def __init__(self, logits: torch.Tensor, row_max: torch.Tensor | None = None):
+        self.logits = logits  # (P, V) float32
+        self.m = logits.amax(1, keepdim=True) if row_max is None else row_max  # (P, 1)
+        self.e = (logits - self.m).exp_()  # (P, V) in (0, 1]
+        self.s = self.e.sum(1, keepdim=True).double()  # (P, 1)
+        self.lse = self.m.double() + self.s.log()  # (P, 1) float64
+
+    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        """Exact log-probabilities of ``ids`` (P, K), float32."""
+        return (self.logits.gather(1, ids).double() - self.lse).float()
+
+    def tail(self, ids: torch.Tensor) -> torch.Tensor:
+        """Log-mass outside ``ids`` (P, K), (P,) float32. Call last: it zeroes ``ids`` in ``e``.
+
+        A sum of the positive terms outside (no cancellation, float32 relative error ~1e-7),
+        so tiny tails keep their digits; a tail under ~1e-38 of the top id's mass reads as
+        -inf (exp underflows), which no loss can tell from the truth.
+        """
+        if ids.shape[1] >= self.logits.shape[1]:
+            return self.logits.new_full((len(ids),), float("-inf"))
+        outside = self.e.scatter_(1, ids, 0.0).sum(1, keepdim=True).double()  # (P, 1)
+        return (outside.log() - self.s.log())[:, 0].float()
+
+    def tempered_lse(self, temperatures) -> torch.Tensor:
+        """logsumexp(logprobs / T) over the vocabulary per temperature, (P, nT) float32."""
+        cols = []
+        for t in temperatures:
+            powered = self.e.sqrt() if t == 2.0 else self.e.pow(1.0 / t)  # exp((logits - max) / T)
+            s_t = powered.sum(1, keepdim=True).double()
+            cols.append((s_t.log() + (self.m.double() - self.lse) / t)[:, 0])
+        return torch.stack(cols, 1).float() if cols else self.logits.new_zeros(len(self.logits), 0)
 
 
 def _positions_tensor(n: int, lengths) -> torch.Tensor:
@@ -142,15 +175,16 @@ def _positions_tensor(n: int, lengths) -> torch.Tensor:
 def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None) -> SoftLabels:
     """Top-k soft labels from full logits, computed where ``logits`` live (GPU or CPU).
 
-    logits: (P, V) any float dtype; softmax is taken in float32.
+    logits: (P, V) any float dtype; the softmax is taken in float32.
     lengths: positions per example (E,), or None for one position per example.
-    Only (P, K + 1 + nT) numbers leave the device.
+    Only (P, K + 1 + nT) numbers leave the device. Passes over the vocabulary: a top-k,
+    one exp, a few sums, and one power per stored temperature.
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (P, V)
-    values, ids = logprobs.topk(k, dim=-1)  # (P, K) by rank
-    ids, order = ids.sort(dim=-1)  # by id, as the store keeps them: sorting here runs on the device
-    values = values.gather(1, order)
-    return _to_host(logprobs, ids, values, temperatures, lengths)
+    logits = logits.float()
+    top, ids = logits.topk(k, dim=-1)  # (P, K) by rank
+    sm = _Softmax(logits, row_max=top[:, :1])
+    ids = ids.sort(dim=-1).values  # by id, as the store keeps them: sorting here runs on the device
+    return _to_host(sm, ids, sm.logprobs(ids), temperatures, lengths)
 
 
 @torch.no_grad()
@@ -163,9 +197,10 @@ def sampled_labels(
     Keeps the unique drawn ids (ascending, padded to ``samples`` slots with count 0 and
     id repeated), their draw counts and their exact log-probabilities.
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (P, V)
-    proposal = torch.softmax(logits.float() / sample_temperature, dim=-1)
-    draws = torch.multinomial(proposal, samples, replacement=True, generator=generator)  # (P, M)
+    logits = logits.float()
+    sm = _Softmax(logits)
+    weights = sm.e if sample_temperature == 1.0 else sm.e.pow(1.0 / sample_temperature)  # unnormalised
+    draws = torch.multinomial(weights, samples, replacement=True, generator=generator)  # (P, M)
     draws, _ = draws.sort(dim=1)
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
@@ -175,23 +210,22 @@ def sampled_labels(
     ids = torch.zeros_like(draws).scatter_(1, rank, draws)
     n_unique = first.sum(1, keepdim=True)
     slot = torch.arange(samples, device=draws.device)[None, :]
-    pad = slot >= n_unique
-    last = ids.gather(1, n_unique - 1)
-    ids = torch.where(pad, last, ids)
-    values = torch.where(pad, float("-inf"), logprobs.gather(1, ids))
-    return _to_host(logprobs, ids, values, temperatures, lengths, counts)  # padding repeats a kept id: no effect on the tail
+    kept = slot < n_unique
+    ids = torch.where(kept, ids, ids.gather(1, n_unique - 1))
+    values = torch.where(kept, sm.logprobs(ids), float("-inf"))
+    return _to_host(sm, ids, values, temperatures, lengths, counts)  # padding repeats a kept id: no effect on the tail
 
 
-def _to_host(logprobs, ids, values, temperatures, lengths, counts=None) -> SoftLabels:
-    """Tail and normalisers from the full (P, V) log-probs, then only (P, K + 1 + nT) numbers to the host."""
-    tail, lse = _tail_and_lse(logprobs, ids, temperatures)
+def _to_host(sm: _Softmax, ids, values, temperatures, lengths, counts=None) -> SoftLabels:
+    """Tail and normalisers on the device, then only (P, K + 1 + nT) numbers to the host."""
+    temps = tuple(float(t) for t in temperatures if t != 1.0)
+    tempered_lse = sm.tempered_lse(temps)  # before sm.tail, which zeroes the kept ids in sm.e
     return SoftLabels(
-        offsets=_positions_tensor(len(logprobs), lengths),
+        offsets=_positions_tensor(len(ids), lengths),
         topk_ids=ids.cpu(),
         topk_logprobs=values.cpu(),
-        tail_logprob=tail.cpu(),
-        tempered_lse=lse.cpu(),
-        temperatures=tuple(float(t) for t in temperatures if t != 1.0),
+        tail_logprob=sm.tail(ids).cpu(),
+        tempered_lse=tempered_lse.cpu(),
+        temperatures=temps,
         counts=None if counts is None else counts.int().cpu(),
     )
-

@@ -134,6 +134,13 @@ class StoreSpec:
     def check_same(self, other: "StoreSpec") -> None:
         """Raise IncompatibleStoreError naming the first setting that differs."""
         mine, theirs = self.to_json(), other.to_json()
+        what = {"teacher_fingerprint": "another teacher", "dataset_fingerprint": "other data"}
+        for key, thing in what.items():  # the likeliest mistakes first, in words
+            if mine[key] != theirs[key]:
+                raise IncompatibleStoreError(
+                    f"the store was made with {thing} ({key} {theirs[key][:19]}..., not {mine[key][:19]}...): "
+                    "use a new --out, or --overwrite to replace it"
+                )
         for key in mine:
             if mine[key] != theirs[key]:
                 raise IncompatibleStoreError(

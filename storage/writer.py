@@ -175,14 +175,29 @@ def create_store(url: str, spec: StoreSpec, overwrite: bool = False) -> StoreWri
         spec.check_same(existing.spec)
         return StoreWriter(sfs, existing)
     if overwrite:
-        if sfs.isdir() and sfs.listdir() and not sfs.isfile(MANIFEST):
+        if sfs.isdir() and _entries(sfs) and not sfs.isfile(MANIFEST):
             raise StoreError(f"{url} exists and is not a distill store; refusing to overwrite it: choose another path")
         sfs.remove(MANIFEST)
         sfs.remove("shards")
-    elif sfs.isdir() and sfs.listdir():
+    elif sfs.isdir() and _entries(sfs):
         raise StoreError(f"{url} exists and is not empty (no manifest.json): choose a new path for the store")
     sfs.makedirs()
     manifest = Manifest(spec, __version__)
-    sfs.write(MANIFEST, manifest.to_bytes())
+    sfs.write(MANIFEST, manifest.to_bytes())  # same bytes from every worker that races here
     return StoreWriter(sfs, manifest)
+
+
+def open_store_writer(url: str) -> StoreWriter:
+    """Reopen an existing store for writing (to finalize it, or redo shards) with its own spec."""
+    from distill.storage.reader import load_manifest
+
+    sfs = StoreFS(url)
+    if not sfs.isdir():
+        raise StoreError(f"no store at {url}: check the path")
+    return StoreWriter(sfs, load_manifest(sfs))
+
+
+def _entries(sfs: StoreFS) -> list[str]:
+    """Directory entries, ignoring another worker's manifest write in flight (job arrays race to create)."""
+    return [e for e in sfs.listdir() if ".tmp-" not in e]
 

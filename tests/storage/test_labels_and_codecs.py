@@ -27,6 +27,18 @@ def test_topk_labels_match_dense_float64():
         assert torch.allclose(labels.tempered_lse[:, j].double(), (dense / t).logsumexp(1), atol=1e-4)
 
 
+@pytest.mark.parametrize("scale", [0.1, 3.0, 12.0, 40.0])
+def test_tail_is_exact_from_flat_to_very_peaked(scale):
+    """Both tail paths (1 - kept mass, and the exact pass for tails under 1e-3) against float64."""
+    logits = _logits(p=200, v=3000, seed=1, scale=scale)
+    labels = topk_labels(logits.float(), 16, temperatures=(2.0,))
+    dense = torch.log_softmax(logits, 1)
+    ref_tail = dense.scatter(1, labels.topk_ids, float("-inf")).logsumexp(1)
+    # log-space error 1e-4: under 0.01% of the tail mass, however small the tail
+    assert (labels.tail_logprob.double() - ref_tail).abs().max() < 1e-4
+    assert torch.allclose(labels.tempered_lse[:, 0].double(), (dense / 2.0).logsumexp(1), atol=1e-5)
+
+
 def test_topk_with_k_equal_vocab_has_empty_tail():
     labels = topk_labels(_logits(v=16), 16)
     assert bool(torch.isneginf(labels.tail_logprob).all())

@@ -1,0 +1,150 @@
+"""Stage-one benchmark: what writing the store costs on top of the teacher's forward passes.
+
+For each workload, on the same device, with the same teacher and the same batches:
+
+- ``teacher_only_positions_per_s``: the teacher's forward passes alone (batches built by
+  the data module, moved to the device, outputs discarded);
+- ``generate_positions_per_s``: the whole `distill generate-labels` path
+  (``distill.generate_labels``: load, fingerprint, forward, top-k on the device, encode,
+  write, commit, finalize) writing a real store to a temporary directory;
+- ``overhead_ratio = generate / teacher_only`` (target: at least 0.95).
+
+The two are run alternately ``--repeats`` times and the median of each is reported.
+
+Workloads: ``lm``, a causal LM teacher with a 32,000-token vocabulary (built-in ``gpt``,
+random weights, k=64, temperatures 1 and 2) over random token sequences; ``classifier``,
+a built-in 1-D CNN over mnist1d-shaped inputs (k=5 of 10 classes).
+
+    python benchmarks/generate.py [--quick] [--workload lm|classifier|all] [--device auto]
+
+Prints one line per workload, then one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from distill.pipeline.data import DataConfig, load_data
+from distill.pipeline.models import ModelConfig, load_model
+from distill.pipeline.runtime import resolve_device
+from distill.stages.generate import GenerateConfig, _autocast, _weight_dtype, generate_labels
+
+WORKLOADS = {
+    # name: teacher spec, examples (full, quick), sequence length, k, batch size
+    "lm": dict(teacher="gpt:vocab_size=32000,d_model=384,n_layers=4,n_heads=6,max_len=128",
+               examples=(384, 48), seq_len=128, k=64, batch_size=8),
+    "classifier": dict(teacher="cnn:channels=64,depth=3", examples=(32768, 8192), seq_len=None, k=5, batch_size=512),
+}
+
+
+def write_data(name: str, n: int, seq_len: int | None, tmp: str) -> str:
+    """A Parquet file of seeded inputs: token ids for the LM, 40 float features for the classifier."""
+    rng = np.random.default_rng(0)
+    if seq_len is not None:
+        ids = rng.integers(0, 32000, size=(n, seq_len), dtype=np.int64)
+        table = pa.table({"input_ids": pa.array(list(ids))})
+    else:
+        x = rng.standard_normal((n, 40), dtype=np.float32)
+        table = pa.table({"inputs": pa.array(list(x)), "label": rng.integers(0, 10, n)})
+    path = os.path.join(tmp, f"{name}.parquet")
+    pq.write_table(table, path)
+    return path
+
+
+def teacher_only(config: GenerateConfig, device: torch.device) -> tuple[float, int]:
+    """Forward passes over the batches generate-labels would run; returns (seconds, positions)."""
+    teacher = load_model(ModelConfig(config.teacher), device=device, dtype=_weight_dtype(config.dtype))
+    data = load_data(DataConfig(config.data, task=teacher.task, tokenizer=config.tokenizer))
+    positions = 0
+    start = time.perf_counter()
+    with torch.inference_mode(), _autocast(config, device):
+        for a in range(0, len(data), config.batch_size):
+            batch = data.collate([data[i] for i in range(a, min(a + config.batch_size, len(data)))])
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            teacher.logits(batch)
+            positions += int(batch["position_mask"].sum()) if "position_mask" in batch else len(next(iter(batch.values())))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, positions
+
+
+def generate(config: GenerateConfig, tmp: str, round_: int) -> tuple[float, int]:
+    out = os.path.join(tmp, f"store-{round_}")
+    start = time.perf_counter()
+    result = generate_labels(dataclasses.replace(config, out=out))
+    seconds = time.perf_counter() - start
+    return seconds, result["positions"]
+
+
+def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: str) -> dict:
+    w = WORKLOADS[name]
+    n = w["examples"][1 if quick else 0]
+    data = write_data(name, n, w["seq_len"], tmp)
+    device = resolve_device(device_name)
+    config = GenerateConfig(teacher=w["teacher"], data=data, out=os.path.join(tmp, "unused"), k=w["k"],
+                            batch_size=w["batch_size"], device=device_name, progress=False,
+                            task="causal-lm" if w["seq_len"] else "classification")
+    teacher_runs, generate_runs = [], []
+    positions = None
+    teacher_only(config, device)  # warm-up: first-call allocations, lazy imports
+    for r in range(repeats):
+        s, p = teacher_only(config, device)
+        teacher_runs.append(p / s)
+        s, q = generate(config, tmp, r)
+        generate_runs.append(q / s)
+        assert p == q, f"teacher-only saw {p} positions, generate-labels {q}"
+        positions = p
+    t, g = statistics.median(teacher_runs), statistics.median(generate_runs)
+    params = sum(p.numel() for p in load_model(ModelConfig(config.teacher)).module.parameters())
+    return {
+        "teacher": w["teacher"], "teacher_params": params, "examples": n, "positions": positions, "k": w["k"],
+        "batch_size": w["batch_size"], "device": str(device), "repeats": repeats,
+        "teacher_only_positions_per_s": round(t, 1), "generate_positions_per_s": round(g, 1),
+        "overhead_ratio": round(g / t, 4),
+        "teacher_only_runs": [round(x, 1) for x in teacher_runs], "generate_runs": [round(x, 1) for x in generate_runs],
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small inputs: under a minute on 2 CPU cores")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 3, quick 2)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 3)
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="distill-bench-gen-") as tmp:
+        for name in names:
+            results[name] = r = run_workload(name, args.quick, args.device, repeats, tmp)
+            print(f"{name:>10}: teacher only {r['teacher_only_positions_per_s']:>10,.0f} pos/s, "
+                  f"generate-labels {r['generate_positions_per_s']:>10,.0f} pos/s, ratio {r['overhead_ratio']:.3f}",
+                  file=sys.stderr)
+    out = {
+        "benchmark": "generate", "quick": args.quick, "target_overhead_ratio": 0.95,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.machine(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "torch": torch.__version__},
+        "workloads": results,
+        "meets_target": all(r["overhead_ratio"] >= 0.95 for r in results.values()),
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

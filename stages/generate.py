@@ -1,0 +1,440 @@
+"""Stage one, `distill generate-labels`: run the teacher once and store its soft labels.
+
+Reads top to bottom: load the teacher and the data, describe the store (its spec, with
+both fingerprints), take this worker's pending shards, run the teacher batch by batch
+while a writer thread encodes and writes finished shards, then seal the store.
+
+Work is split by shard: shard i belongs to worker ``i % world`` (torchrun rank or
+``--shard I/N`` task), so workers never touch one shard's files. A shard is written only
+once all its examples are labelled, and marked complete by its commit record last, so a
+crash at any moment loses at most the shards in flight; rerunning the same command redoes
+exactly those. Sampling draws from a generator seeded by (seed, shard), so a shard's
+labels do not depend on which worker made them or how often it was redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from contextlib import nullcontext
+
+import torch
+
+from distill.errors import ConfigError
+from distill.pipeline.data import DataConfig, ExampleSet, load_data
+from distill.pipeline.models import LoadedModel, ModelConfig, load_model
+from distill.pipeline.progress import Progress
+from distill.pipeline.runtime import Workers, parse_shard, resolve_device, workers
+from distill.storage import SoftLabels, StoreSpec, StoreWriter, concat_labels, create_store, open_store_writer
+from distill.storage import sampled_labels, topk_labels
+
+__all__ = ["GenerateConfig", "generate_labels"]
+
+METHODS = ("topk", "sample")
+DEFAULT_K = 64
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TARGET_SHARD_POSITIONS = 65536  # default shard size: about this many positions, a few MB encoded
+LOGITS_CHUNK_ELEMENTS = 1 << 25  # positions are reduced to top-k in chunks of at most 32M logits (128 MB float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Settings of one label-generation job (the flags of `distill generate-labels`).
+
+    teacher:            model spec: a Hugging Face directory, package.module:factory, a TorchScript file or a built-in.
+    data:               data spec: mnist1d, a Parquet/JSONL/text file or directory, a saved `datasets` dataset, package.module:function.
+    out:                the store's path or fsspec URL.
+    task:               classification or causal-lm; None infers it from the teacher.
+    method:             "topk" (top-k ids, exact log-probs, tail) or "sample" (ids drawn from the teacher).
+    k:                  top-k size (method topk); None: 64, or the whole output when it is smaller.
+    samples:            draws per position (method sample).
+    temperatures:       temperatures whose exact normalisers are stored; stage two may train at any of them.
+    sample_temperature: temperature of the distribution draws come from (method sample).
+    batch_size:         examples per teacher forward pass.
+    device:             auto (CUDA when there is one), cpu, cuda, cuda:N.
+    dtype:              auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16 (weights cast too).
+    backend:            zarr or parquet.
+    value_encoding:     sqrt (default, lossy, error measured in docs/FORMAT.md) or lossless.
+    examples_per_shard: shard size; None picks about 65,536 positions per shard.
+    shard:              "I/N": this job-array task's share (shards i with i % N == I); seal with --finalize after.
+    finalize:           only check that every shard is complete and seal the store (after a job array).
+    overwrite:          replace an existing store made with other settings.
+    weights:            weights for the teacher (.safetensors, or a state dict loaded with weights_only=True).
+    trust_remote_code:  let a Hugging Face teacher run code from its directory.
+    split, tokenizer, seq_len, text_column, ids_column, label_column, limit: how the data is read (see pipeline.data).
+    seed:               seeds the draws of method sample.
+    queue_size:         labelled batches that may wait for the writer thread (bounds host memory).
+    progress:           show a progress bar / periodic log lines on stderr.
+    """
+
+    teacher: str | None = None
+    data: str | None = None
+    out: str = ""
+    task: str | None = None
+    method: str = "topk"
+    k: int | None = None
+    samples: int = 12
+    temperatures: tuple[float, ...] = (1.0, 2.0)
+    sample_temperature: float = 1.0
+    batch_size: int = 32
+    device: str = "auto"
+    dtype: str = "auto"
+    backend: str = "zarr"
+    value_encoding: str = "sqrt"
+    examples_per_shard: int | None = None
+    shard: str | None = None
+    finalize: bool = False
+    overwrite: bool = False
+    weights: str | None = None
+    trust_remote_code: bool = False
+    split: str = "train"
+    tokenizer: str | None = None
+    seq_len: int = 256
+    text_column: str | None = None
+    ids_column: str | None = None
+    label_column: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    queue_size: int = 8
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.out:
+            raise ConfigError("missing --out: pass the path of the store to write")
+        if not self.finalize and (not self.teacher or not self.data):
+            raise ConfigError("missing --teacher or --data: generate-labels needs both (or --finalize to seal a store)")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}: use topk or sample")
+        for name in ("k", "samples", "batch_size", "queue_size"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.examples_per_shard is not None and self.examples_per_shard < 1:
+            raise ConfigError(f"--examples-per-shard must be at least 1, got {self.examples_per_shard}")
+        temps = tuple(float(t) for t in self.temperatures)
+        if any(not (t > 0 and math.isfinite(t)) for t in (*temps, self.sample_temperature)):
+            raise ConfigError(f"temperatures must be finite and > 0, got {list(temps)}: e.g. --temperature 2")
+        object.__setattr__(self, "temperatures", temps)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown --dtype {self.dtype!r}: use auto, {', '.join(DTYPES)}")
+        parse_shard(self.shard)
+        if self.shard is not None and self.overwrite:
+            raise ConfigError("--overwrite with --shard would let array tasks delete each other's shards: "
+                              "remove the old store once, before the array starts")
+
+
+def generate_labels(config: GenerateConfig) -> dict:
+    """Run the teacher over the data and write (or resume) the store at ``config.out``.
+
+    Returns a summary: this worker's shards, examples, positions, seconds, and, when
+    this worker sealed the store, the store's own summary.
+    """
+    if config.finalize:
+        return _finalize_only(config)
+    device = resolve_device(config.device)
+    team = workers(parse_shard(config.shard), device)
+    try:
+        return _generate(config, device, team)
+    finally:
+        team.close()
+
+
+def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> dict:
+    say = _Say(team.rank == 0 or not team.distributed)
+    teacher = load_model(ModelConfig(config.teacher, weights=config.weights, task=config.task,
+                                     trust_remote_code=config.trust_remote_code),
+                         device=device, dtype=_weight_dtype(config.dtype))
+    data = load_data(DataConfig(config.data, split=config.split, task=teacher.task, tokenizer=_tokenizer(config),
+                                seq_len=config.seq_len, text_column=config.text_column, ids_column=config.ids_column,
+                                label_column=config.label_column, limit=config.limit))
+    _check_compatible(config, teacher, data)
+    spec = _store_spec(config, teacher, data, device)
+    writer = _open_store(config, spec, team)
+    pending = writer.pending_shards()
+    mine = [i for i in pending if i % team.world == team.rank]
+    say(f"generate-labels: {len(data):,} examples in {spec.num_shards:,} shard(s), {len(pending):,} to do"
+        + (f", {len(mine):,} for worker {team.rank} of {team.world}" if team.world > 1 else "")
+        + f"; teacher {teacher.fingerprint[:19]} on {device}")
+
+    start = time.perf_counter()
+    counts = _label_shards(config, teacher, data, writer, mine, device, team)
+    seconds = time.perf_counter() - start
+    result = {"shards_written": len(mine), **counts, "seconds": seconds,
+              "positions_per_s": counts["positions"] / seconds if seconds > 0 else 0.0}
+
+    team.barrier()  # every rank's shards are committed
+    if team.world == 1 or (team.distributed and team.rank == 0):
+        writer.finalize()
+        from distill.storage import open_store
+
+        result["store"] = open_store(config.out).summary()
+        say(f"generate-labels: store {config.out} complete")
+    elif not team.distributed:
+        say(f"generate-labels: task {team.rank} of {team.world} done; once all tasks are, seal the store with "
+            f"`distill generate-labels --out {config.out} --finalize`")
+    return result
+
+
+def _finalize_only(config: GenerateConfig) -> dict:
+    writer = open_store_writer(config.out)
+    writer.finalize()
+    from distill.storage import open_store
+
+    return {"store": open_store(config.out).summary()}
+
+
+# --- setup -------------------------------------------------------------------------------
+
+def _weight_dtype(name: str) -> torch.dtype | None:
+    return None if name in ("auto", "float32") else DTYPES[name]
+
+
+def _autocast(config: GenerateConfig, device: torch.device):
+    """bfloat16 autocast on CUDA by default; none on the CPU (exact float32 labels)."""
+    if config.dtype == "auto" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if config.dtype in ("bfloat16", "float16"):
+        return torch.autocast(device.type, dtype=DTYPES[config.dtype])
+    return nullcontext()
+
+
+def _compute_dtype(config: GenerateConfig, device: torch.device) -> str:
+    return "bfloat16" if config.dtype == "auto" and device.type == "cuda" else (
+        "float32" if config.dtype == "auto" else config.dtype)
+
+
+def _tokenizer(config: GenerateConfig) -> str | None:
+    """The teacher's own tokenizer when the teacher is a Hugging Face directory that has one."""
+    if config.tokenizer is not None:
+        return config.tokenizer
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if config.teacher and os.path.isdir(config.teacher) and any(
+            os.path.exists(os.path.join(config.teacher, n)) for n in names):
+        return config.teacher
+    return None
+
+
+def _check_compatible(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet) -> None:
+    if len(data) == 0:
+        raise ConfigError(f"data {config.data!r} (split {config.split!r}) has no examples: check the spec and --split")
+    if data.task != teacher.task:
+        raise ConfigError(f"the teacher is a {teacher.task} model but the data is for {data.task}: pass matching --task")
+    size = teacher.output_size
+    if config.method == "topk" and config.k is not None and config.k > size:
+        raise ConfigError(f"--k {config.k} is larger than the teacher's output size ({size}): use --k {size} or less")
+    if data.task == "causal-lm" and data.vocab_size is not None and data.vocab_size > size:
+        raise ConfigError(f"the tokenizer has {data.vocab_size:,} ids but the teacher's vocabulary is {size:,}: "
+                          "use the teacher's own tokenizer (--tokenizer)")
+    if data.task == "classification" and data.num_classes is not None and data.num_classes > size:
+        raise ConfigError(f"the data has {data.num_classes} classes but the teacher outputs {size}: "
+                          "check the --label-column or the teacher")
+
+
+def _examples_per_shard(config: GenerateConfig, data: ExampleSet) -> int:
+    """About TARGET_SHARD_POSITIONS positions per shard (a power of two of examples), from the first examples."""
+    if config.examples_per_shard is not None:
+        return config.examples_per_shard
+    if data.task == "classification":
+        return 8192
+    head = [data[i] for i in range(min(len(data), 64))]
+    mean = sum(int(x["input_ids"].numel()) for x in head) / len(head)
+    return 1 << max(0, int(math.log2(max(1.0, TARGET_SHARD_POSITIONS / max(mean, 1.0)))))
+
+
+def _store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, device: torch.device) -> StoreSpec:
+    extra = {"task": data.task, "compute_dtype": _compute_dtype(config, device)}
+    if config.method == "sample":
+        extra["seed"] = config.seed
+    return StoreSpec(
+        method=config.method,
+        k=(config.k or min(DEFAULT_K, teacher.output_size)) if config.method == "topk" else config.samples,
+        vocab_size=teacher.output_size,
+        num_examples=len(data),
+        examples_per_shard=_examples_per_shard(config, data),
+        temperatures=config.temperatures,
+        value_encoding=config.value_encoding,
+        backend=config.backend,
+        teacher_fingerprint=teacher.fingerprint,
+        dataset_fingerprint=data.fingerprint(),
+        sample_temperature=config.sample_temperature if config.method == "sample" else None,
+        has_token_index=data.has_position_mask,
+        extra=extra,
+    )
+
+
+def _open_store(config: GenerateConfig, spec: StoreSpec, team: Workers) -> StoreWriter:
+    """Rank 0 creates (or checks) the store first; the others then reopen it and check their spec."""
+    if team.distributed and team.rank != 0:
+        team.barrier()
+        return create_store(config.out, spec)
+    writer = create_store(config.out, spec, overwrite=config.overwrite)
+    team.barrier()
+    return writer
+
+
+# --- the loop: teacher on this thread, encoding and writing on another --------------------
+
+def _label_shards(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, writer: StoreWriter,
+                  shards: list[int], device: torch.device, team: Workers) -> dict:
+    spec = writer.spec
+    total = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in shards)
+    progress = Progress(total, label=f"[worker {team.rank}] " if team.world > 1 else "",
+                        enabled=config.progress and total > 0)
+    examples = positions = 0
+    sink = _ShardSink(writer, config.queue_size)
+    try:
+        with torch.inference_mode(), _autocast(config, device):
+            for index in shards:
+                generator = _shard_generator(config, index, device)
+                start, stop = spec.shard_range(index)
+                for a in range(start, stop, config.batch_size):
+                    b = min(a + config.batch_size, stop)
+                    batch = _to_device(data.collate([data[i] for i in range(a, b)]), device)
+                    labels = _batch_labels(config, teacher, batch, spec, generator)
+                    sink.append(index, labels)
+                    examples += b - a
+                    positions += labels.num_positions
+                    progress.update(b - a, labels.num_positions)
+                sink.commit(index)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        progress.close()
+    return {"examples": examples, "positions": positions}
+
+
+def _shard_generator(config: GenerateConfig, index: int, device: torch.device) -> torch.Generator | None:
+    if config.method != "sample":
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed * 1_000_003 + index)  # per shard: redone shards draw the same ids
+    return generator
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _batch_labels(config: GenerateConfig, teacher: LoadedModel, batch: dict, spec: StoreSpec,
+                  generator: torch.Generator | None) -> SoftLabels:
+    """Soft labels of one batch, reduced on the device; only (P, K + 1 + nT) numbers reach the host."""
+    logits = teacher.logits(batch)
+    token_index = None
+    if spec.extra["task"] == "causal-lm":
+        mask = batch["position_mask"].bool()  # (B, L)
+        lengths = mask.sum(1).cpu()  # (B,)
+        if spec.has_token_index:
+            token_index = mask.nonzero()[:, 1].to(torch.int32).cpu()  # (P,) token of each kept position
+        logits = logits[mask]  # (P, V), example by example, token by token
+    else:
+        lengths = torch.ones(len(logits), dtype=torch.int64)
+    chunk = max(1, LOGITS_CHUNK_ELEMENTS // logits.shape[-1])
+    parts = [_reduce(config, spec, logits[i : i + chunk], generator) for i in range(0, len(logits), chunk)]
+    labels = concat_labels(parts) if parts else _no_positions(spec, len(lengths))
+    labels.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.to(torch.int64).cumsum(0)])
+    labels.token_index = token_index
+    return labels
+
+
+def _reduce(config: GenerateConfig, spec: StoreSpec, logits: torch.Tensor, generator) -> SoftLabels:
+    temps = spec.stored_temperatures
+    if spec.method == "topk":
+        return topk_labels(logits, spec.k, temps)
+    return sampled_labels(logits, spec.k, temps, generator=generator, sample_temperature=spec.sample_temperature)
+
+
+def _no_positions(spec: StoreSpec, n_examples: int) -> SoftLabels:
+    from distill.storage.writer import _empty_labels
+
+    labels = _empty_labels(spec)
+    labels.offsets = torch.zeros(n_examples + 1, dtype=torch.int64)
+    return labels
+
+
+class _ShardSink:
+    """A writer thread behind a bounded queue: the teacher never waits on encoding or I/O.
+
+    ``append``/``commit`` enqueue; the thread buffers each shard's batches and writes the
+    shard on its commit. An error in the thread surfaces on the next call here.
+    """
+
+    def __init__(self, writer: StoreWriter, queue_size: int):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="distill-store-writer", daemon=True)
+        self.thread.start()
+
+    def append(self, index: int, labels: SoftLabels) -> None:
+        self._put(("append", index, labels))
+
+    def commit(self, index: int) -> None:
+        self._put(("commit", index, None))
+
+    def close(self) -> None:
+        self._put(None)
+        self.thread.join()
+        self._raise()
+
+    def abort(self) -> None:
+        """Stop without committing what is in flight (the shards stay pending)."""
+        self.error = self.error or _Aborted()
+        try:
+            while True:
+                self.queue.get_nowait()
+        except queue.Empty:
+            pass
+        self.queue.put(None)
+        self.thread.join(timeout=60)
+
+    def _put(self, item) -> None:
+        while True:
+            self._raise()
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _raise(self) -> None:
+        if self.error is not None and not isinstance(self.error, _Aborted):
+            raise self.error
+
+    def _run(self) -> None:
+        shards: dict = {}
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; the main thread stops at its next put
+            kind, index, labels = item
+            try:
+                if kind == "append":
+                    if index not in shards:
+                        shards[index] = self.writer.shard(index)
+                    shards[index].append(labels)
+                else:
+                    shard = shards.pop(index, None) or self.writer.shard(index)
+                    shard.commit()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Say:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=sys.stderr, flush=True)

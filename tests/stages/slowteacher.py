@@ -1,0 +1,29 @@
+"""A deliberately slow classifier teacher for kill -9 tests (module:factory spec)."""
+
+import time
+
+import torch
+
+
+class SlowMLP(torch.nn.Module):
+    task = "classification"
+    output_size = 10
+
+    def __init__(self, delay: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        self.delay = delay
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return self.net(x)
+
+
+def factory():
+    return SlowMLP(delay=0.05)
+
+
+def fast_factory():
+    """The same weights without the delay: the uninterrupted reference run."""
+    return SlowMLP(delay=0.0)
