@@ -331,7 +331,9 @@ def _batch_labels(config: GenerateConfig, teacher: LoadedModel, batch: dict, spe
         lengths = mask.sum(1).cpu()  # (B,)
         if spec.has_token_index:
             token_index = mask.nonzero()[:, 1].to(torch.int32).cpu()  # (P,) token of each kept position
-        logits = logits[mask]  # (P, V), example by example, token by token
+        flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V)
+        # (P, V), example by example, token by token; a boolean-mask copy is slow on a CPU
+        logits = flat if bool(mask.all()) else flat.index_select(0, mask.reshape(-1).nonzero()[:, 0])
     else:
         lengths = torch.ones(len(logits), dtype=torch.int64)
     chunk = max(1, LOGITS_CHUNK_ELEMENTS // logits.shape[-1])
@@ -344,9 +346,10 @@ def _batch_labels(config: GenerateConfig, teacher: LoadedModel, batch: dict, spe
 
 def _reduce(config: GenerateConfig, spec: StoreSpec, logits: torch.Tensor, generator) -> SoftLabels:
     temps = spec.stored_temperatures
-    if spec.method == "topk":
-        return topk_labels(logits, spec.k, temps)
-    return sampled_labels(logits, spec.k, temps, generator=generator, sample_temperature=spec.sample_temperature)
+    if spec.method == "topk":  # consume: the teacher's logits are overwritten, sparing a (P, V) copy
+        return topk_labels(logits, spec.k, temps, consume=True)
+    return sampled_labels(logits, spec.k, temps, generator=generator, sample_temperature=spec.sample_temperature,
+                          consume=True)
 
 
 def _no_positions(spec: StoreSpec, n_examples: int) -> SoftLabels:

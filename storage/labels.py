@@ -121,45 +121,42 @@ def concat_labels(parts: list[SoftLabels]) -> SoftLabels:
 
 
 class _Softmax:
-    """The teacher's softmax over the vocabulary, from one exp pass (the costly part on a CPU).
+    """The teacher's softmax over the vocabulary from one exp pass, done in place.
 
-    Keeps ``exp(logits - max)`` (P, V) and its row sums; the log-normaliser is held in
-    float64 (max + log sum) so log-probabilities of large logits keep their digits. The
-    tail and every tempered normaliser are sums over ``e`` (or a power of it): no other
-    exp pass over the vocabulary.
+    On a CPU the passes over (P, V) cost as much as a small teacher's output layer, so
+    everything is derived from ``e = exp(logits - max)`` (P, V), overwritten step by step:
+    the normaliser (held in float64: max + log sum, so large logits keep their digits),
+    the tail (a sum of the positive terms outside the kept ids: no cancellation, tiny
+    tails keep their digits) and each tempered normaliser (a power of ``e``, in place).
+    Terms under ~1e-38 of the top id's mass underflow to 0: for the tail that reads as
+    -inf when nothing else is left; for T > 1 it drops at most V * exp(-87 / T) of the
+    tempered mass (1e-14 at T=2, 5e-5 at T=4 with V=128k, in the worst case).
     """
 
-    def __init__(self, logits: torch.Tensor, row_max: torch.Tensor | None = None):
-        self.logits = logits  # (P, V) float32
+    def __init__(self, logits: torch.Tensor, row_max: torch.Tensor | None = None, consume: bool = False):
         self.m = logits.amax(1, keepdim=True) if row_max is None else row_max  # (P, 1)
-        self.e = (logits - self.m).exp_()  # (P, V) in (0, 1]
+        self.e = (logits.sub_(self.m) if consume else logits - self.m).exp_()  # (P, V) in [0, 1]
         self.s = self.e.sum(1, keepdim=True).double()  # (P, 1)
         self.lse = self.m.double() + self.s.log()  # (P, 1) float64
 
-    def logprobs(self, ids: torch.Tensor) -> torch.Tensor:
-        """Exact log-probabilities of ``ids`` (P, K), float32."""
-        return (self.logits.gather(1, ids).double() - self.lse).float()
+    def finish(self, ids: torch.Tensor, kept_logits: torch.Tensor, kept: torch.Tensor, temperatures):
+        """Log-probs (P, K), tail (P,) and tempered normalisers (P, nT) of the kept ids.
 
-    def tail(self, ids: torch.Tensor) -> torch.Tensor:
-        """Log-mass outside ``ids`` (P, K), (P,) float32. Call last: it zeroes ``ids`` in ``e``.
-
-        A sum of the positive terms outside (no cancellation, float32 relative error ~1e-7),
-        so tiny tails keep their digits; a tail under ~1e-38 of the top id's mass reads as
-        -inf (exp underflows), which no loss can tell from the truth.
+        ids/kept_logits (P, K): the kept ids and their logits; ``kept`` (P, K) is False on
+        padding slots (which repeat a kept id). Overwrites ``e``.
         """
-        if ids.shape[1] >= self.logits.shape[1]:
-            return self.logits.new_full((len(ids),), float("-inf"))
-        outside = self.e.scatter_(1, ids, 0.0).sum(1, keepdim=True).double()  # (P, 1)
-        return (outside.log() - self.s.log())[:, 0].float()
-
-    def tempered_lse(self, temperatures) -> torch.Tensor:
-        """logsumexp(logprobs / T) over the vocabulary per temperature, (P, nT) float32."""
-        cols = []
-        for t in temperatures:
-            powered = self.e.sqrt() if t == 2.0 else self.e.pow(1.0 / t)  # exp((logits - max) / T)
-            s_t = powered.sum(1, keepdim=True).double()
-            cols.append((s_t.log() + (self.m.double() - self.lse) / t)[:, 0])
-        return torch.stack(cols, 1).float() if cols else self.logits.new_zeros(len(self.logits), 0)
+        values = torch.where(kept, (kept_logits.double() - self.lse).float(), float("-inf"))
+        kept_shifted = torch.where(kept, kept_logits - self.m, float("-inf"))  # (P, K)
+        self.e.scatter_(1, ids, 0.0)  # e now holds the tail's terms only
+        tail = (self.e.sum(1).double().log() - self.s.log()[:, 0]).float()  # log(0) = -inf: no tail (k = V)
+        cols, power = {}, 1.0
+        for t in sorted(set(temperatures), reverse=True):  # exponents 1/T rising: 1/4, 1/2, ...
+            ratio, power = (1.0 / t) / power, 1.0 / t
+            self.e.sqrt_() if ratio == 0.5 else self.e.pow_(ratio)  # e = exp((logits - max) / T)
+            total = self.e.sum(1).double() + (kept_shifted.double() / t).exp().sum(1)  # sum exp((logits - max) / T)
+            cols[t] = total.log() + (self.m.double() - self.lse)[:, 0] / t
+        tempered = torch.stack([cols[t] for t in temperatures], 1).float() if temperatures else values.new_zeros(len(ids), 0)
+        return values, tail, tempered
 
 
 def _positions_tensor(n: int, lengths) -> torch.Tensor:
@@ -172,25 +169,27 @@ def _positions_tensor(n: int, lengths) -> torch.Tensor:
 
 
 @torch.no_grad()
-def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None) -> SoftLabels:
+def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None, consume: bool = False) -> SoftLabels:
     """Top-k soft labels from full logits, computed where ``logits`` live (GPU or CPU).
 
     logits: (P, V) any float dtype; the softmax is taken in float32.
     lengths: positions per example (E,), or None for one position per example.
-    Only (P, K + 1 + nT) numbers leave the device. Passes over the vocabulary: a top-k,
-    one exp, a few sums, and one power per stored temperature.
+    consume: ``logits`` (if float32) may be overwritten, sparing a (P, V) copy.
+    Only (P, K + 1 + nT) numbers leave the device. Passes over the vocabulary: one top-k,
+    one exp, one power per stored temperature, and a few sums.
     """
     logits = logits.float()
-    top, ids = logits.topk(k, dim=-1)  # (P, K) by rank
-    sm = _Softmax(logits, row_max=top[:, :1])
-    ids = ids.sort(dim=-1).values  # by id, as the store keeps them: sorting here runs on the device
-    return _to_host(sm, ids, sm.logprobs(ids), temperatures, lengths)
+    top, ids = logits.topk(k, dim=-1)  # (P, K) by rank; top[:, 0] is the row max
+    ids, order = ids.sort(dim=-1)  # by id, as the store keeps them: sorting here runs on the device
+    sm = _Softmax(logits, row_max=top[:, :1].clone(), consume=consume)
+    kept = torch.ones_like(ids, dtype=torch.bool)
+    return _to_host(sm, ids, top.gather(1, order), kept, temperatures, lengths)
 
 
 @torch.no_grad()
 def sampled_labels(
     logits: torch.Tensor, samples: int, temperatures=(), lengths=None, generator: torch.Generator | None = None,
-    sample_temperature: float = 1.0,
+    sample_temperature: float = 1.0, consume: bool = False,
 ) -> SoftLabels:
     """Sampled soft labels: ``samples`` draws per position from the teacher's distribution.
 
@@ -198,7 +197,7 @@ def sampled_labels(
     id repeated), their draw counts and their exact log-probabilities.
     """
     logits = logits.float()
-    sm = _Softmax(logits)
+    sm = _Softmax(logits, consume=consume)
     weights = sm.e if sample_temperature == 1.0 else sm.e.pow(1.0 / sample_temperature)  # unnormalised
     draws = torch.multinomial(weights, samples, replacement=True, generator=generator)  # (P, M)
     draws, _ = draws.sort(dim=1)
@@ -212,19 +211,19 @@ def sampled_labels(
     slot = torch.arange(samples, device=draws.device)[None, :]
     kept = slot < n_unique
     ids = torch.where(kept, ids, ids.gather(1, n_unique - 1))
-    values = torch.where(kept, sm.logprobs(ids), float("-inf"))
-    return _to_host(sm, ids, values, temperatures, lengths, counts)  # padding repeats a kept id: no effect on the tail
+    kept_logits = sm.e.gather(1, ids).log() + sm.m  # drawn ids have e > 0; relative error ~1e-7
+    return _to_host(sm, ids, kept_logits, kept, temperatures, lengths, counts)
 
 
-def _to_host(sm: _Softmax, ids, values, temperatures, lengths, counts=None) -> SoftLabels:
-    """Tail and normalisers on the device, then only (P, K + 1 + nT) numbers to the host."""
+def _to_host(sm: _Softmax, ids, kept_logits, kept, temperatures, lengths, counts=None) -> SoftLabels:
+    """Log-probs, tail and normalisers on the device, then only (P, K + 1 + nT) numbers to the host."""
     temps = tuple(float(t) for t in temperatures if t != 1.0)
-    tempered_lse = sm.tempered_lse(temps)  # before sm.tail, which zeroes the kept ids in sm.e
+    values, tail, tempered_lse = sm.finish(ids, kept_logits, kept, temps)
     return SoftLabels(
         offsets=_positions_tensor(len(ids), lengths),
         topk_ids=ids.cpu(),
         topk_logprobs=values.cpu(),
-        tail_logprob=sm.tail(ids).cpu(),
+        tail_logprob=tail.cpu(),
         tempered_lse=tempered_lse.cpu(),
         temperatures=temps,
         counts=None if counts is None else counts.int().cpu(),

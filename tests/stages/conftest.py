@@ -12,3 +12,7 @@ def test_modules(monkeypatch):
     monkeypatch.syspath_prepend(HERE)
     monkeypatch.setenv("PYTHONPATH", HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return HERE
+
+
+# the offline builders of tiny Hugging Face models and tokenizers live beside the pipeline tests
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "pipeline"))

@@ -254,3 +254,47 @@ def test_make_labels(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert open_store(str(tmp_path / "store")).spec.k == 3
     assert "shards" in proc.stdout and "complete" in proc.stdout
+
+
+def test_hugging_face_causal_lm_with_its_own_tokenizer(tmp_path):
+    from datahelp import SENTENCES, make_hf_tokenizer, write_jsonl
+    from modelhelp import make_hf_causal_lm
+
+    teacher = make_hf_causal_lm(tmp_path / "teacher", vocab=300)
+    make_hf_tokenizer(teacher, vocab_size=300)  # beside the weights, as a hub download has it
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": s} for s in SENTENCES])
+    out = tmp_path / "store"
+    run("--teacher", teacher, "--data", data, "--out", out, "--k", 16, "--value-encoding", "lossless",
+        "--seq-len", 32, "--batch-size", 3)
+    reader = open_store(str(out))
+    assert reader.complete and reader.spec.vocab_size == 300 and reader.spec.extra["task"] == "causal-lm"
+
+    model = load_model(ModelConfig(str(teacher)))
+    examples = load_data(DataConfig(str(data), task="causal-lm", tokenizer=str(teacher), seq_len=32))
+    assert reader.num_positions == int(examples.lengths.sum())
+    got = reader.read_all()
+    for e in range(len(examples)):
+        with torch.inference_mode():
+            want = topk_labels(model.logits(examples.collate([examples[e]]))[0], 16)
+        assert torch.equal(got.example(e).topk_ids, want.topk_ids)
+        torch.testing.assert_close(got.example(e).topk_logprobs, want.topk_logprobs, rtol=0, atol=1e-4)
+
+
+def test_hugging_face_classifier_on_token_ids(tmp_path):
+    from datahelp import write_parquet
+    from modelhelp import make_hf_classifier
+
+    teacher = make_hf_classifier(tmp_path / "teacher", vocab=300, num_labels=3)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 290, (int(n),), generator=g).tolist() for n in torch.randint(3, 12, (40,), generator=g)]
+    data = write_parquet(tmp_path / "ids.parquet", {"input_ids": rows, "label": [i % 3 for i in range(40)]})
+    out = tmp_path / "store"
+    run("--teacher", teacher, "--data", data, "--out", out, "--value-encoding", "lossless", "--batch-size", 7)
+    reader = open_store(str(out))
+    assert reader.spec.k == 3 and reader.spec.extra["task"] == "classification" and reader.num_positions == 40
+
+    model = load_model(ModelConfig(str(teacher)))
+    with torch.inference_mode():
+        want = topk_labels(torch.cat([model.logits({"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.int64)})
+                                      for r in rows]), 3)
+    torch.testing.assert_close(reader.read_all().topk_logprobs, want.topk_logprobs, rtol=0, atol=1e-4)

@@ -1,0 +1,430 @@
+"""Model specs: turn what the user passed into a module, its task, output size and fingerprint.
+
+A model spec is one of, tried in this order:
+
+    path/to/hf-dir            a local Hugging Face directory (has config.json): Auto classes,
+                              remote code only with trust_remote_code
+    path/to/model.pt          a TorchScript archive (what torch.jit.save writes)
+    mlp | cnn | gpt[:k=v,..]  a built-in small architecture (pipeline/architectures.py)
+    package.module:factory    a callable returning an nn.Module (runs the user's code, by design)
+
+``weights`` (built-ins and factories) is a state dict in a .safetensors file, or in a torch
+file read with ``torch.load(weights_only=True)``: no pickled code ever runs.
+
+Output size of a factory or TorchScript model: its ``output_size``, ``num_classes`` or
+``vocab_size`` attribute (the first that is a positive int), else the ``out_features`` of
+its last registered ``nn.Linear``, else a ConfigError asking for an ``output_size``
+attribute. ``LoadedModel.logits`` checks every result's shape against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.errors import ConfigError
+from distill.pipeline.architectures import BUILTINS, build_builtin, resolve_options
+from distill.pipeline.fingerprint import Fingerprint
+from distill.pipeline.specs import resolve_callable, split_builtin
+
+__all__ = ["TASKS", "BUILTINS", "ModelConfig", "LoadedModel", "load_model", "model_fingerprint",
+           "build_builtin", "save_weights"]
+
+TASKS = ("classification", "causal-lm")
+
+# describe() keys that say where a model was read from, not what it is: left out of the fingerprint
+_LOCATION_KEYS = ("spec", "weights")
+# HF config keys that vary with the path, the library version or the load dtype, not the model
+_HF_VOLATILE_KEYS = ("transformers_version", "dtype", "torch_dtype")
+_HF_TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification": "classification"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load, as the user gave it."""
+
+    spec: str
+    """A Hugging Face directory, a TorchScript file, a built-in (``mlp:hidden=512``) or ``package.module:factory``."""
+    weights: str | None = None
+    """A state dict for a built-in or a factory: .safetensors, or a torch file (.pt/.bin/.pth) of tensors only."""
+    task: str | None = None
+    """``classification`` or ``causal-lm``; None takes it from the model (HF architectures, a ``task`` attribute)."""
+    trust_remote_code: bool = False
+    """Let transformers run Python code shipped inside a Hugging Face directory."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spec, os.PathLike):
+            object.__setattr__(self, "spec", os.fspath(self.spec))
+        if isinstance(self.weights, os.PathLike):
+            object.__setattr__(self, "weights", os.fspath(self.weights))
+        if not isinstance(self.spec, str) or not self.spec.strip():
+            raise ConfigError("model spec is empty; pass a Hugging Face directory, TorchScript file, "
+                              f"built-in ({', '.join(BUILTINS)}) or package.module:factory")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise ConfigError(f"weights {self.weights!r} is not a file path; pass --weights path/to/model.safetensors")
+        if self.task is not None and self.task not in TASKS:
+            raise ConfigError(f"task {self.task!r} is not one of {', '.join(TASKS)}; pass --task {' or --task '.join(TASKS)}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ConfigError(f"trust_remote_code must be true or false, not {self.trust_remote_code!r}")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to produce logits, with what the stages need to know about it."""
+
+    module: nn.Module
+    """In eval mode, on the device it was loaded for."""
+    task: str
+    output_size: int
+    """Number of classes (classification) or vocabulary size (causal-lm): the logits' last dim."""
+    fingerprint: str
+    """``model_fingerprint(module, describe)``: changes when any weight or the architecture changes."""
+    describe: dict
+    """JSON-able: kind, spec, weights, task and the kind's own settings; enough to rebuild the model."""
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Raw logits in the module's dtype: classification (B, C), causal-lm (B, L, V).
+
+        ``batch`` holds float features ``inputs`` (B, F), or token ids ``input_ids`` (B, L)
+        right-padded and their ``attention_mask`` (B, L). Tensors are moved to the
+        module's device; float features are cast to its dtype.
+        """
+        if self.describe.get("kind") == "hf":
+            out = _hf_logits(self.module, batch, self.task)
+        else:
+            out = self.module(_model_input(self.module, batch))
+        if hasattr(out, "logits"):
+            out = out.logits
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        elif isinstance(out, Mapping) and "logits" in out:
+            out = out["logits"]
+        _check_logits(out, batch, self.task, self.output_size, self.describe.get("spec"))
+        return out
+
+
+def load_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Resolve ``config.spec``, load the weights, cast to ``dtype`` (None: float32), move to ``device``.
+
+    The fingerprint is taken after the cast, on the weights that will produce the logits.
+    """
+    kind, target = _resolve(config.spec)
+    if config.weights is not None and kind in ("hf", "torchscript"):
+        raise ConfigError(f"--weights applies to built-ins and package.module:factory models; the "
+                          f"{'Hugging Face directory' if kind == 'hf' else 'TorchScript file'} {config.spec!r} "
+                          "carries its own weights: drop --weights")
+    state = _read_state_dict(config.weights) if config.weights is not None else None  # fail before building
+    loader = {"hf": _load_hf, "torchscript": _load_torchscript, "builtin": _load_builtin, "factory": _load_factory}[kind]
+    module, task, describe = loader(target, config, dtype)
+    spec = target if kind in ("hf", "torchscript") else config.spec  # an absolute path rebuilds from anywhere
+    describe = {"kind": kind, "spec": spec, "task": task,
+                "weights": os.path.abspath(config.weights) if config.weights else None, **describe}
+    if state is not None:
+        _load_weights(module, state, config.weights)
+    if dtype is not None and kind != "hf":  # transformers loads straight into the dtype
+        module.to(dtype)
+    output_size = _hf_output_size(module, task) if kind == "hf" else _output_size(module, config.spec)
+    fingerprint = model_fingerprint(module, describe)
+    module.to(device)
+    module.eval()
+    return LoadedModel(module=module, task=task, output_size=output_size, fingerprint=fingerprint, describe=describe)
+
+
+def model_fingerprint(module: nn.Module, describe: dict) -> str:
+    """sha256 over ``describe`` less where it was read from, TorchScript code, and every tensor.
+
+    Tensors are every parameter and buffer, by name in sorted order, with dtype, shape and
+    bytes: identical weights give identical fingerprints whatever path they came from.
+    """
+    identity = {k: v for k, v in describe.items() if k not in _LOCATION_KEYS}
+    if isinstance(identity.get("options"), dict):  # a seed only picks weights, and the weights are hashed
+        identity["options"] = {k: v for k, v in identity["options"].items() if k != "seed"}
+    fp = Fingerprint("model").text("describe", json.dumps(identity, sort_keys=True, default=str))
+    if isinstance(module, torch.jit.ScriptModule):
+        for name, sub in module.named_modules():
+            try:
+                fp.text(f"code:{name}", sub.code)
+            except (AttributeError, RuntimeError):  # a container without a forward of its own
+                pass
+    tensors = dict(module.state_dict(keep_vars=True))
+    for name, buffer in module.named_buffers():
+        tensors.setdefault(name, buffer)  # non-persistent buffers too: they shape the outputs
+    for name in sorted(tensors):
+        fp.tensor(name, tensors[name])
+    return fp.hexdigest()
+
+
+def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``module``'s state dict as safetensors, storing tied weights once (loads back with ``weights=``)."""
+    from safetensors.torch import save_model
+
+    save_model(module, os.fspath(path))
+
+
+# --- resolving a spec: the one place that decides what a string means ---------------------------
+
+
+def _resolve(spec: str) -> tuple[str, Any]:
+    if os.path.isfile(os.path.join(spec, "config.json")):
+        return "hf", os.path.abspath(spec)
+    if os.path.isfile(spec) and _is_torchscript(spec):
+        return "torchscript", os.path.abspath(spec)
+    builtin = split_builtin(spec, dict.fromkeys(BUILTINS))
+    if builtin is not None:
+        return "builtin", builtin
+    if os.path.isdir(spec):
+        raise ConfigError(f"model spec {spec!r} is a directory without config.json; point it at a Hugging Face "
+                          "model directory (what save_pretrained writes)")
+    if os.path.isfile(spec):
+        raise ConfigError(f"model spec {spec!r} is a file but not a TorchScript archive; save a TorchScript model "
+                          "with torch.jit.save, or pass a state dict as --weights with a built-in or package.module:factory")
+    if ":" in spec and os.sep not in spec:
+        return "factory", resolve_callable(spec, "model")
+    if os.sep in spec or spec.endswith((".pt", ".ts", ".jit", ".pth")):
+        raise ConfigError(f"model spec {spec!r}: no such file or directory; check the path")
+    raise ConfigError(f"model spec {spec!r} is not a Hugging Face directory, TorchScript file, built-in "
+                      f"({', '.join(BUILTINS)}) or package.module:factory; check the spelling or the path")
+
+
+def _is_torchscript(path: str) -> bool:
+    """A zip whose one top folder has code/ and constants.pkl, as torch.jit.save writes (torch.save does not)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        parts = [name.split("/") for name in archive.namelist()]
+    return any(len(p) > 2 and p[1] == "code" for p in parts) and any(p[1:] == ["constants.pkl"] for p in parts)
+
+
+def _task(config_task: str | None, module_task: Any, spec: str) -> str:
+    if module_task is not None and module_task not in TASKS:
+        module_task = None
+    if config_task and module_task and config_task != module_task:
+        raise ConfigError(f"model {spec!r} does {module_task}, not {config_task}; drop --task or pass --task {module_task}")
+    task = config_task or module_task
+    if task is None:
+        raise ConfigError(f"cannot tell the task of model {spec!r}; pass --task {' or --task '.join(TASKS)}")
+    return task
+
+
+# --- the four kinds: each returns (module on the CPU, task, describe entries of its own) ----------
+
+
+def _load_builtin(target: tuple[str, dict], config: ModelConfig, dtype: torch.dtype | None):
+    name, options = target
+    options = resolve_options(name, options)
+    module = build_builtin(name, **options)
+    return module, _task(config.task, module.task, config.spec), {"name": name, "options": options}
+
+
+def _load_factory(factory: Any, config: ModelConfig, dtype: torch.dtype | None):
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise ConfigError(f"model factory {config.spec!r} must be callable with no arguments; wrap it in one that is") from None
+    except ValueError:
+        pass  # no signature to inspect (a builtin); just call it
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"model factory {config.spec!r} returned a {type(module).__name__}, not a torch.nn.Module")
+    task = _task(config.task, getattr(module, "task", None), config.spec)
+    return module, task, {"factory": config.spec}
+
+
+def _load_torchscript(path: str, config: ModelConfig, dtype: torch.dtype | None):
+    try:
+        with warnings.catch_warnings():  # torch marks TorchScript deprecated; it is still a format users bring
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(path, map_location="cpu")
+    except Exception as e:  # torch raises RuntimeError and others for damaged archives
+        raise ConfigError(f"cannot load TorchScript file {config.spec!r} ({_first_line(e)}); re-export it with torch.jit.save") from None
+    return module, _task(config.task, getattr(module, "task", None), config.spec), {}
+
+
+def _load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = {"local_files_only": True, "trust_remote_code": config.trust_remote_code}
+    hf_config = _hf_call(AutoConfig.from_pretrained, config.spec, path, **kwargs)
+    task = config.task or _hf_task(hf_config, config.spec)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    module, info = _hf_call(auto.from_pretrained, config.spec, path, config=hf_config, dtype=dtype or torch.float32,
+                            output_loading_info=True, **kwargs)
+    absent = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if absent:
+        raise ConfigError(f"Hugging Face directory {config.spec!r} has no {task} weights for {_few(absent)} "
+                          f"(it holds {', '.join(hf_config.architectures or ['an unnamed architecture'])}); "
+                          "check --task, or point at a checkpoint trained for the task")
+    describe = {"trust_remote_code": config.trust_remote_code, "config": _stable_config(module.config.to_dict())}
+    return module, task, describe
+
+
+# --- Hugging Face helpers ---------------------------------------------------------------------------
+
+
+def _hf_call(fn, spec: str, path: str, **kwargs):
+    try:
+        return fn(path, **kwargs)
+    except (OSError, ValueError) as e:
+        message = str(e)
+        if "trust_remote_code" in message:
+            raise ConfigError(f"Hugging Face directory {spec!r} needs Python code shipped inside it to load; "
+                              "pass --trust-remote-code if you trust that directory's code") from None
+        raise ConfigError(f"cannot load Hugging Face model {spec!r}: {_first_line(e)}") from None
+
+
+def _hf_task(hf_config: Any, spec: str) -> str:
+    for arch in hf_config.architectures or ():
+        for suffix, task in _HF_TASKS.items():
+            if arch.endswith(suffix):
+                return task
+    raise ConfigError(f"cannot tell the task of Hugging Face model {spec!r} from its architectures "
+                      f"{hf_config.architectures}; pass --task {' or --task '.join(TASKS)}")
+
+
+def _hf_output_size(module: nn.Module, task: str) -> int:
+    if task == "classification":
+        return int(module.config.num_labels)
+    head = module.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        return int(head.out_features)  # may exceed config.vocab_size when the vocabulary is padded
+    return int(module.config.get_text_config().vocab_size)
+
+
+def _stable_config(d: dict) -> dict:
+    """The config without what varies with the load path, library version or load dtype."""
+    return {k: _stable_config(v) if isinstance(v, dict) else v
+            for k, v in d.items() if not str(k).startswith("_") and k not in _HF_VOLATILE_KEYS}
+
+
+def _hf_logits(module: nn.Module, batch: dict, task: str) -> torch.Tensor:
+    if "input_ids" not in batch:
+        raise ConfigError("Hugging Face models read token ids, but the data gives float features; "
+                          "use a tokenized dataset or a built-in/factory model for features")
+    device = _device(module)
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    pad = getattr(module.config, "pad_token_id", None)
+    if pad is not None:
+        # The data pads with 0; classifiers that pool the last token find it by the model's own pad id.
+        ids = ids.masked_fill(mask == 0, pad)
+    kwargs = {"use_cache": False} if task == "causal-lm" else {}
+    try:
+        return module(input_ids=ids, attention_mask=mask, **kwargs).logits
+    except ValueError as e:
+        if "padding token" in str(e):
+            raise ConfigError("this Hugging Face classifier has no pad_token_id and cannot find where each "
+                              "sequence ends; set pad_token_id in its config.json") from None
+        raise
+
+
+# --- weights, inputs, outputs ---------------------------------------------------------------------
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``path``, without running any pickled code."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"weights file {path!r} does not exist; check --weights")
+    if path.endswith(".safetensors") or _looks_like_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # SafetensorError, or OSError
+            raise ConfigError(f"cannot read safetensors weights {path!r} ({_first_line(e)}); re-save the state dict") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), _first_line(e))
+        raise ConfigError(f"weights file {path!r} holds pickled Python objects, and distill refuses to unpickle code "
+                          f"({reason[:160]}); convert it to safetensors, or save only model.state_dict()") from None
+    except Exception as e:  # a damaged or foreign file: RuntimeError, KeyError, EOFError, ...
+        raise ConfigError(f"cannot read weights file {path!r} ({_first_line(e)}); save model.state_dict() "
+                          "with safetensors or torch.save") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = list(state)[:5] if isinstance(state, Mapping) else []
+        raise ConfigError(f"weights file {path!r} holds a {type(state).__name__}{f' with keys {keys}' if keys else ''}, "
+                          "not a state dict of tensors; save model.state_dict() itself")
+    return dict(state)
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then the JSON header
+
+
+def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Copy ``state`` into ``module``; every weight must be there once (tied weights: under one name)."""
+    expected = module.state_dict().keys()
+    tied: dict[int, set[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), set()).add(name)
+    aliases = {name: names for names in tied.values() for name in names}
+    missing = [k for k in expected if k not in state and not (aliases.get(k, set()) & state.keys())]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {_few(missing)}"] if missing else []) + ([f"unexpected {_few(unexpected)}"] if unexpected else [])
+        raise ConfigError(f"weights file {path!r} does not fit the model ({'; '.join(parts)}); "
+                          "check the model spec and its options match the weights")
+    try:
+        module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), _first_line(e))
+        raise ConfigError(f"weights file {path!r} does not fit the model ({detail}); "
+                          "check the model spec and its options match the weights") from None
+
+
+def _output_size(module: nn.Module, spec: str) -> int:
+    for attr in ("output_size", "num_classes", "vocab_size"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear) or getattr(m, "original_name", None) == "Linear"]
+    if linears:
+        return int(linears[-1].weight.shape[0])
+    raise ConfigError(f"cannot tell the output size of model {spec!r}; give the module an output_size attribute "
+                      "(the number of classes, or the vocabulary size)")
+
+
+def _device(module: nn.Module) -> torch.device:
+    first = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _model_input(module: nn.Module, batch: dict) -> torch.Tensor:
+    """The one tensor a built-in, factory or TorchScript module takes: features or token ids."""
+    if "inputs" in batch:
+        floating = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+        return batch["inputs"].to(_device(module), dtype=floating)
+    if "input_ids" in batch:
+        return batch["input_ids"].to(_device(module))
+    raise ConfigError(f"a batch holds neither 'inputs' nor 'input_ids' (it has {sorted(batch)}); check the data spec")
+
+
+def _check_logits(out: Any, batch: dict, task: str, output_size: int, spec: Any) -> None:
+    x = batch["inputs"] if "inputs" in batch else batch["input_ids"]
+    expected = (x.shape[0], output_size) if task == "classification" else (*x.shape[:2], output_size)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model {spec!r} returned logits of shape {got}, expected {expected} for {task}; "
+                          "check --task, and the module's output_size attribute")
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
