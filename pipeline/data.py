@@ -1,0 +1,405 @@
+"""Datasets a teacher labels and a student trains on, loaded from the spec a user passes.
+
+``load_data(DataConfig)`` resolves ``DataConfig.spec`` here and nowhere else:
+
+    mnist1d[:key=value,...]   MNIST-1D generated offline, splits "train" and "test"; options
+                              are keys of mnist1d's get_dataset_args (num_samples, seed, ...)
+    FILE.parquet, FILE.jsonl  one table, which is the "train" split
+    DIR                       a `datasets` save_to_disk directory: a DatasetDict (one split
+                              per subdirectory) or a Dataset ("train", or the split it was
+                              saved as); else DIR/{split}.parquet, .jsonl or .txt, or
+                              DIR/{split}/; else, for split "train", all of DIR's *.parquet
+                              files, or else its *.jsonl files, or else its *.txt files,
+                              sorted by name; an error if any of those is named as another
+                              split (test, validation, valid, val, dev, eval), as reading
+                              them all would mix splits
+    FILE (other extension)    UTF-8 text, for causal-lm
+    package.module:function   called as function(split=split); returns a Dataset or a
+                              sequence of dicts (keys as in items below) or of
+                              (inputs, label) tuples, or a dict of columns like a table
+
+Tables (parquet, jsonl, `datasets`, dicts of columns) give the inputs from the first of:
+--ids-column (lists of token ids), --text-column (strings, tokenised and truncated to
+seq_len; special tokens are added for classification only), a column ``input_ids``, a
+column ``text``, or a column ``inputs`` of equal-length number lists (float features).
+Token ids from a column are used as given. Hard labels for classification come from
+--label-column, default ``label``, else a ``labels`` column of integers (not of lists); a
+missing or negative label means none (-1).
+
+Text files are each tokenised whole, without special tokens, and cut into consecutive
+non-overlapping sequences of exactly seq_len tokens; a file's last, shorter sequence is
+kept when it has at least 2 tokens. Sequences never cross files.
+
+Causal-LM positions: the teacher's distribution at token t (predicting token t+1) is
+stored for every non-padding token t, including the last one. A table whose tokens come
+from an ids column can narrow that per example: with a ``position_mask`` column (lists of
+bools aligned with input_ids), or else with a ``labels`` column in the Hugging Face
+convention (aligned with input_ids, -100 = not a target), which keeps position t iff
+t+1 < L and labels[t+1] != -100. Such a set has ``has_position_mask`` True and each of
+its items carries ``position_mask`` (L,) bool.
+
+Items: float features {"inputs": (F,) float32, "labels": () int64, -1 = none}; token ids
+{"input_ids": (L,) int64} plus "labels" () for classification, or "position_mask" (L,).
+
+A set's fingerprint covers exactly what the teacher sees, in order: the task, the inputs
+(or the token ids and every sequence's length) and the position masks; never hard labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from distill.errors import ConfigError
+from distill.pipeline.fingerprint import Fingerprint
+from distill.pipeline.specs import resolve_callable, split_builtin
+from distill.pipeline.tables import IGNORE_INDEX, read_saved_dataset, read_table, table_arrays, table_from_python
+from distill.pipeline.tokenize import load_tokenizer, require_tokenizer, tokenize_text_files
+
+__all__ = ["TASKS", "IGNORE_INDEX", "DataConfig", "ExampleSet", "load_data", "load_tokenizer"]
+
+TASKS = ("classification", "causal-lm")
+_CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which examples to load and how to turn them into model inputs."""
+
+    spec: str
+    """mnist1d[:options], a parquet/jsonl/text file or directory, a `datasets` save_to_disk
+    directory, or package.module:function (see the module docstring)."""
+    split: str = "train"
+    """Which split: "train"/"test" for mnist1d; a file is the "train" split."""
+    task: str | None = None
+    """"classification" or "causal-lm"; None infers it from the data."""
+    tokenizer: str | None = None
+    """A local Hugging Face tokenizer directory, or "bytes"; needed for text only."""
+    seq_len: int = 256
+    """Tokens per sequence cut from text files; longest tokenised text column entry."""
+    text_column: str | None = None
+    """Column of strings to tokenise; default "text" when present."""
+    ids_column: str | None = None
+    """Column of token id lists; default "input_ids" when present."""
+    label_column: str | None = None
+    """Column of integer class labels (classification); default "label", else "labels", when present."""
+    limit: int | None = None
+    """Keep only the first N examples (quick runs); None keeps all."""
+
+    def __post_init__(self):
+        if not self.spec:
+            raise ConfigError("data spec is empty: pass a file, directory, mnist1d or package.module:function")
+        if self.task is not None and self.task not in TASKS:
+            raise ConfigError(f"task {self.task!r} is unknown: pass --task classification|causal-lm")
+        if not self.split:
+            raise ConfigError("split is empty: pass --split NAME, e.g. --split train")
+        if not _is_int(self.seq_len) or self.seq_len < 2:
+            raise ConfigError(f"seq_len must be an integer >= 2, got {self.seq_len!r}: pass --seq-len N")
+        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
+            raise ConfigError(f"limit must be an integer >= 1, got {self.limit!r}: pass --limit N or leave it out")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _tensor(a: Any, dtype: np.dtype) -> torch.Tensor:
+    """A C-contiguous tensor that owns its (copied) memory."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    return torch.from_numpy(np.array(a, dtype=dtype, order="C"))
+
+
+class ExampleSet:
+    """Examples held as whole tensors, of which items are slices.
+
+    Float features: ``inputs`` (N, F) float32. Token ids: one flat (T,) int64 tensor with
+    offsets (N+1,), and for causal-lm an optional flat (T,) bool position mask. Labels (N,)
+    int64 in both, -1 = none.
+    """
+
+    def __init__(self, task: str, *, inputs=None, input_ids=None, lengths=None, labels=None,
+                 position_mask=None, num_classes: int | None = None, vocab_size: int | None = None):
+        """Either ``inputs`` (N, F) or ``input_ids`` (T,) flat with ``lengths`` (N,); ``labels``
+        (N,) (default all -1); ``position_mask`` (T,) bool for causal-lm. Arrays are copied."""
+        assert task in TASKS and (inputs is None) != (input_ids is None)
+        self.task = task
+        self.num_classes = num_classes
+        self.vocab_size = vocab_size
+        self._inputs = None if inputs is None else _tensor(inputs, np.float32)
+        self._ids = None if input_ids is None else _tensor(input_ids, np.int64)
+        self._offsets = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        self._mask = None if position_mask is None else _tensor(position_mask, np.bool_)
+        n = len(self._inputs) if inputs is not None else len(self._offsets) - 1
+        self._labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else _tensor(labels, np.int64)
+        assert len(self._labels) == n
+        assert self._offsets is None or self._offsets[-1] == len(self._ids)
+        assert self._mask is None or (task == "causal-lm" and len(self._mask) == len(self._ids))
+        self._fingerprint: str | None = None
+
+    @property
+    def has_position_mask(self) -> bool:
+        """True when examples mark positions to skip (causal-lm only)."""
+        return self._mask is not None
+
+    @property
+    def num_features(self) -> int | None:
+        """F for float features, else None."""
+        return None if self._inputs is None else int(np.prod(self._inputs.shape[1:]))
+
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """Tokens per example (N,) int64 for token ids, else None."""
+        return None if self._offsets is None else torch.from_numpy(np.diff(self._offsets))
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"example {i} out of range for {n} examples")
+        i = int(i) % n
+        if self._inputs is not None:
+            return {"inputs": self._inputs[i].clone(), "labels": self._labels[i].clone()}
+        start, end = int(self._offsets[i]), int(self._offsets[i + 1])
+        item = {"input_ids": self._ids[start:end].clone()}
+        if self.task == "classification":
+            item["labels"] = self._labels[i].clone()
+        elif self._mask is not None:
+            item["position_mask"] = self._mask[start:end].clone()
+        return item
+
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """Items -> a batch: inputs (B, F) and labels (B,); or input_ids and attention_mask
+        (B, Lmax) right-padded with 0, plus labels (B,) or position_mask (B, Lmax) bool."""
+        if "inputs" in items[0]:
+            return {"inputs": torch.stack([it["inputs"] for it in items]),
+                    "labels": torch.stack([it["labels"] for it in items])}
+        lengths = [len(it["input_ids"]) for it in items]
+        input_ids = torch.zeros(len(items), max(lengths), dtype=torch.int64)  # (B, Lmax)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, (item, n) in enumerate(zip(items, lengths)):
+            input_ids[row, :n] = item["input_ids"]
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.task == "classification":
+            batch["labels"] = torch.stack([it["labels"] for it in items])
+            return batch
+        position_mask = attention_mask.bool()
+        for row, (item, n) in enumerate(zip(items, lengths)):
+            if "position_mask" in item:
+                position_mask[row, :n] &= item["position_mask"]
+        batch["position_mask"] = position_mask
+        return batch
+
+    def fingerprint(self) -> str:
+        """sha256 over the task and what the teacher sees, in order (not the hard labels)."""
+        if self._fingerprint is None:
+            fp = Fingerprint("dataset").text("task", self.task)
+            if self._inputs is not None:
+                fp.tensor("inputs", self._inputs)
+            else:
+                fp.tensor("lengths", np.diff(self._offsets)).tensor("input_ids", self._ids)
+                if self._mask is not None:
+                    fp.tensor("position_mask", self._mask)
+            self._fingerprint = fp.hexdigest()
+        return self._fingerprint
+
+    def head(self, n: int) -> "ExampleSet":
+        """The first ``n`` examples (all when there are fewer)."""
+        if n >= len(self):
+            return self
+        common = dict(labels=self._labels[:n], num_classes=self.num_classes, vocab_size=self.vocab_size)
+        if self._inputs is not None:
+            return ExampleSet(self.task, inputs=self._inputs[:n], **common)
+        end = int(self._offsets[n])
+        return ExampleSet(self.task, input_ids=self._ids[:end], lengths=np.diff(self._offsets[: n + 1]),
+                          position_mask=None if self._mask is None else self._mask[:end], **common)
+
+    def __repr__(self) -> str:
+        what = f"features={self.num_features}" if self._inputs is not None else f"tokens={len(self._ids)}"
+        return f"ExampleSet(task={self.task!r}, examples={len(self)}, {what})"
+
+
+def load_data(config: DataConfig) -> ExampleSet:
+    """Resolve ``config.spec`` (grammar in the module docstring) and load ``config.split``."""
+    spec = config.spec
+    builtin = split_builtin(spec, _BUILTINS)
+    path = Path(spec).expanduser()
+    if builtin is not None:
+        data = _BUILTINS[builtin[0]](config, builtin[1])
+    elif path.exists():
+        data = _load_path(path, config.split, config)
+    elif _CALLABLE.fullmatch(spec):
+        data = _load_callable(config)
+    else:
+        raise ConfigError(f"data spec {spec!r} is not a file, directory, built-in (mnist1d) or package.module:function")
+    if config.task is not None and data.task != config.task:
+        raise ConfigError(f"data {spec!r} is {data.task} data, not {config.task}: pass --task {data.task}")
+    return data if config.limit is None else data.head(config.limit)
+
+
+# --- built-in: mnist1d -----------------------------------------------------------------
+
+
+def _mnist1d_defaults() -> dict[str, Any]:
+    import mnist1d.data
+
+    # url and padding (a list) cannot be given as key=value, nor do they matter offline
+    return {k: v for k, v in mnist1d.data.get_dataset_args(as_dict=True).items() if isinstance(v, (int, float))}
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_arrays(options: tuple[tuple[str, Any], ...]) -> dict[str, np.ndarray]:
+    import mnist1d.data
+
+    args = mnist1d.data.get_dataset_args()
+    for key, value in options:
+        setattr(args, key, value)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:  # make_dataset seeds numpy's and python's global generators
+        data = mnist1d.data.make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    arrays = {k: np.asarray(data[k], np.float32 if k.startswith("x") else np.int64)
+              for k in ("x", "y", "x_test", "y_test")}
+    for a in arrays.values():
+        a.setflags(write=False)  # shared by every load with these options
+    return arrays
+
+
+def _load_mnist1d(config: DataConfig, options: dict[str, Any]) -> ExampleSet:
+    defaults = _mnist1d_defaults()
+    for key, value in options.items():
+        if key not in defaults:
+            raise ConfigError(f"mnist1d option {key!r} is unknown; valid options: {', '.join(sorted(defaults))}")
+        default = defaults[key]
+        ok = (isinstance(value, bool) if isinstance(default, bool) else _is_int(value) if isinstance(default, int)
+              else isinstance(value, (int, float)) and not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"mnist1d option {key}={value!r} must be a {type(default).__name__}, "
+                              f"like the default {default!r}")
+    settings = {**defaults, **options}
+    if settings["num_samples"] < 10 or not 0 < settings["train_split"] < 1:
+        raise ConfigError("mnist1d needs num_samples >= 10 and 0 < train_split < 1: e.g. mnist1d:num_samples=2000")
+    if config.task == "causal-lm":
+        raise ConfigError("mnist1d is classification data: pass --task classification or leave --task out")
+    names = {"train": ("x", "y"), "test": ("x_test", "y_test")}
+    if config.split not in names:
+        raise ConfigError(f"mnist1d has splits 'train' and 'test', not {config.split!r}: pass --split train|test")
+    arrays = _mnist1d_arrays(tuple(sorted(options.items())))
+    x, y = (arrays[k] for k in names[config.split])
+    return ExampleSet("classification", inputs=x, labels=y, num_classes=10)
+
+
+_BUILTINS = {"mnist1d": _load_mnist1d}
+
+
+# --- files and directories --------------------------------------------------------------
+
+
+_SUFFIXES = (".parquet", ".jsonl", ".txt")
+# file stems that name a split other than "train", so never part of an implicit "train"
+_OTHER_SPLITS = frozenset({"test", "validation", "valid", "val", "dev", "eval"})
+
+
+def _load_path(path: Path, split: str, config: DataConfig) -> ExampleSet:
+    if path.is_file():
+        if split != "train":
+            raise ConfigError(f"data {str(path)!r} is one file, which is the 'train' split; for --split {split}, "
+                              f"pass a directory holding {split}.parquet, {split}.jsonl, {split}.txt or {split}/")
+        return _load_files([path], config)
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise ConfigError(f"`datasets` DatasetDict {str(path)!r} has no split {split!r}: "
+                              f"pass --split with one of {', '.join(splits)}")
+        return _from_table(read_saved_dataset(path / split), config, f"data {str(path)!r} split {split!r}")
+    if (path / "state.json").is_file():
+        saved_as = json.loads((path / "state.json").read_text()).get("_split")
+        if split not in ("train", saved_as):
+            raise ConfigError(f"`datasets` Dataset {str(path)!r} is one split{f' ({saved_as!r})' if saved_as else ''}: "
+                              "pass --split train, or save a DatasetDict holding the splits")
+        return _from_table(read_saved_dataset(path), config, f"data {str(path)!r}")
+    for entry in (path / f"{split}.parquet", path / f"{split}.jsonl", path / f"{split}.txt", path / split):
+        if entry.exists():
+            return _load_path(entry, "train", config)
+    return _load_directory(path, split, config)
+
+
+def _load_directory(path: Path, split: str, config: DataConfig) -> ExampleSet:
+    """A directory with no entry for ``split``: for "train", all of its files of the first
+    suffix in _SUFFIXES that it has, unless some of them are named as other splits."""
+    if split != "train":
+        found = sorted({p.stem for p in path.iterdir() if p.is_dir() or p.suffix in _SUFFIXES})
+        raise ConfigError(f"data directory {str(path)!r} has no split {split!r} (found: {', '.join(found) or 'none'}); "
+                          f"pass --split with one of them, or add {split}.parquet")
+    for suffix in _SUFFIXES:
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == suffix)
+        other_splits = [p.name for p in files if p.stem.lower() in _OTHER_SPLITS]
+        if other_splits:
+            raise ConfigError(f"data directory {str(path)!r} has no train split, and reading all its {suffix} files "
+                              f"as 'train' would mix in other splits ({', '.join(other_splits)}): "
+                              "pass --split NAME, or point --data at the file")
+        if files:
+            return _load_files(files, config)
+    raise ConfigError(f"data directory {str(path)!r} holds no .parquet, .jsonl or .txt files nor a `datasets` "
+                      "save_to_disk dataset: pass a file or another directory")
+
+
+def _load_files(files: list[Path], config: DataConfig) -> ExampleSet:
+    """Parquet or jsonl files as one table; any other files as text."""
+    if files[0].suffix not in (".parquet", ".jsonl"):
+        return _from_text_files(files, config)
+    origin = f"data {str(files[0] if len(files) == 1 else files[0].parent)!r}"
+    return _from_table(read_table(files), config, origin)
+
+
+def _from_table(table: pa.Table, config: DataConfig, origin: str) -> ExampleSet:
+    return ExampleSet(**vars(table_arrays(table, config, origin)))
+
+
+def _from_text_files(files: list[Path], config: DataConfig) -> ExampleSet:
+    origin = f"text data {str(files[0] if len(files) == 1 else files[0].parent)!r}"
+    if config.task == "classification":
+        raise ConfigError(f"{origin} is causal-lm data: for classification pass a parquet/jsonl table "
+                          "with a label column")
+    tokenizer = require_tokenizer(config.tokenizer, origin)
+    ids, lengths = tokenize_text_files(files, tokenizer, config.seq_len)
+    if not len(lengths):
+        raise ConfigError(f"{origin} has fewer than 2 tokens: nothing to label")
+    return ExampleSet("causal-lm", input_ids=ids, lengths=lengths, vocab_size=tokenizer.vocab_size)
+
+
+# --- package.module:function --------------------------------------------------------------
+
+
+def _load_callable(config: DataConfig) -> ExampleSet:
+    fn = resolve_callable(config.spec, "data")
+    origin = f"data {config.spec!r}"
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        params = None
+    if params is None or any(p.name == "split" or p.kind is p.VAR_KEYWORD for p in params):
+        result = fn(split=config.split)
+    elif config.split == "train":
+        result = fn()
+    else:
+        raise ConfigError(f"{origin} takes no split argument, so it has only the 'train' split; "
+                          "give it a split parameter")
+    if isinstance(result, ExampleSet):
+        return result
+    return _from_table(table_from_python(result, origin, limit=config.limit), config, origin)
