@@ -97,9 +97,9 @@ def generate(config: GenerateConfig, tmp: str, name: str, round_: int) -> tuple[
     return seconds, result["positions"], result["seconds"]
 
 
-def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: str) -> dict:
+def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: str, examples: int | None = None) -> dict:
     w = WORKLOADS[name]
-    n = w["examples"][1 if quick else 0]
+    n = examples or w["examples"][1 if quick else 0]
     data = write_data(name, n, w["seq_len"], tmp)
     device = resolve_device(device_name)
     config = GenerateConfig(teacher=w["teacher"], data=data, out=os.path.join(tmp, "unused"), k=w["k"],
@@ -138,13 +138,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 3, quick 2)")
+    parser.add_argument("--examples", type=int, default=None, help="override the workload's number of examples")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     results = {}
     with tempfile.TemporaryDirectory(prefix="distill-bench-gen-") as tmp:
         for name in names:
-            results[name] = r = run_workload(name, args.quick, args.device, repeats, tmp)
+            results[name] = r = run_workload(name, args.quick, args.device, repeats, tmp, args.examples)
             print(f"{name:>10}: teacher only {r['teacher_only_positions_per_s']:>10,.0f} pos/s, "
                   f"generate-labels {r['generate_positions_per_s']:>10,.0f} pos/s, ratio {r['overhead_ratio']:.3f} "
                   f"(loop alone {r['loop_overhead_ratio']:.3f}; set-up {r['setup_seconds']:.1f} s)",

@@ -298,3 +298,14 @@ def test_hugging_face_classifier_on_token_ids(tmp_path):
         want = topk_labels(torch.cat([model.logits({"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.int64)})
                                       for r in rows]), 3)
     torch.testing.assert_close(reader.read_all().topk_logprobs, want.topk_logprobs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("workload, examples", [("lm-small", 4), ("classifier", 256)])
+def test_generate_benchmark_prints_one_json_object_last(workload, examples):
+    bench = REPO / "benchmarks" / "generate.py"
+    proc = subprocess.run([sys.executable, str(bench), "--workload", workload, "--examples", str(examples),
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300, env=_subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])["workloads"][workload]
+    assert r["teacher_only_positions_per_s"] > 0 and r["generate_positions_per_s"] > 0
+    assert r["overhead_ratio"] == pytest.approx(r["generate_positions_per_s"] / r["teacher_only_positions_per_s"], rel=1e-3)
