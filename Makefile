@@ -31,9 +31,15 @@ labels: venv
 	$(VENV)/bin/distill generate-labels $(if $(TEACHER),--teacher '$(TEACHER)') $(if $(DATA),--data '$(DATA)') \
 		$(if $(OUT),--out '$(OUT)') $(if $(CONFIG),--config '$(CONFIG)') $(ARGS)
 
-student teacher:
-	@echo "make $@: not implemented yet (stage two comes next)" >&2
-	@exit 2
+# Stage two: make student LABELS=... STUDENT=... DATA=... OUT=... [ARGS="--epochs 3 ..."]
+student: venv
+	$(VENV)/bin/distill train-student $(if $(LABELS),--labels '$(LABELS)') $(if $(STUDENT),--student '$(STUDENT)') \
+		$(if $(DATA),--data '$(DATA)') $(if $(OUT),--out '$(OUT)') $(if $(CONFIG),--config '$(CONFIG)') $(ARGS)
+
+# A teacher (or the from-scratch baseline) on hard labels: make teacher MODEL=... DATA=... OUT=...
+teacher: venv
+	$(VENV)/bin/distill train-teacher $(if $(MODEL),--model '$(MODEL)') $(if $(DATA),--data '$(DATA)') \
+		$(if $(OUT),--out '$(OUT)') $(if $(CONFIG),--config '$(CONFIG)') $(ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache demo-out

@@ -61,12 +61,109 @@ def _flags(ctx: click.Context, params: dict) -> dict:
     return {k: v for k, v in params.items() if k != "config" and ctx.get_parameter_source(k) in given}
 
 
-def _stage_config(ctx: click.Context, cls, command: str, params: dict):
+def _stage_config(ctx: click.Context, cls, command: str, params: dict, aliases: dict | None = None):
     from distill.pipeline.config import build_config, load_toml
 
     path = params.get("config")
     file_values = load_toml(path, command) if path else {}
-    return build_config(cls, file_values, _flags(ctx, params), source=path or "")
+    return build_config(cls, file_values, _flags(ctx, params), source=path or "", aliases=aliases)
+
+
+def _data_options(f):
+    """The flags that say how a data spec is read (shared by every stage that reads data)."""
+    for decorator in reversed([
+        click.option("--split", help="Data split [default: train]."),
+        click.option("--tokenizer", help="Tokenizer for text data: a Hugging Face directory or `bytes`."),
+        click.option("--seq-len", type=int, help="Tokens per sequence cut from text files; max length for text columns [default: 256]."),
+        click.option("--text-column", help="Column of text [default: text]."),
+        click.option("--ids-column", help="Column of token ids [default: input_ids]."),
+        click.option("--label-column", help="Column of class labels [default: label]."),
+        click.option("--limit", type=int, help="Use only the first N examples."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def _training_options(f):
+    """The flags train-student and train-teacher share."""
+    for decorator in reversed([
+        click.option("--data", help="Data spec, as for generate-labels."),
+        click.option("--out", help="Run directory: config, metrics.jsonl, checkpoints, the final model."),
+        click.option("--epochs", type=int, help="Passes over the data [default: 1]."),
+        click.option("--steps", type=int, help="Optimiser steps (instead of --epochs)."),
+        click.option("--batch-size", type=int, help="Examples per batch [default: 32]."),
+        click.option("--grad-accum", type=int, help="Batches per optimiser step [default: 1]."),
+        click.option("--lr", type=float, help="Peak learning rate of AdamW [default: 1e-3]."),
+        click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01]."),
+        click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 5% of the steps]."),
+        click.option("--min-lr-ratio", type=float, help="Cosine decay ends at lr times this [default: 0.1]."),
+        click.option("--clip-grad", type=float, help="Gradient-norm clipping [default: 1.0]."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto: bf16 autocast on CUDA [default: auto]."),
+        click.option("--seed", type=int, help="Seed of the data order and dropout [default: 0]."),
+        click.option("--eval-every", type=int, help="Evaluate on --eval-split every N steps (and at the end)."),
+        click.option("--eval-split", help="Held-out split to evaluate, e.g. test."),
+        click.option("--eval-data", help="Data spec of the held-out split [default: --data]."),
+        click.option("--checkpoint-every", type=int, help="Checkpoint every N steps (and at the end) [default: 500]."),
+        click.option("--log-every", type=int, help="Metrics line every N steps [default: 10]."),
+        click.option("--workers", type=int, help="DataLoader worker processes [default: 1]."),
+        click.option("--shuffle-buffer", type=int, help="Examples in each worker's shuffle buffer [default: 4096]."),
+        click.option("--overwrite", is_flag=True, default=None, help="Start over in a run directory holding another run."),
+        click.option("--weights", help="Initial weights: .safetensors, or a state dict (weights_only)."),
+        click.option("--trust-remote-code", is_flag=True, default=None, help="Let a Hugging Face model run code from its directory."),
+        click.option("--task", type=click.Choice(["classification", "causal-lm"]), help="The task [default: inferred]."),
+        _data_options,
+        click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar or log lines."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line."),
+        click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+        return
+    metrics = summary.get("metrics", {})
+    evaluation = metrics.get("eval", {})
+    parts = [f"{k} {v:.4g}" for k, v in evaluation.items() if isinstance(v, float)]
+    click.echo(f"trained {summary['params']:,} parameters; model saved in {summary['out']}/model"
+               + (f"; held-out {', '.join(parts)}" if parts else ""))
+
+
+@cli.command("train-student")
+@click.option("--labels", help="The soft-label store written by generate-labels.")
+@click.option("--student", "model", help="Student: a built-in (mlp, cnn, gpt), a Hugging Face directory, or package.module:factory.")
+@click.option("--loss", type=click.Choice(["kl", "reverse-kl", "jsd", "skew-kl"]), help="Divergence to the teacher's top-k + tail [default: kl].")
+@click.option("--temperature", type=float, help="Softening temperature; the store must hold it [default: 2].")
+@click.option("--alpha", type=float, help="Weight of the hard-label cross-entropy: alpha*CE + (1-alpha)*T^2*soft [default: 0.5].")
+@click.option("--beta", type=float, help="Beta of the generalised JSD [default: 0.5].")
+@click.option("--skew", type=float, help="Skew of skew-kl (DistiLLM's alpha) [default: 0.1].")
+@_training_options
+@click.pass_context
+def train_student(ctx: click.Context, as_json: bool, **params) -> None:
+    """Train a student from the soft-label store (the teacher is never loaded).
+
+    Rerunning the same command resumes from the newest checkpoint.
+    """
+    from distill.stages.train import StudentConfig, train_student as run
+
+    _print_summary(run(_stage_config(ctx, StudentConfig, "train-student", params, {"student": "model"})), as_json)
+
+
+@cli.command("train-teacher")
+@click.option("--model", help="The model to train: a built-in (mlp, cnn, gpt), a Hugging Face directory, or package.module:factory.")
+@_training_options
+@click.pass_context
+def train_teacher(ctx: click.Context, as_json: bool, **params) -> None:
+    """Train a model on hard labels alone: a teacher, or the from-scratch baseline.
+
+    Rerunning the same command resumes from the newest checkpoint.
+    """
+    from distill.stages.train import TrainConfig, train_teacher as run
+
+    _print_summary(run(_stage_config(ctx, TrainConfig, "train-teacher", params)), as_json)
 
 
 @cli.command("generate-labels")
@@ -90,13 +187,7 @@ def _stage_config(ctx: click.Context, cls, command: str, params: dict):
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with other settings.")
 @click.option("--weights", help="Teacher weights: .safetensors, or a state dict (loaded with weights_only=True).")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Let a Hugging Face teacher run code from its directory.")
-@click.option("--split", help="Data split [default: train].")
-@click.option("--tokenizer", help="Tokenizer for text data: a Hugging Face directory or `bytes` [default: the teacher's].")
-@click.option("--seq-len", type=int, help="Tokens per sequence cut from text files; max length for text columns [default: 256].")
-@click.option("--text-column", help="Column of text [default: text].")
-@click.option("--ids-column", help="Column of token ids [default: input_ids].")
-@click.option("--label-column", help="Column of class labels [default: label].")
-@click.option("--limit", type=int, help="Use only the first N examples.")
+@_data_options
 @click.option("--seed", type=int, help="Seed of the draws for --method sample [default: 0].")
 @click.option("--queue-size", type=int, help="Labelled batches that may wait for the writer thread [default: 8].")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar or log lines.")

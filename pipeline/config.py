@@ -41,7 +41,8 @@ def load_toml(path: str, command: str) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if not isinstance(v, dict)}
 
 
-def build_config(cls: type[C], file_values: dict[str, Any], flag_values: dict[str, Any], source: str = "") -> C:
+def build_config(cls: type[C], file_values: dict[str, Any], flag_values: dict[str, Any], source: str = "",
+                 aliases: dict[str, str] | None = None) -> C:
     """``cls(**(file_values | flag_values))`` with unknown keys and bad values as ConfigError.
 
     ``flag_values`` holds only the flags the user actually gave, so a flag's default never
@@ -51,6 +52,7 @@ def build_config(cls: type[C], file_values: dict[str, Any], flag_values: dict[st
     values: dict[str, Any] = {}
     for key, value in file_values.items():
         name = key.replace("-", "_")
+        name = (aliases or {}).get(name, name)
         if name not in fields:
             known = ", ".join(sorted(n.replace("_", "-") for n in fields))
             raise ConfigError(f"{source or 'config'}: unknown key {key!r}; valid keys: {known}")

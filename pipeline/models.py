@@ -118,6 +118,7 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: t
 
     The fingerprint is taken after the cast, on the weights that will produce the logits.
     """
+    config = _saved_model(config)
     kind, target = _resolve(config.spec)
     if config.weights is not None and kind in ("hf", "torchscript"):
         raise ConfigError(f"--weights applies to built-ins and package.module:factory models; the "
@@ -138,6 +139,37 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: t
     module.to(device)
     module.eval()
     return LoadedModel(module=module, task=task, output_size=output_size, fingerprint=fingerprint, describe=describe)
+
+
+def _saved_model(config: ModelConfig) -> ModelConfig:
+    """A run directory (or its ``model/``) written by train-student/train-teacher, as the spec it was saved from.
+
+    ``model/`` holds a Hugging Face model (config.json), or ``model.json`` (how to rebuild
+    a built-in or factory model) beside ``model.safetensors``.
+    """
+    path = config.spec
+    if not os.path.isdir(path):
+        return config
+    if os.path.isfile(os.path.join(path, "model", "config.json")) or os.path.isfile(os.path.join(path, "model", "model.json")):
+        path = os.path.join(path, "model")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return dataclasses.replace(config, spec=path)
+    described = os.path.join(path, "model.json")
+    if not os.path.isfile(described):
+        return config
+    with open(described) as f:
+        saved = json.load(f)
+    if config.weights is not None:
+        raise ConfigError(f"{config.spec!r} is a trained model with its own weights: drop --weights")
+    if saved.get("kind") == "builtin":
+        options = ",".join(f"{k}={v}" for k, v in saved["options"].items())
+        spec = f"{saved['name']}:{options}" if options else saved["name"]
+    elif saved.get("kind") == "factory":
+        spec = saved["factory"]
+    else:
+        raise ConfigError(f"{described} describes a {saved.get('kind')!r} model, which cannot be rebuilt; retrain it")
+    return dataclasses.replace(config, spec=spec, weights=os.path.join(path, "model.safetensors"),
+                               task=config.task or saved.get("task"))
 
 
 def model_fingerprint(module: nn.Module, describe: dict) -> str:
@@ -310,9 +342,10 @@ def _hf_logits(module: nn.Module, batch: dict, task: str) -> torch.Tensor:
     if "input_ids" not in batch:
         raise ConfigError("Hugging Face models read token ids, but the data gives float features; "
                           "use a tokenized dataset or a built-in/factory model for features")
-    device = _device(module)
+    inner = getattr(module, "module", module)  # under DistributedDataParallel: the model it wraps
+    device = _device(inner)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    pad = getattr(module.config, "pad_token_id", None)
+    pad = getattr(inner.config, "pad_token_id", None)
     if pad is not None:
         # The data pads with 0; classifiers that pool the last token find it by the model's own pad id.
         ids = ids.masked_fill(mask == 0, pad)

@@ -1,0 +1,95 @@
+"""Checkpoints of a training run: written whole or not at all, found again after a crash.
+
+A checkpoint is a directory ``RUN/checkpoints/step-NNNNNNNN`` holding the model weights
+(``model.safetensors``) and the trainer's state (``trainer.pt``: optimizer, schedule,
+RNG, position in the data; plain tensors and numbers, loaded with ``weights_only=True``).
+It is written under a temporary name, fsynced, then renamed into place, and only then
+named in ``RUN/checkpoints/latest``; so a kill at any moment leaves either the previous
+checkpoint or the new one, never a half-written one that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+import torch
+
+from distill.errors import ConfigError
+from distill.storage.fs import _fsync_dir
+
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state"]
+
+KEEP = 2  # the newest checkpoints kept; older ones are removed once a newer one is in place
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_state: dict) -> str:
+    """Write checkpoint ``step`` atomically; returns its directory."""
+    from distill.pipeline.models import save_weights
+
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    save_weights(model, os.path.join(tmp, "model.safetensors"))
+    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+    for f in os.listdir(tmp):
+        _fsync_file(os.path.join(tmp, f))
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # a rerun redid this step: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    pointer = os.path.join(root, f".latest.tmp-{uuid.uuid4().hex[:8]}")
+    with open(pointer, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(pointer, os.path.join(root, "latest"))
+    _fsync_dir(root)
+    for old in _complete(root)[:-KEEP]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    for entry in os.listdir(root):  # leftovers of a crash mid-write
+        if ".tmp-" in entry and not entry.endswith(name):
+            path = os.path.join(root, entry)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
+    return final
+
+
+def _complete(root: str) -> list[str]:
+    return sorted(e for e in os.listdir(root) if e.startswith("step-") and os.path.isfile(os.path.join(root, e, "trainer.pt")))
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint of ``run_dir``, or None."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            name = f.read().strip()
+        if name in _complete(root):
+            return os.path.join(root, name)
+    except FileNotFoundError:
+        pass
+    done = _complete(root)  # the pointer is written last: fall back to what is complete
+    return os.path.join(root, done[-1]) if done else None
+
+
+def load_trainer_state(checkpoint: str) -> dict:
+    try:
+        return torch.load(os.path.join(checkpoint, "trainer.pt"), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any damage is the same user-facing problem
+        raise ConfigError(f"checkpoint {checkpoint} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                          "delete it to resume from the one before, or use a new --out") from None

@@ -1,0 +1,337 @@
+"""Stage two, `distill train-student`, and `distill train-teacher`: one trainer, two sources of targets.
+
+train-student reads top to bottom: open the store, load the student and the data, refuse a
+store made for other data or another vocabulary, stream batches joined to their soft
+labels, train with the distillation loss, save the student. The teacher is never loaded.
+train-teacher is the same trainer with hard labels only: step one of the classic recipe,
+and the "same model trained from scratch" baseline every distillation result is compared with.
+
+A run directory holds ``config.json``, ``metrics.jsonl``, ``checkpoints/`` and, at the
+end, ``model/`` (a Hugging Face model saved with ``save_pretrained``; any other model as
+``model.safetensors`` plus ``model.json``, which says how to rebuild it) and ``summary.json``.
+Rerunning the same command resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from distill.errors import ConfigError, StoreError
+from distill.pipeline.config import config_to_dict
+from distill.pipeline.data import DataConfig, ExampleSet, load_data
+from distill.pipeline.models import LoadedModel, ModelConfig, load_model, save_weights
+from distill.pipeline.runtime import resolve_device, workers
+from distill.pipeline.trainer import Schedule, fit
+from distill.storage import open_store
+from distill.storage.stream import LabelStream, labels_from_batch
+
+__all__ = ["TrainConfig", "StudentConfig", "train_student", "train_teacher"]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# settings that may change between a run and its resumption
+_RESUMABLE_CHANGES = ("progress", "workers", "device", "log_every", "checkpoint_every", "eval_every", "overwrite")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a training run (the flags of `distill train-teacher`; train-student adds its own).
+
+    out:               the run directory (config, metrics, checkpoints, final model).
+    data:              data spec, as for generate-labels (must be the same data the store was made from).
+    model:             the model to train: a built-in (mlp, cnn, gpt), a Hugging Face directory, package.module:factory.
+    epochs / steps:    how long: whole passes over the data, or optimiser steps (default: 1 epoch).
+    batch_size:        examples per batch; grad_accum batches per optimiser step.
+    lr, weight_decay, warmup_steps (None: 5% of steps), min_lr_ratio, clip_grad: AdamW, warm-up then cosine decay.
+    device:            auto, cpu, cuda, cuda:N. precision: auto (bf16 autocast on CUDA), fp32, bf16.
+    seed:              data order, dropout.
+    eval_split / eval_data: held-out split (of eval_data, default data) evaluated every eval_every steps and at the end.
+    checkpoint_every, log_every: in optimiser steps.
+    workers:           DataLoader worker processes (0: load in the training process).
+    shuffle_buffer:    examples in each worker's shuffle buffer.
+    overwrite:         replace a run directory holding a run with other settings.
+    weights, trust_remote_code, task, split, tokenizer, seq_len, text_column, ids_column, label_column, limit: as for generate-labels.
+    """
+
+    out: str = ""
+    data: str | None = None
+    model: str | None = None
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    clip_grad: float | None = 1.0
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    eval_every: int | None = None
+    eval_split: str | None = None
+    eval_data: str | None = None
+    checkpoint_every: int = 500
+    log_every: int = 10
+    workers: int = 1
+    shuffle_buffer: int = 4096
+    overwrite: bool = False
+    weights: str | None = None
+    trust_remote_code: bool = False
+    task: str | None = None
+    split: str = "train"
+    tokenizer: str | None = None
+    seq_len: int = 256
+    text_column: str | None = None
+    ids_column: str | None = None
+    label_column: str | None = None
+    limit: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if not self.out:
+            raise ConfigError("missing --out: pass the run directory")
+        if not self.data or not self.model:
+            raise ConfigError(f"missing --data or --{self._model_flag()}: both are required")
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError("pass --epochs or --steps, not both")
+        for name in ("epochs", "steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
+            raise ConfigError(f"--lr must be > 0, --min-lr-ratio in [0, 1], --weight-decay >= 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown --precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.workers < 0:
+            raise ConfigError("--workers must be >= 0")
+        if self.eval_every is not None and self.eval_split is None:
+            raise ConfigError("--eval-every needs --eval-split (e.g. --eval-split test)")
+
+    def _model_flag(self) -> str:
+        return "model"
+
+    def schedule(self) -> Schedule:
+        fields = {f.name for f in dataclasses.fields(Schedule)}
+        return Schedule(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig(TrainConfig):
+    """train-student's settings: TrainConfig plus the store and the loss.
+
+    labels:      the soft-label store written by generate-labels.
+    loss:        kl (forward, default), reverse-kl, jsd, skew-kl (top-k stores); sampled stores use the sampled cross-entropy.
+    temperature: softening temperature T; the store must hold its normaliser (generate-labels --temperature).
+    alpha:       weight of the hard-label cross-entropy: loss = alpha * CE + (1 - alpha) * T^2 * soft.
+    beta, skew:  parameters of jsd and skew-kl.
+    """
+
+    labels: str | None = None
+    loss: str = "kl"
+    temperature: float = 2.0
+    alpha: float = 0.5
+    beta: float = 0.5
+    skew: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.labels:
+            raise ConfigError("missing --labels: pass the store written by `distill generate-labels`")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"--temperature must be finite and > 0, got {self.temperature}")
+
+    def _model_flag(self) -> str:
+        return "student"
+
+
+# --- the two stages -----------------------------------------------------------------------
+
+def train_student(config: StudentConfig) -> dict:
+    """Train the student on the store's soft labels (and the data's hard labels); returns the summary."""
+    from distill.pipeline.losses import make_loss
+
+    store = open_store(config.labels)
+    if not store.complete:
+        raise StoreError(f"the store {config.labels} is not complete ({len(store.complete_shards())} of "
+                         f"{store.spec.num_shards} shards): finish it with `distill generate-labels` first")
+    spec = store.spec
+    task = spec.extra.get("task", config.task)
+    loss_fn = make_loss(spec.method, config.loss, config.temperature, config.alpha, beta=config.beta, skew=config.skew,
+                        sample_temperature=spec.sample_temperature or 1.0)
+    if config.temperature != 1.0 and config.temperature not in spec.temperatures:
+        held = ", ".join(f"{t:g}" for t in spec.temperatures)
+        raise ConfigError(f"temperature {config.temperature:g} is not in the store (it holds {held}): pass --temperature "
+                          f"one of {held}, or regenerate the labels with --temperature {config.temperature:g}")
+
+    def check(student: LoadedModel, data: ExampleSet) -> None:
+        if data.fingerprint() != spec.dataset_fingerprint:
+            raise ConfigError(f"the store {config.labels} was made from other data (dataset fingerprint "
+                              f"{spec.dataset_fingerprint[:19]}..., this data {data.fingerprint()[:19]}...): pass the "
+                              "same --data, --split, --seq-len and --limit as generate-labels")
+        if student.output_size != spec.vocab_size:
+            raise ConfigError(f"the student outputs {student.output_size} values but the store's vocabulary is "
+                              f"{spec.vocab_size}: use a student with the teacher's output size")
+
+    def loss(model, batch, student: LoadedModel) -> dict:
+        logits, hard = _positions(student, model, batch, task)
+        labels = labels_from_batch(_to(batch, logits.device), spec.stored_temperatures)
+        if labels.num_positions != len(logits):
+            raise StoreError(f"a batch has {len(logits)} positions in the data but {labels.num_positions} in the store")
+        out = loss_fn(logits, labels, hard if config.alpha > 0 else None)
+        return {"loss": out["loss"], "soft": out["soft"], "ce": out.get("ce"), "positions": len(logits)}
+
+    return _train(config, task, store, check, loss)
+
+
+def train_teacher(config: TrainConfig) -> dict:
+    """Train a model on the data's hard labels alone (cross-entropy); returns the summary."""
+
+    def loss(model, batch, student: LoadedModel) -> dict:
+        logits, hard = _positions(student, model, batch, student.task)
+        ce = F.cross_entropy(logits.float(), hard, ignore_index=-100)
+        return {"loss": ce, "ce": ce, "positions": int((hard != -100).sum())}
+
+    return _train(config, config.task, None, lambda student, data: None, loss)
+
+
+def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
+    device = resolve_device(config.device)
+    team = workers(None, device)
+    try:
+        _prepare_run_dir(config, team)
+        student = load_model(ModelConfig(config.model, weights=config.weights, task=task,
+                                         trust_remote_code=config.trust_remote_code), device=device)
+        data = load_data(_data_config(config, config.data, config.split, student.task))
+        check(student, data)
+        student.module.train()
+        stream = LabelStream(data, store, batch_size=config.batch_size, seed=config.seed, rank=team.rank,
+                             world=team.world, shuffle_buffer=config.shuffle_buffer, workers=config.workers)
+        evaluate = None
+        if config.eval_split is not None:
+            held_out = load_data(_data_config(config, config.eval_data or config.data, config.eval_split, student.task))
+            evaluate = _evaluator(student, held_out, config.batch_size, device, _autocast(config, device))
+        schedule = config.schedule()
+        if schedule.eval_every is None and evaluate is not None:
+            schedule = dataclasses.replace(schedule, eval_every=1 << 62)  # at the end only
+        last = fit(student.module, stream, lambda model, batch: loss(model, batch, student), schedule, config.out,
+                   team, device, lambda: _autocast(config, device), evaluate=evaluate, progress=config.progress)
+        summary = {"out": config.out, "model": student.describe, "task": student.task, "metrics": last,
+                   "params": sum(p.numel() for p in student.module.parameters())}
+        if team.rank == 0:
+            _save_model(student, os.path.join(config.out, "model"))
+            _write_json(os.path.join(config.out, "summary.json"), summary)
+        team.barrier()
+        return summary
+    finally:
+        team.close()
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+def _data_config(config: TrainConfig, spec: str, split: str, task: str) -> DataConfig:
+    return DataConfig(spec, split=split, task=task, tokenizer=config.tokenizer, seq_len=config.seq_len,
+                      text_column=config.text_column, ids_column=config.ids_column,
+                      label_column=config.label_column, limit=config.limit)
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _positions(student: LoadedModel, model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's logits at the store's positions (P, V) and each position's hard label (P,), -100 = none.
+
+    Causal LM: the position at token t predicts token t+1, so its hard label is the next
+    token (none after the last); classification: the example's label (-1 in the data = none).
+    """
+    forward = dataclasses.replace(student, module=model)  # the DDP wrapper when distributed
+    logits = forward.logits(batch)
+    device = logits.device
+    if task == "causal-lm":
+        mask = batch["position_mask"].to(device).bool()  # (B, L)
+        ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        following = torch.full_like(ids, -100)
+        following[:, :-1] = ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)  # (B, L)
+        return logits[mask], following[mask]  # (P, V), (P,)
+    labels = batch["labels"].to(device)
+    return logits, labels.masked_fill(labels < 0, -100)
+
+
+def _evaluator(student: LoadedModel, data: ExampleSet, batch_size: int, device: torch.device, autocast):
+    """Accuracy (classification) or perplexity (causal LM) of the student's hard predictions on ``data``."""
+
+    def run() -> dict:
+        loss_sum, correct, count = 0.0, 0, 0
+        for a in range(0, len(data), batch_size):
+            batch = _to(data.collate([data[i] for i in range(a, min(a + batch_size, len(data)))]), device)
+            with autocast:
+                logits, hard = _positions(student, student.module, batch, student.task)
+            keep = hard != -100
+            logits, hard = logits[keep].float(), hard[keep]
+            loss_sum += float(F.cross_entropy(logits, hard, reduction="sum"))
+            correct += int((logits.argmax(-1) == hard).sum())
+            count += len(hard)
+        mean = loss_sum / max(count, 1)
+        if student.task == "causal-lm":
+            return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "positions": count}
+        return {"loss": mean, "accuracy": correct / max(count, 1), "examples": count}
+
+    return run
+
+
+def _save_model(student: LoadedModel, directory: str) -> None:
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if student.describe.get("kind") == "hf":
+        student.module.save_pretrained(tmp)
+    else:
+        save_weights(student.module, os.path.join(tmp, "model.safetensors"))
+        _write_json(os.path.join(tmp, "model.json"), student.describe)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _prepare_run_dir(config: TrainConfig, team) -> None:
+    """A new run directory, or the same run's to resume; a run with other settings is refused."""
+    path = os.path.join(config.out, "config.json")
+    mine = {k: v for k, v in config_to_dict(config).items() if k not in _RESUMABLE_CHANGES}
+    if team.rank == 0:
+        if os.path.isfile(path) and not config.overwrite:
+            with open(path) as f:
+                theirs = {k: v for k, v in json.load(f).items() if k not in _RESUMABLE_CHANGES}
+            diff = next((k for k in mine if mine[k] != theirs.get(k)), None)
+            if diff is not None:
+                raise ConfigError(f"{config.out} holds a run with {diff}={theirs.get(diff)!r}, not {mine[diff]!r}: "
+                                  "use a new --out, or --overwrite to start over")
+        elif os.path.isdir(config.out) and os.listdir(config.out):
+            if not os.path.isfile(path):
+                raise ConfigError(f"{config.out} exists and is not a distill run directory: choose a new --out")
+            shutil.rmtree(config.out)
+        if not os.path.isfile(path):
+            os.makedirs(config.out, exist_ok=True)
+            _write_json(path, config_to_dict(config))
+    team.barrier()

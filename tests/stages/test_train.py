@@ -1,0 +1,158 @@
+"""Stage two end to end: train-teacher, train-student, resume after kill -9, refusals, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from distill.cli import cli
+from distill.pipeline.models import ModelConfig, load_model
+
+REPO = Path(__file__).resolve().parents[2]
+MNIST = "mnist1d:num_samples=600"  # 480 train, 120 test examples
+
+
+def run(command, *args, ok=True):
+    result = CliRunner().invoke(cli, [command, "--no-progress", *map(str, args)])
+    if ok and result.exit_code != 0:
+        raise AssertionError(f"exit {result.exit_code}: {result.output}\n{result.stderr}") from result.exception
+    return result
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A teacher trained briefly with train-teacher, and its labels on the training split."""
+    root = tmp_path_factory.mktemp("stage2")
+    run("train-teacher", "--model", "mlp:hidden=64", "--data", MNIST, "--out", root / "teacher", "--epochs", 6, "--lr", "0.01",
+        "--batch-size", 32, "--workers", 0, "--eval-split", "test")
+    run("generate-labels", "--teacher", root / "teacher", "--data", MNIST, "--out", root / "labels",
+        "--examples-per-shard", 100)
+    return root
+
+
+def test_teacher_then_student_end_to_end(labelled, tmp_path):
+    teacher = metrics(labelled / "teacher")
+    assert teacher[-1]["eval"]["accuracy"] > 0.2 and any("ce" in m for m in teacher)
+    out = tmp_path / "student"
+    result = run("train-student", "--labels", labelled / "labels", "--student", "mlp:hidden=16", "--data", MNIST,
+                 "--out", out, "--epochs", 2, "--eval-split", "test", "--eval-every", 10, "--log-every", 5, "--json")
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    lines = metrics(out)
+    train_lines = [m for m in lines if "loss" in m]
+    assert train_lines and all(k in train_lines[0] for k in ("step", "loss", "soft", "ce", "lr", "examples_per_s"))
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in train_lines)
+    assert [m["step"] for m in lines if "eval" in m][:2] == [10, 20]
+    assert summary["metrics"]["eval"]["accuracy"] > 0.1
+    # the saved student loads as a model spec: the run directory itself
+    student = load_model(ModelConfig(str(out)))
+    assert student.output_size == 10 and (out / "model" / "model.json").exists()
+
+
+def test_causal_lm_student_on_text(tmp_path):
+    text = tmp_path / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    words = ["offline", "labels", "teach", "a", "small", "student", "\n"]
+    text.write_text(" ".join(words[i] for i in torch.randint(len(words), (900,), generator=g).tolist()))
+    common = ["--data", text, "--tokenizer", "bytes", "--seq-len", 64]
+    run("generate-labels", "--teacher", "gpt:d_model=32,n_layers=1,n_heads=2,max_len=64", *common, "--out",
+        tmp_path / "labels", "--k", 16)
+    run("train-student", "--labels", tmp_path / "labels", "--student", "gpt:d_model=16,n_layers=1,n_heads=2,max_len=64",
+        *common, "--out", tmp_path / "student", "--steps", 12, "--batch-size", 8, "--eval-split", "train",
+        "--workers", 0, "--loss", "jsd")
+    last = metrics(tmp_path / "student")[-1]["eval"]
+    assert 1 < last["perplexity"] < 300 and last["positions"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "mnist1d:num_samples=700"], "was made from other data"),
+    (["--student", "mlp:num_classes=7"], "the student outputs 7 values but the store's vocabulary is 10"),
+    (["--temperature", "3"], "temperature 3 is not in the store (it holds 1, 2)"),
+    (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
+    (["--labels", "no/such/store"], "no store at no/such/store"),
+])
+def test_refusals_are_one_line(labelled, tmp_path, args, message):
+    base = {"--labels": str(labelled / "labels"), "--student": "mlp:hidden=16", "--data": MNIST}
+    base.update(dict(zip(args[::2], args[1::2])))
+    result = run("train-student", "--out", tmp_path / "s", *[x for kv in base.items() for x in kv], ok=False)
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "s" / "model").exists()
+
+
+def test_a_run_directory_with_other_settings_is_refused(labelled, tmp_path):
+    args = ["--labels", labelled / "labels", "--student", "mlp:hidden=16", "--data", MNIST, "--out", tmp_path / "s",
+            "--steps", 3, "--workers", 0]
+    run("train-student", *args)
+    result = run("train-student", *args[:-4], "--steps", 3, "--workers", 0, "--lr", "0.1", ok=False)
+    assert result.exit_code == 2 and "holds a run with lr=0.001, not 0.1" in result.stderr
+    run("train-student", *args[:-4], "--steps", 3, "--workers", 0, "--lr", "0.1", "--overwrite")
+
+
+def _env(extra=""):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def test_kill_9_then_rerun_ends_with_the_same_weights(labelled, tmp_path, test_modules):
+    args = ["train-student", "--labels", str(labelled / "labels"), "--student", "slowteacher:slow_student",
+            "--data", MNIST, "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "7", "--workers", "1",
+            "--shuffle-buffer", "64"]
+    command = [sys.executable, "-m", "distill.cli", *args, "--no-progress", "--out"]
+    whole = subprocess.run([*command, str(tmp_path / "whole")], env=_env(test_modules), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]  # same process settings (threads) as the killed run
+
+    out = tmp_path / "killed"
+    cmd = [*command, str(out)]
+    proc = subprocess.Popen(cmd, env=_env(test_modules), stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # kill just after the 4th checkpoint (step 28, mid-epoch)
+        if latest.exists() and latest.read_text().strip() >= "step-00000028":
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists(), "the run should have been killed before the end"
+
+    rerun = subprocess.run(cmd, env=_env(test_modules), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    a, b = load_file(tmp_path / "whole" / "model" / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [m["step"] for m in metrics(out) if "loss" in m]
+    assert steps == sorted(set(steps)), "metrics past the checkpoint are dropped on resume"
+
+
+def test_torchrun_two_ranks_train_with_ddp(labelled, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "distill.cli",
+           "train-student", "--labels", str(labelled / "labels"), "--student", "mlp:hidden=16", "--data", MNIST,
+           "--out", str(tmp_path / "ddp"), "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--workers", "0",
+           "--no-progress", "--log-every", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [m["step"] for m in metrics(tmp_path / "ddp") if "loss" in m]
+    # 5 shards of 96 examples, split 3/2 between the ranks: each epoch runs the smaller share's steps
+    assert steps[-1] < 2 * 480 // 16 and load_model(ModelConfig(str(tmp_path / "ddp"))).output_size == 10
+
+
+def test_make_teacher_and_student(labelled, tmp_path):
+    venv = Path(sys.executable).parent.parent
+    if not (venv / "bin" / "distill").exists():
+        pytest.skip("make runs the venv's distill script, which this interpreter does not have")
+    for target, args in (("teacher", f"MODEL=mlp:hidden=8 DATA={MNIST} OUT={tmp_path / 't'}"),
+                         ("student", f"LABELS={labelled / 'labels'} STUDENT=mlp:hidden=8 DATA={MNIST} OUT={tmp_path / 's'}")):
+        proc = subprocess.run(["make", "-s", "-o", "venv", target, f"VENV={venv}", *args.split(), "ARGS=--steps 2 --no-progress"],
+                              cwd=REPO, capture_output=True, text=True, env=_env(), timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        assert "model saved" in proc.stdout
