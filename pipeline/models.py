@@ -289,6 +289,15 @@ def _load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None):
     hf_config = _hf_call(AutoConfig.from_pretrained, config.spec, path, **kwargs)
     task = config.task or _hf_task(hf_config, config.spec)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    if not any(name.endswith((".safetensors", ".bin", ".pt", ".pth")) for name in os.listdir(path)):
+        # a config without weights: a fresh model of that architecture (a student to train), seeded
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = _hf_call(auto.from_config, config.spec, path, config=hf_config,
+                              trust_remote_code=config.trust_remote_code, dtype=dtype or torch.float32)
+        describe = {"trust_remote_code": config.trust_remote_code, "config": _stable_config(module.config.to_dict()),
+                    "initialised": "from config, seed 0"}
+        return module, task, describe
     module, info = _hf_call(auto.from_pretrained, config.spec, path, config=hf_config, dtype=dtype or torch.float32,
                             output_loading_info=True, **kwargs)
     absent = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))

@@ -94,6 +94,7 @@ class SoftLabels:
         mass = lp.exp().sum(1)
         # Lossy values or a float16 normaliser can push the k-mass a hair past 1: clamp, renormalise.
         tail = (1.0 - mass).clamp_min(0.0)
+        tail = torch.where(torch.isneginf(self.tail_logprob), 0.0, tail)  # no mass outside at T=1: none at any T
         log_total = torch.log(mass + tail)
         return (lp - log_total[:, None]).float(), (tail.log() - log_total).float()
 

@@ -1,0 +1,289 @@
+"""The distillation losses of stage two: the student against the teacher's stored soft labels.
+
+Top-k labels give the teacher's exact distribution over K+1 *buckets* (the K stored ids and
+the tail, the mass of every other id); the student's full-vocabulary softmax is folded onto
+the same buckets and the two compared with a divergence (``TopKDistillationLoss``). Sampled
+labels give ids drawn from the teacher with their counts; the count-weighted cross-entropy is
+an unbiased estimate of the full cross-entropy (``SampledDistillationLoss``). Both mix in the
+hard-label cross-entropy as Hinton et al. (2015) do:
+
+    loss = alpha * CE(student, hard) + (1 - alpha) * T^2 * soft
+
+Math runs in float32 whatever the student's dtype (float64 stays float64, for gradcheck).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.errors import ConfigError
+from distill.storage.labels import SoftLabels
+
+__all__ = [
+    "LOSSES",
+    "SampledDistillationLoss",
+    "TopKDistillationLoss",
+    "bucket_divergence",
+    "make_loss",
+    "student_buckets",
+]
+
+LOSSES = ("kl", "reverse-kl", "jsd", "skew-kl")
+METHODS = ("topk", "sample")
+
+# A float32 store cannot tell a mass below ~1e-38 from 0 (the teacher's tail underflows there):
+# the divergences read such a bucket as this log-mass rather than as an infinite penalty.
+_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+_NEG_INF = float("-inf")
+
+
+def _math_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (bf16 / fp16 logits are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _logsumexp(x: Tensor) -> Tensor:
+    """logsumexp over the last dim, -inf for an all -inf row, and a zero (not NaN) gradient there."""
+    m = x.amax(-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    s = (x - m).exp().sum(-1)  # >= 1 unless the row is all -inf
+    empty = s == 0
+    out = torch.where(empty, 1.0, s).log() + m[..., 0]
+    return torch.where(empty, _NEG_INF, out)
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """log(exp a + exp b) with -inf (and a zero gradient, not NaN) where both are -inf."""
+    both = (a == _NEG_INF) & (b == _NEG_INF)
+    out = torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b))
+    return torch.where(both, _NEG_INF, out)
+
+
+def student_buckets(
+    student_logits: Tensor, ids: Tensor, temperature: float = 1.0, kept: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The student's tempered log-probabilities over the teacher's K+1 buckets.
+
+    student_logits: (P, V) any float dtype; the softmax of ``logits / temperature`` over the
+        whole vocabulary is taken in float32 (float64 stays float64).
+    ids: (P, K) int64 bucket ids. kept: (P, K) bool, False on padding slots (which repeat a
+        kept id); None means all kept.
+    Returns ``(log q of each id (P, K), log q of the tail (P,))``; padding slots get -inf.
+
+    The tail is not ``log(1 - sum_k q_k)``: that cancels to -inf (and an infinite forward KL)
+    whenever the student's mass outside the ids falls under float32's epsilon, which a peaked
+    student reaches quickly. It is the logsumexp of the logits outside the ids, exact at any
+    size; the full normaliser is then ``logaddexp(kept, tail)``, so the price is one (P, V)
+    copy (the scatter), not a second pass.
+    Never NaN; gradients are finite, also when the tail is empty (every id kept).
+    """
+    x = student_logits.to(_math_dtype(student_logits))
+    if temperature != 1.0:
+        x = x / temperature  # (P, V)
+    ids = ids.to(x.device)
+    kept_x = x.gather(1, ids)  # (P, K)
+    if kept is not None:
+        kept_x = torch.where(kept.to(x.device), kept_x, _NEG_INF)
+    tail_x = _logsumexp(x.scatter(1, ids, _NEG_INF))  # (P,) padding slots repeat a kept id: harmless
+    lse = _logaddexp(torch.logsumexp(kept_x, 1), tail_x)  # (P,) the full-vocabulary normaliser
+    return kept_x - lse[:, None], tail_x - lse
+
+
+def _kl(a: Tensor, b: Tensor) -> Tensor:
+    """KL(a || b) per row from log-probs (P, B); a bucket where a = 0 adds 0 and no NaN gradient.
+
+    Where b = 0 but a > 0 the bucket reads b as float32's smallest normal mass (~1e-38): a float32
+    store cannot tell less from 0 (a teacher tail underflows there), so the loss stays finite.
+    Finite values of b are never clamped: a student at log q = -300 still gets its gradient.
+    """
+    has = a > _NEG_INF
+    a0, b0 = torch.where(has, a, 0.0), torch.where(has & (b > _NEG_INF), b, _LOG_FLOOR)
+    return torch.where(has, a0.exp() * (a0 - b0), 0.0).sum(-1)
+
+
+def bucket_divergence(
+    kind: str, teacher_lp: Tensor, teacher_tail: Tensor, student_lp: Tensor, student_tail: Tensor,
+    *, beta: float = 0.5, skew: float = 0.1,
+) -> Tensor:
+    """(P,) divergence between the teacher p and student q over K+1 buckets given as log-probs.
+
+    teacher_lp, student_lp: (P, K); teacher_tail, student_tail: (P,). 0 * log 0 = 0: a bucket
+    that is -inf on the weighting side adds 0 and no NaN gradient; one that is -inf only on the
+    other side counts as float32's smallest normal mass (~1e-38), the least the store resolves,
+    so every divergence stays finite.
+      kl:         KL(p || q), forward (mass-covering).
+      reverse-kl: KL(q || p), mode-seeking.
+      jsd:        generalised Jensen-Shannon, beta * KL(p || m) + (1 - beta) * KL(q || m) with
+                  m = beta * p + (1 - beta) * q: beta weights the *teacher* side (as TRL's GKD
+                  ``generalized_jsd_loss``); beta = 0.5 is the symmetric JSD.
+      skew-kl:    DistiLLM's skew KL (Ko et al. 2024), KL(p || skew * p + (1 - skew) * q); the
+                  paper uses skew = 0.1.
+    Computed in float32 (float64 if either side is float64).
+    """
+    dtype = _math_dtype(teacher_lp, student_lp)
+    p = torch.cat([teacher_lp, teacher_tail[:, None]], 1).to(device=student_lp.device, dtype=dtype)  # (P, K+1)
+    q = torch.cat([student_lp, student_tail[:, None]], 1).to(dtype)  # (P, K+1)
+    if kind == "kl":
+        return _kl(p, q)
+    if kind == "reverse-kl":
+        return _kl(q, p)
+    if kind == "jsd":
+        m = _logaddexp(p + math.log(beta), q + math.log1p(-beta))
+        return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+    if kind == "skew-kl":
+        return _kl(p, _logaddexp(p + math.log(skew), q + math.log1p(-skew)))
+    raise ConfigError(f"unknown loss {kind!r}: pass one of {', '.join(LOSSES)}")
+
+
+def _fmt(t: float) -> str:
+    return f"{t:g}"
+
+
+def _teacher_tempered(labels: SoftLabels, temperature: float) -> tuple[Tensor, Tensor]:
+    """labels.tempered(T), or a ConfigError naming the temperatures the store holds."""
+    held = (1.0, *labels.temperatures)
+    if temperature not in held:
+        names = [_fmt(t) for t in held]
+        choices = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise ConfigError(
+            f"temperature {_fmt(temperature)} is not in the store (it holds {', '.join(names)}): "
+            f"pass --temperature {choices}, or regenerate labels with --temperature {_fmt(temperature)}"
+        )
+    return labels.tempered(temperature)
+
+
+def _hard_ce(student_logits: Tensor, hard_labels: Tensor, ignore_index: int) -> Tensor:
+    """Mean cross-entropy of the untempered student over positions whose label != ignore_index (0 if none)."""
+    hard_labels = hard_labels.to(student_logits.device)
+    x = student_logits.to(_math_dtype(student_logits))
+    total = F.cross_entropy(x, hard_labels, ignore_index=ignore_index, reduction="sum")
+    return total / (hard_labels != ignore_index).sum().clamp_min(1)
+
+
+class _HintonMix(nn.Module):
+    """What both losses share: validation, the hard-label CE and the alpha / T^2 mix."""
+
+    def __init__(self, temperature: float, alpha: float, ignore_index: int):
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {alpha}: pass --alpha between 0 (pure distillation) and 1")
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}: pass --temperature 1 or more")
+        self.temperature, self.alpha, self.ignore_index = float(temperature), float(alpha), ignore_index
+
+    def _mix(self, student_logits: Tensor, soft: Tensor, hard_labels: Tensor | None) -> dict[str, Tensor | None]:
+        soft_part = (1.0 - self.alpha) * self.temperature**2 * soft
+        if self.alpha == 0.0:
+            return {"loss": soft_part, "soft": soft, "ce": None}
+        if hard_labels is None:
+            raise ConfigError(f"alpha = {self.alpha} mixes in hard labels but the data has none: pass --alpha 0")
+        ce = _hard_ce(student_logits, hard_labels, self.ignore_index)
+        return {"loss": self.alpha * ce + soft_part, "soft": soft, "ce": ce}
+
+    @staticmethod
+    def _check_positions(student_logits: Tensor, labels: SoftLabels) -> None:
+        if student_logits.dim() != 2 or student_logits.shape[0] != labels.num_positions:
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} do not match {labels.num_positions} label positions"
+            )
+
+
+class TopKDistillationLoss(_HintonMix):
+    """Hinton's mix over top-k labels:
+
+        loss = alpha * CE(student, hard) + (1 - alpha) * T^2 * mean_P divergence(teacher_T, student_T)
+
+    The divergence (one of ``LOSSES``) is taken over the K+1 buckets (stored ids + tail), with
+    the teacher's exact tempered log-probs from the store. Works on sampled labels too (their
+    padding slots are left out); their exact bucket distribution is as valid a target.
+
+    forward(student_logits (P, V), labels (P positions), hard_labels (P,) int64 or None)
+        -> {"loss": scalar, "soft": scalar mean divergence (unscaled), "ce": scalar or None}
+    ``ce`` is the untempered cross-entropy on the hard labels, mean over positions whose label is
+    not ``ignore_index``; it is None (and hard labels may be None) when alpha == 0.
+    """
+
+    def __init__(self, kind: str = "kl", temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5,
+                 skew: float = 0.1, ignore_index: int = -100):
+        super().__init__(temperature, alpha, ignore_index)
+        if kind not in LOSSES:
+            raise ConfigError(f"unknown loss {kind!r}: pass --loss one of {', '.join(LOSSES)}")
+        for name, value in (("beta", beta), ("skew", skew)):
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"{name} must be strictly between 0 and 1, got {value}: pass --{name} 0.5 or 0.1")
+        self.kind, self.beta, self.skew = kind, float(beta), float(skew)
+
+    def forward(self, student_logits: Tensor, labels: SoftLabels, hard_labels: Tensor | None = None):
+        self._check_positions(student_logits, labels)
+        teacher_lp, teacher_tail = _teacher_tempered(labels, self.temperature)  # (P, K), (P,)
+        kept = None if labels.counts is None else labels.counts > 0
+        student_lp, student_tail = student_buckets(student_logits, labels.topk_ids, self.temperature, kept)
+        div = bucket_divergence(self.kind, teacher_lp, teacher_tail, student_lp, student_tail,
+                                beta=self.beta, skew=self.skew)  # (P,)
+        return self._mix(student_logits, div.mean(), hard_labels)
+
+
+class SampledDistillationLoss(_HintonMix):
+    """Hinton's mix over sampled labels, with the sampled cross-entropy of "Sparse Logit
+    Sampling" (Anshumann et al. 2025) as the soft part:
+
+        soft = mean_P  -sum_k w_k log q_T(id_k),   w_k = count_k / M,  M = sum_k count_k
+
+    q_T is the student's full-vocabulary softmax at temperature T. When the draws came from the
+    teacher at the same temperature (``sample_temperature == temperature``) its expectation over
+    the draws is exactly the cross-entropy H(p_T, q_T), so its gradient is unbiased. ``soft`` is a
+    cross-entropy: it exceeds the forward KL by the teacher's entropy (a constant to the student).
+
+    For T != Ts (``sample_temperature``) the counts are reweighted by self-normalised importance
+    weights, w_k ∝ count_k * exp(log p_k / T - log p_k / Ts) (p_T / p_Ts up to normalisers, which
+    cancel). Self-normalisation makes that estimate biased by O(1/M), consistent as M grows.
+
+    forward(student_logits (P, V), labels with counts (P positions), hard_labels (P,) or None)
+        -> {"loss", "soft", "ce"} as for ``TopKDistillationLoss``.
+    """
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, sample_temperature: float = 1.0,
+                 ignore_index: int = -100):
+        super().__init__(temperature, alpha, ignore_index)
+        if not sample_temperature > 0:
+            raise ConfigError(f"sample_temperature must be > 0, got {sample_temperature}")
+        self.sample_temperature = float(sample_temperature)
+
+    def weights(self, labels: SoftLabels) -> Tensor:
+        """(P, K) float32 weights of the drawn ids, summing to 1 per position (0 on padding)."""
+        if labels.counts is None:
+            raise ConfigError("these soft labels have no draw counts (method 'topk'): use the top-k loss for them")
+        counts = labels.counts.double()  # (P, K)
+        kept = counts > 0
+        shift = 1.0 / self.temperature - 1.0 / self.sample_temperature
+        if shift == 0.0:
+            return (counts / counts.sum(1, keepdim=True)).float()
+        log_w = torch.where(kept, counts.log() + labels.topk_logprobs.double() * shift, _NEG_INF)
+        return log_w.softmax(1).float()
+
+    def forward(self, student_logits: Tensor, labels: SoftLabels, hard_labels: Tensor | None = None):
+        self._check_positions(student_logits, labels)
+        w = self.weights(labels).to(student_logits.device)  # (P, K)
+        x = student_logits.to(_math_dtype(student_logits)) / self.temperature  # (P, V)
+        log_q = x.gather(1, labels.topk_ids.to(x.device)) - x.logsumexp(1, keepdim=True)  # (P, K), finite
+        soft = -(w.to(x.dtype) * log_q).sum(1).mean()
+        return self._mix(student_logits, soft, hard_labels)
+
+
+def make_loss(method: str, kind: str, temperature: float, alpha: float, *, beta: float = 0.5, skew: float = 0.1,
+              sample_temperature: float = 1.0, ignore_index: int = -100) -> nn.Module:
+    """The loss for a store's label method: "topk" -> TopKDistillationLoss, "sample" -> SampledDistillationLoss."""
+    if method == "topk":
+        return TopKDistillationLoss(kind, temperature, alpha, beta, skew, ignore_index)
+    if method == "sample":
+        if kind != "kl":
+            raise ConfigError(
+                f"sampled labels support the cross-entropy (forward KL) objective only, not {kind!r}: "
+                "pass --loss kl, or regenerate labels with --method topk"
+            )
+        return SampledDistillationLoss(temperature, alpha, sample_temperature, ignore_index)
+    raise ConfigError(f"unknown label method {method!r}: the store's method must be one of {', '.join(METHODS)}")

@@ -1,0 +1,295 @@
+"""Distillation losses against naive float64 references: the bucketed divergences equal the dense
+ones computed from full logits, gradients pass gradcheck, peaked logits stay finite, and the
+sampled cross-entropy is unbiased. Every user-fixable mistake is one ConfigError."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.errors import ConfigError
+from distill.pipeline.losses import (LOSSES, SampledDistillationLoss, TopKDistillationLoss, bucket_divergence,
+                                     make_loss, student_buckets)
+from distill.storage import sampled_labels, topk_labels
+
+SHAPES = [(3, 7, 7), (5, 50, 10), (4, 33, 32), (6, 16, 1)]  # (P, V, K)
+SCALES = [0.1, 3.0, 20.0]  # logits from flat to peaked
+
+
+def logits(p, v, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(p, v, generator=g, dtype=torch.float64) * scale
+
+
+# --- naive references, float64, in probability space -----------------------------------------------
+
+
+def dense_divergence(kind, p, q, beta=0.5, skew=0.1):
+    """(P,) divergence between probability rows (P, B); 0 * log 0 = 0."""
+    def kl(a, b):
+        return torch.where(a > 0, a * (a.log() - b.log()), 0.0).sum(1)
+    if kind == "kl":
+        return kl(p, q)
+    if kind == "reverse-kl":
+        return kl(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    assert kind == "skew-kl"
+    return kl(p, skew * p + (1 - skew) * q)
+
+
+def bucketed(probs, ids):
+    """(P, K+1): the probabilities of the ids and the mass of every other id, summed directly."""
+    outside = torch.ones_like(probs).scatter_(1, ids, 0.0)
+    return torch.cat([probs.gather(1, ids), (probs * outside).sum(1, keepdim=True)], 1)
+
+
+def random_ids(p, v, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(p)])
+
+
+# --- the divergences against the dense ones -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_with_every_id_kept_each_divergence_equals_the_dense_one(kind, scale, temperature):
+    p, v = 5, 40
+    t, s = logits(p, v, scale, 1), logits(p, v, scale, 2)
+    ids = random_ids(p, v, v, 3)  # all ids, in no particular order: the tail is empty
+    teacher_lp = F.log_softmax(t / temperature, 1).gather(1, ids)
+    student_lp, student_tail = student_buckets(s, ids, temperature)
+    assert torch.all(student_tail == -math.inf)
+    no_tail = torch.full((p,), -math.inf, dtype=torch.float64)
+    got = bucket_divergence(kind, teacher_lp, no_tail, student_lp, student_tail)
+    want = dense_divergence(kind, F.softmax(t / temperature, 1), F.softmax(s / temperature, 1))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("p, v, k", SHAPES)
+def test_with_k_below_v_each_divergence_equals_the_dense_one_between_bucketed_distributions(kind, scale, p, v, k):
+    t, s, temperature = logits(p, v, scale, 4), logits(p, v, scale, 5), 1.5
+    ids = random_ids(p, v, k, 6)
+    teacher = bucketed(F.softmax(t / temperature, 1), ids)  # (P, K+1)
+    student_lp, student_tail = student_buckets(s, ids, temperature)
+    got = bucket_divergence(kind, teacher[:, :-1].log(), teacher[:, -1].log(), student_lp, student_tail,
+                            beta=0.3, skew=0.2)
+    want = dense_divergence(kind, teacher, bucketed(F.softmax(s / temperature, 1), ids), beta=0.3, skew=0.2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("p, v, k", SHAPES)
+def test_the_loss_on_stored_labels_uses_the_tempered_normalisers(kind, p, v, k):
+    t, s = logits(p, v, 3.0, 7).float(), logits(p, v, 3.0, 8)
+    labels = topk_labels(t, k, temperatures=(2.0,))
+    for temperature in (1.0, 2.0):
+        soft = TopKDistillationLoss(kind, temperature, alpha=0.0)(s, labels)["soft"]
+        teacher = bucketed(F.softmax(t.double() / temperature, 1), labels.topk_ids)
+        student = bucketed(F.softmax(s / temperature, 1), labels.topk_ids)
+        torch.testing.assert_close(soft, dense_divergence(kind, teacher, student).mean(), rtol=1e-6, atol=1e-9)
+
+
+def test_the_topk_loss_on_sampled_labels_leaves_padding_slots_out():
+    t, s = logits(6, 30, 2.0, 9).float(), logits(6, 30, 2.0, 10)
+    labels = sampled_labels(t, 12, generator=torch.Generator().manual_seed(0))
+    assert (labels.counts == 0).any()  # some padding slots, repeating a kept id
+    soft = TopKDistillationLoss("kl", alpha=0.0)(s, labels)["soft"]
+    kept = labels.counts > 0
+    want = []
+    for row in range(6):
+        ids = labels.topk_ids[row][kept[row]][None]
+        want.append(dense_divergence("kl", bucketed(F.softmax(t[row : row + 1].double(), 1), ids),
+                                     bucketed(F.softmax(s[row : row + 1], 1), ids)))
+    torch.testing.assert_close(soft, torch.cat(want).mean(), rtol=2e-5, atol=1e-7)
+
+
+# --- gradients and numerical safety -----------------------------------------------------------------
+
+
+def test_student_buckets_pass_gradcheck():
+    s = logits(3, 6, 2.0, 11).requires_grad_()
+    ids = random_ids(3, 6, 4, 12)
+    assert torch.autograd.gradcheck(lambda x: student_buckets(x, ids, 1.7), (s,))
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("k", [4, 6])  # 6 == V: both tails empty
+def test_each_divergence_passes_gradcheck_with_padding_slots_and_empty_tails(kind, k):
+    p, v = 3, 6
+    t, s = logits(p, v, 2.0, 13), logits(p, v, 2.0, 14).requires_grad_()
+    ids = random_ids(p, v, k, 15)
+    kept = torch.ones(p, k, dtype=torch.bool)
+    kept[0, -1], ids[0, -1] = False, ids[0, 0]  # a padding slot repeating a kept id
+    teacher = bucketed(F.softmax(t, 1), ids)  # the padding slot adds nothing to the tail: it repeats a kept id
+    teacher_lp = torch.where(kept, teacher[:, :-1].log(), -math.inf)
+    teacher_tail = teacher[:, -1].log()  # -inf on rows whose ids cover the vocabulary
+
+    def loss(x):
+        return bucket_divergence(kind, teacher_lp, teacher_tail, *student_buckets(x, ids, 1.3, kept), beta=0.4)
+
+    assert torch.isfinite(loss(s)).all()
+    assert torch.autograd.gradcheck(loss, (s,))
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("teacher_scale", [1.0, 80.0])
+@pytest.mark.parametrize("k", [62, 63, 64])
+def test_peaked_logits_and_k_close_to_v_give_finite_loss_and_gradients(kind, teacher_scale, k):
+    t = logits(8, 64, teacher_scale, 16).float()
+    s = (logits(8, 64, 60.0, 17).float()).requires_grad_()
+    labels = topk_labels(t, k, temperatures=(2.0,))
+    for temperature in (1.0, 2.0):
+        out = TopKDistillationLoss(kind, temperature, alpha=0.5)(s, labels, t.argmax(1))
+        (grad,) = torch.autograd.grad(out["loss"], s)
+        assert torch.isfinite(out["loss"]) and torch.isfinite(grad).all()
+
+
+def test_the_student_tail_keeps_its_digits_far_below_float32_epsilon():
+    s = torch.zeros(2, 10)
+    s[:, 0] = 60.0  # the mass outside ids {0, 1} is ~8 * exp(-60) ~ 7e-26
+    ids = torch.tensor([[0, 1], [0, 1]])
+    _, tail = student_buckets(s, ids)
+    want = F.log_softmax(s.double(), 1)[:, 2:].logsumexp(1)
+    torch.testing.assert_close(tail.double(), want, rtol=1e-6, atol=0)
+    # so a teacher with a real tail gives a finite forward KL, not log(0)
+    teacher_lp = torch.log(torch.tensor([[0.5, 0.3], [0.5, 0.3]]))
+    div = bucket_divergence("kl", teacher_lp, torch.log(torch.tensor([0.2, 0.2])), *student_buckets(s, ids))
+    assert torch.isfinite(div).all()
+
+
+def test_a_student_far_below_the_float32_floor_still_gets_its_gradient():
+    s = torch.zeros(1, 6, dtype=torch.float64)
+    s[0, 0] = 300.0  # log q of id 1 is -300: finite, so never read as the floor
+    s.requires_grad_()
+    ids = torch.tensor([[0, 1]])
+    teacher_lp, teacher_tail = torch.log(torch.tensor([[0.5, 0.3]])), torch.log(torch.tensor([0.2]))
+    div = bucket_divergence("kl", teacher_lp, teacher_tail, *student_buckets(s, ids))
+    (grad,) = torch.autograd.grad(div.sum(), s)
+    torch.testing.assert_close(grad[0, :2], torch.tensor([0.5, -0.3], dtype=torch.float64), rtol=1e-6, atol=1e-9)
+
+
+def test_half_precision_student_logits_are_computed_in_float32():
+    t, s = logits(4, 20, 2.0, 18).float(), logits(4, 20, 2.0, 19)
+    labels = topk_labels(t, 5)
+    loss = TopKDistillationLoss("kl", alpha=0.0)
+    out = loss(s.bfloat16(), labels)["soft"]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, loss(s.bfloat16().float(), labels)["soft"])
+
+
+# --- the Hinton mix ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha, temperature", [(0.5, 1.0), (0.3, 2.0), (1.0, 2.0)])
+def test_the_loss_is_alpha_ce_plus_t_squared_soft(alpha, temperature):
+    t, s = logits(6, 20, 2.0, 20).float(), logits(6, 20, 2.0, 21)
+    labels = topk_labels(t, 5, temperatures=(2.0,))
+    hard = torch.tensor([3, -100, 0, 19, -100, 7])
+    out = TopKDistillationLoss("jsd", temperature, alpha)(s, labels, hard)
+    torch.testing.assert_close(out["loss"], alpha * out["ce"] + (1 - alpha) * temperature**2 * out["soft"])
+    keep = hard != -100
+    torch.testing.assert_close(out["ce"], F.cross_entropy(s[keep], hard[keep]))
+
+
+def test_alpha_zero_needs_no_hard_labels_and_alpha_above_zero_does():
+    t, s = logits(4, 10, 1.0, 22).float(), logits(4, 10, 1.0, 23)
+    labels = topk_labels(t, 3)
+    out = TopKDistillationLoss(alpha=0.0, temperature=1.0)(s, labels, None)
+    assert out["ce"] is None
+    torch.testing.assert_close(out["loss"], out["soft"])
+    with pytest.raises(ConfigError, match="--alpha 0"):
+        TopKDistillationLoss(alpha=0.5)(s, labels, None)
+
+
+def test_positions_all_ignored_give_zero_ce_not_nan():
+    t, s = logits(3, 10, 1.0, 24).float(), logits(3, 10, 1.0, 25)
+    out = TopKDistillationLoss(alpha=0.5)(s, topk_labels(t, 3), torch.full((3,), -100))
+    assert out["ce"] == 0.0 and torch.isfinite(out["loss"])
+
+
+# --- sampled labels ---------------------------------------------------------------------------------
+
+
+def sampled_vs_dense(temperature, sample_temperature, draws, replicas=500, p=4, v=12):
+    """Soft loss and gradient over `replicas` independent draws per position, and the dense ones."""
+    t, s = logits(p, v, 1.5, 26).float(), logits(p, v, 1.5, 27).requires_grad_()
+    labels = sampled_labels(t.repeat(replicas, 1), draws, generator=torch.Generator().manual_seed(28),
+                            sample_temperature=sample_temperature)  # (replicas * P) independent rows
+    loss = SampledDistillationLoss(temperature, alpha=0.0, sample_temperature=sample_temperature)
+    soft = loss(s.repeat(replicas, 1), labels)["soft"]
+    (grad,) = torch.autograd.grad(soft, s)
+    target = F.softmax(t.double() / temperature, 1)
+    log_q = F.log_softmax(s / temperature, 1)
+    dense = -(target * log_q).sum(1).mean()
+    (dense_grad,) = torch.autograd.grad(dense, s)
+    # standard errors of the mean over replicas * draws independent draws per position
+    n = replicas * draws
+    se = ((target * log_q**2).sum(1) - (target * log_q).sum(1) ** 2).sum().sqrt().detach() / math.sqrt(n) / p
+    grad_se = (target * (1 - target)).sqrt() / math.sqrt(n) / p / temperature
+    return soft.detach(), dense.detach(), se, grad, dense_grad, grad_se
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_cross_entropy_is_unbiased_at_the_sampling_temperature(temperature):
+    soft, dense, se, grad, dense_grad, grad_se = sampled_vs_dense(temperature, temperature, draws=8)
+    assert abs(float(soft - dense)) < 5 * float(se)
+    assert ((grad - dense_grad).abs() < 5 * grad_se + 1e-9).all()
+
+
+def test_sampled_cross_entropy_reweights_draws_from_another_temperature():
+    soft, dense, se, grad, dense_grad, grad_se = sampled_vs_dense(2.0, 1.0, draws=64, replicas=400)
+    # self-normalised importance weights: biased by O(1/M), so a generous allowance on top of the noise
+    assert abs(float(soft - dense)) < 5 * float(se) + 0.01 * float(dense)
+    assert ((grad - dense_grad).abs() < 5 * grad_se + 0.02 * dense_grad.abs().max()).all()
+
+
+def test_sampled_loss_mixes_like_the_topk_one():
+    t, s = logits(5, 10, 1.0, 29).float(), logits(5, 10, 1.0, 30)
+    labels = sampled_labels(t, 6, generator=torch.Generator().manual_seed(31))
+    hard = torch.tensor([1, 2, -100, 4, 5])
+    out = SampledDistillationLoss(2.0, alpha=0.25, sample_temperature=2.0)(s, labels, hard)
+    torch.testing.assert_close(out["loss"], 0.25 * out["ce"] + 0.75 * 4.0 * out["soft"])
+    w = labels.counts.double() / 6
+    want = -(w * F.log_softmax(s / 2.0, 1).gather(1, labels.topk_ids)).sum(1).mean()
+    torch.testing.assert_close(out["soft"], want)
+
+
+# --- configuration errors ---------------------------------------------------------------------------
+
+
+def test_a_temperature_not_in_the_store_names_the_held_ones():
+    t, s = logits(3, 10, 1.0, 32).float(), logits(3, 10, 1.0, 33)
+    labels = topk_labels(t, 4, temperatures=(2.0,))
+    msg = ("temperature 3 is not in the store (it holds 1, 2): pass --temperature 1 or 2, "
+           "or regenerate labels with --temperature 3")
+    with pytest.raises(ConfigError) as err:
+        TopKDistillationLoss(temperature=3.0, alpha=0.0)(s, labels)
+    assert str(err.value) == msg
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"alpha": -0.1}, {"alpha": 1.5}, {"kind": "forward"}, {"temperature": 0.0},
+    {"beta": 0.0}, {"beta": 1.0}, {"skew": 0.0},
+])
+def test_invalid_settings_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        TopKDistillationLoss(**kwargs)
+
+
+def test_make_loss_picks_the_loss_for_the_label_method():
+    assert isinstance(make_loss("topk", "jsd", 2.0, 0.5, beta=0.3), TopKDistillationLoss)
+    sampled = make_loss("sample", "kl", 2.0, 0.5, sample_temperature=2.0)
+    assert isinstance(sampled, SampledDistillationLoss) and sampled.sample_temperature == 2.0
+    with pytest.raises(ConfigError, match="forward KL"):
+        make_loss("sample", "reverse-kl", 1.0, 0.5)
+    with pytest.raises(ConfigError, match="method"):
+        make_loss("dense", "kl", 1.0, 0.5)
+    with pytest.raises(ConfigError, match="draw counts"):
+        SampledDistillationLoss(alpha=0.0)(torch.zeros(2, 5), topk_labels(torch.randn(2, 5), 2))
