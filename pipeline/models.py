@@ -293,8 +293,9 @@ def _load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None):
         # a config without weights: a fresh model of that architecture (a student to train), seeded
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            module = _hf_call(auto.from_config, config.spec, path, config=hf_config,
-                              trust_remote_code=config.trust_remote_code, dtype=dtype or torch.float32)
+            module = auto.from_config(hf_config, trust_remote_code=config.trust_remote_code)
+        if dtype is not None:
+            module.to(dtype)
         describe = {"trust_remote_code": config.trust_remote_code, "config": _stable_config(module.config.to_dict()),
                     "initialised": "from config, seed 0"}
         return module, task, describe

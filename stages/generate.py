@@ -208,13 +208,15 @@ def _compute_dtype(config: GenerateConfig, device: torch.device) -> str:
 
 
 def _tokenizer(config: GenerateConfig) -> str | None:
-    """The teacher's own tokenizer when the teacher is a Hugging Face directory that has one."""
-    if config.tokenizer is not None:
-        return config.tokenizer
+    """--tokenizer, else the teacher's own when the teacher is a Hugging Face directory that has one."""
+    return config.tokenizer if config.tokenizer is not None else tokenizer_beside(config.teacher)
+
+
+def tokenizer_beside(model_spec: str | None) -> str | None:
+    """``model_spec`` itself when it is a directory holding a Hugging Face tokenizer, else None."""
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if config.teacher and os.path.isdir(config.teacher) and any(
-            os.path.exists(os.path.join(config.teacher, n)) for n in names):
-        return config.teacher
+    if model_spec and os.path.isdir(model_spec) and any(os.path.exists(os.path.join(model_spec, n)) for n in names):
+        return model_spec
     return None
 
 

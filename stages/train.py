@@ -239,7 +239,10 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
 # --- pieces ---------------------------------------------------------------------------------
 
 def _data_config(config: TrainConfig, spec: str, split: str, task: str) -> DataConfig:
-    return DataConfig(spec, split=split, task=task, tokenizer=config.tokenizer, seq_len=config.seq_len,
+    from distill.stages.generate import tokenizer_beside
+
+    tokenizer = config.tokenizer or tokenizer_beside(config.model)  # a Hugging Face student's own tokenizer
+    return DataConfig(spec, split=split, task=task, tokenizer=tokenizer, seq_len=config.seq_len,
                       text_column=config.text_column, ids_column=config.ids_column,
                       label_column=config.label_column, limit=config.limit)
 

@@ -156,3 +156,21 @@ def test_make_teacher_and_student(labelled, tmp_path):
                               cwd=REPO, capture_output=True, text=True, env=_env(), timeout=240)
         assert proc.returncode == 0, proc.stderr
         assert "model saved" in proc.stdout
+
+
+def test_hugging_face_student_from_a_config(tmp_path):
+    from datahelp import SENTENCES, make_hf_tokenizer, write_jsonl
+    from modelhelp import make_hf_causal_lm
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    teacher = make_hf_causal_lm(tmp_path / "teacher", vocab=300, n_embd=32)
+    make_hf_tokenizer(teacher, vocab_size=300)
+    student = tmp_path / "student-config"
+    GPT2Config(vocab_size=300, n_layer=1, n_embd=16, n_head=2, n_positions=64).save_pretrained(student)
+    make_hf_tokenizer(student, vocab_size=300)  # the same tokenizer, beside the student's config
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": s} for s in SENTENCES])
+    run("generate-labels", "--teacher", teacher, "--data", data, "--out", tmp_path / "labels", "--k", 8, "--seq-len", 32)
+    run("train-student", "--labels", tmp_path / "labels", "--student", student, "--data", data, "--seq-len", 32,
+        "--out", tmp_path / "run", "--steps", 4, "--batch-size", 4, "--workers", 0)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # transformers loads it as it is
+    assert saved.config.n_embd == 16 and (tmp_path / "run" / "model" / "config.json").exists()
