@@ -218,7 +218,8 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
                              world=team.world, shuffle_buffer=config.shuffle_buffer, workers=config.workers)
         evaluate = None
         if config.eval_split is not None:
-            held_out = load_data(_data_config(config, config.eval_data or config.data, config.eval_split, student.task))
+            held_out = load_data(dataclasses.replace(  # --limit trims the training data, never the held-out split
+                _data_config(config, config.eval_data or config.data, config.eval_split, student.task), limit=None))
             evaluate = _evaluator(student, held_out, config.batch_size, device, _autocast(config, device))
         schedule = config.schedule()
         if schedule.eval_every is None and evaluate is not None:
