@@ -208,6 +208,72 @@ def generate_labels(ctx: click.Context, as_json: bool, **params) -> None:
         click.echo(_format_summary(result["store"]))
 
 
+def _evaluate_data_options(f):
+    """``_data_options`` with evaluate's own default split, test."""
+    f = _data_options(f)
+    for param in f.__click_params__:
+        if param.name == "split":
+            param.help = "Data split to evaluate [default: test]."
+    return f
+
+
+@cli.command()
+@click.option("--model", help="The model to evaluate: a run directory, Hugging Face directory, TorchScript file, built-in or package.module:factory.")
+@click.option("--data", help="Data spec, as for generate-labels.")
+@click.option("--teacher", help="A teacher model spec: agreement with it, its own figures and the retention line.")
+@click.option("--labels", help="A soft-label store of this data (instead of --teacher): agreement with the stored teacher.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto; the CPU for a dynamic-int8 model].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto: bf16 autocast on CUDA [default: auto].")
+@click.option("--batch-size", type=int, help="Examples per batch for the metric and agreement [default: 64].")
+@click.option("--throughput-batch", type=int, help="Examples per batch for throughput [default: 256, or 16 sequences for causal LMs].")
+@click.option("--warmup", type=int, help="Untimed passes before timing [default: 3].")
+@click.option("--repeats", type=int, help="Timed passes; latency and throughput are their median [default: 10].")
+@click.option("--weights", help="Weights for --model: .safetensors, or a state dict (weights_only).")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Let Hugging Face models run code from their directories.")
+@click.option("--task", type=click.Choice(["classification", "causal-lm"]), help="The task [default: inferred].")
+@_evaluate_data_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it.")
+@click.pass_context
+def evaluate(ctx: click.Context, as_json: bool, **params) -> None:
+    """Report a model's metric (accuracy, or perplexity for causal LMs), size, latency and throughput.
+
+    With --teacher also the teacher's figures, top-1 agreement and KL with it, and how much
+    of the teacher the model keeps; with --labels, agreement with the stored teacher.
+    """
+    from distill.stages.evaluate import EvaluateConfig, evaluate_model, format_report
+
+    report = evaluate_model(_stage_config(ctx, EvaluateConfig, "evaluate", params))
+    click.echo(json.dumps(report) if as_json else format_report(report))
+
+
+@cli.command()
+@click.option("--model", help="The model to quantize: a run directory, a Hugging Face causal LM, a built-in or package.module:factory.")
+@click.option("--out", help="Output run directory: model/model.pt (TorchScript), model/model.json, summary.json.")
+@click.option("--method", help="dynamic-int8 (CPU) or weight-only-int8 (GPU target) [default: dynamic-int8].")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace another quantized model in --out.")
+@click.option("--weights", help="Weights for --model: .safetensors, or a state dict (weights_only).")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Let a Hugging Face model run code from its directory.")
+@click.option("--task", type=click.Choice(["classification", "causal-lm"]), help="The task [default: inferred].")
+@click.option("--data", help="Examples to trace a model that TorchScript cannot compile [default: the run directory's data].")
+@_data_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it.")
+@click.pass_context
+def quantize(ctx: click.Context, as_json: bool, **params) -> None:
+    """Quantize a trained model's Linear layers to int8; evaluate accepts the output directory."""
+    from distill.stages.quantize import QuantizeConfig, quantize_model
+
+    summary = quantize_model(_stage_config(ctx, QuantizeConfig, "quantize", params))
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        click.echo(f"quantized {summary['quantized_linears']} Linear layer(s) ({summary['method']}); "
+                   f"{summary['bytes_before']:,} -> {summary['bytes_after']:,} bytes; model saved in {summary['out']}/model")
+        if "note" in summary:
+            click.echo(f"note: {summary['note']}")
+
+
 @cli.command()
 @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the demo's store, checkpoints and report.")

@@ -145,7 +145,8 @@ def _saved_model(config: ModelConfig) -> ModelConfig:
     """A run directory (or its ``model/``) written by train-student/train-teacher, as the spec it was saved from.
 
     ``model/`` holds a Hugging Face model (config.json), or ``model.json`` (how to rebuild
-    a built-in or factory model) beside ``model.safetensors``.
+    a built-in or factory model) beside ``model.safetensors``, or (kind "torchscript",
+    from `distill quantize`) beside the TorchScript archive it names.
     """
     path = config.spec
     if not os.path.isdir(path):
@@ -166,6 +167,9 @@ def _saved_model(config: ModelConfig) -> ModelConfig:
         spec = f"{saved['name']}:{options}" if options else saved["name"]
     elif saved.get("kind") == "factory":
         spec = saved["factory"]
+    elif saved.get("kind") == "torchscript":  # written by `distill quantize`: the archive beside model.json
+        archive = os.path.join(path, os.path.basename(saved.get("file", "model.pt")))
+        return dataclasses.replace(config, spec=archive, task=config.task or saved.get("task"))
     else:
         raise ConfigError(f"{described} describes a {saved.get('kind')!r} model, which cannot be rebuilt; retrain it")
     return dataclasses.replace(config, spec=spec, weights=os.path.join(path, "model.safetensors"),
@@ -432,8 +436,11 @@ def _output_size(module: nn.Module, spec: str) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     linears = [m for m in module.modules() if isinstance(m, nn.Linear) or getattr(m, "original_name", None) == "Linear"]
-    if linears:
-        return int(linears[-1].weight.shape[0])
+    if linears:  # a quantized Linear (TorchScript) has out_features but no weight tensor
+        weight = getattr(linears[-1], "weight", None)
+        size = getattr(linears[-1], "out_features", None) or (weight.shape[0] if isinstance(weight, torch.Tensor) else None)
+        if isinstance(size, int) and size > 0:
+            return size
     raise ConfigError(f"cannot tell the output size of model {spec!r}; give the module an output_size attribute "
                       "(the number of classes, or the vocabulary size)")
 

@@ -1,0 +1,394 @@
+"""`distill evaluate`: how good a model is, how close to its teacher, how big and how fast.
+
+Reads top to bottom: load the model (and the teacher, or open the soft-label store), load
+the data, refuse a store made for other data, run over the data once for the task metric
+and the agreement with the teacher, then time the model: latency at batch 1 and
+throughput at a large batch, each the median of repeats after a warm-up.
+
+What is reported, per model:
+
+    metric, value   accuracy (classification) or perplexity = exp(mean next-token CE)
+                    (causal LM) over the positions that have a target, with positions and
+                    next-token targets exactly as stage two aligns them
+    params          parameters of the module (tied weights once); a model written by
+                    `distill quantize` reports its source's count, which quantization keeps
+    bytes           size on disk of the saved weights: the run directory's weights file
+                    (model.safetensors, or model.pt for a quantized model), a Hugging Face
+                    directory's weight files, a TorchScript file or a --weights file; a
+                    built-in or factory with no file: what its float32 state dict would take
+                    (``bytes_source`` says which)
+    latency_ms      one forward pass at batch 1 (the first example): median of ``repeats``
+    throughput      examples/s (classification) or tokens/s (causal LM) at a batch of
+                    ``throughput_batch`` examples, median of ``repeats``
+
+Agreement with the teacher (at every position, as the store holds them): with ``teacher``
+the teacher runs over the same batches: top-1 agreement and the mean full-vocabulary
+KL(teacher || model) at T=1; with ``labels`` the store's top-1 id (the largest stored
+log-prob; for a sampled store, the likeliest drawn id) and the mean KL over the store's
+K+1 buckets, KL(teacher buckets || model buckets), at T=1.
+
+Given a teacher, the retention line compares the two: ``retention`` is model/teacher for
+accuracy and teacher/model for perplexity (lower is better, so a student at the teacher's
+perplexity keeps 100% and a worse one less); ``size_ratio`` is bytes/teacher_bytes and
+``speedup`` teacher latency / model latency at batch 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from distill.errors import ConfigError, StoreError
+from distill.pipeline.data import DataConfig, ExampleSet, load_data
+from distill.pipeline.losses import bucket_divergence, student_buckets
+from distill.pipeline.models import LoadedModel, ModelConfig, load_model
+from distill.pipeline.runtime import resolve_device
+from distill.stages.train import PRECISIONS, _autocast, _positions, _to
+
+__all__ = ["EvaluateConfig", "evaluate_model", "format_report", "retention_line", "model_bytes"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ts", ".jit")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of `distill evaluate`.
+
+    model:            the model to evaluate: a run directory, a Hugging Face directory, a TorchScript file,
+                      a built-in or package.module:factory (with ``weights``).
+    data:             data spec, as for generate-labels; ``split`` defaults to "test" here.
+    teacher:          a teacher model spec: run it for agreement, and report its own figures and the retention line.
+    labels:           a soft-label store of this data (instead of ``teacher``): agreement with the stored teacher.
+    device:           auto, cpu, cuda, cuda:N (auto picks the CPU when a model is dynamic-int8, whose kernels run there only).
+    precision:        auto (bf16 autocast on CUDA), fp32, bf16.
+    batch_size:       examples per batch while computing the metric and agreement.
+    throughput_batch: examples per batch for throughput; None: 256 for classifiers, 16 sequences for causal LMs.
+    warmup, repeats:  untimed passes, then timed passes (median) for latency and throughput.
+    weights, task:    for ``model``, as for train-student; trust_remote_code: for ``model`` and ``teacher``.
+    split, tokenizer, seq_len, text_column, ids_column, label_column, limit: how the data is read.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    teacher: str | None = None
+    labels: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 64
+    throughput_batch: int | None = None
+    warmup: int = 3
+    repeats: int = 10
+    weights: str | None = None
+    trust_remote_code: bool = False
+    task: str | None = None
+    split: str = "test"
+    tokenizer: str | None = None
+    seq_len: int = 256
+    text_column: str | None = None
+    ids_column: str | None = None
+    label_column: str | None = None
+    limit: int | None = None
+
+    def __post_init__(self):
+        if not self.model or not self.data:
+            raise ConfigError("missing --model or --data: evaluate needs both")
+        if self.teacher and self.labels:
+            raise ConfigError("pass --teacher or --labels, not both: agreement is measured against one of them")
+        for name in ("batch_size", "throughput_batch", "repeats"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown --precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+
+
+def evaluate_model(config: EvaluateConfig) -> dict:
+    """Evaluate ``config.model`` on the data; returns the report as a JSON-able dict (see the module docstring).
+
+    Keys: model, task, device, metric, value, positions, params, bytes, bytes_source, latency_ms,
+    throughput, throughput_unit; with a teacher or a store also agreement, kl, agreement_with;
+    with a teacher also teacher (the same figures for it), teacher_value, retention, size_ratio, speedup.
+    """
+    from distill.stages.generate import tokenizer_beside
+
+    device = _device(config)
+    model = load_model(ModelConfig(config.model, weights=config.weights, task=config.task,
+                                   trust_remote_code=config.trust_remote_code), device=device)
+    teacher = None if not config.teacher else load_model(
+        ModelConfig(config.teacher, trust_remote_code=config.trust_remote_code), device=device)
+    tokenizer = config.tokenizer or tokenizer_beside(config.model) or tokenizer_beside(config.teacher)
+    data = load_data(DataConfig(config.data, split=config.split, task=model.task, tokenizer=tokenizer,
+                                seq_len=config.seq_len, text_column=config.text_column, ids_column=config.ids_column,
+                                label_column=config.label_column, limit=config.limit))
+    if len(data) == 0:
+        raise ConfigError(f"data {config.data!r} (split {config.split!r}) has no examples: check the spec and --split")
+    store = _open_labels(config, model, data) if config.labels else None
+    if teacher is not None:
+        _check_teacher(config, model, teacher)
+
+    autocast = _autocast(config, device)
+    with torch.inference_mode():
+        quality = _quality(model, teacher, store, data, config.batch_size, device, autocast)
+        report = {"model": config.model, "task": model.task, "device": str(device), "split": config.split,
+                  **quality["model"], **_footprint(model), **_speed(model, data, config, device, autocast)}
+        if "agreement" in quality:
+            report.update(agreement=quality["agreement"], kl=quality["kl"],
+                          agreement_with="teacher" if teacher is not None else "labels")
+        if teacher is not None:
+            theirs = {**quality["teacher"], **_footprint(teacher), **_speed(teacher, data, config, device, autocast)}
+            report.update(teacher={"model": config.teacher, **theirs}, teacher_value=theirs["value"],
+                          **_compare(report, theirs))
+    return report
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+def _device(config: EvaluateConfig) -> torch.device:
+    from distill.stages.quantize import cpu_only
+
+    pinned = next((spec for spec in (config.model, config.teacher) if spec and cpu_only(spec)), None)
+    if pinned is not None and config.device == "auto":
+        return torch.device("cpu")
+    device = resolve_device(config.device)
+    if pinned is not None and device.type != "cpu":
+        raise ConfigError(f"{pinned} is a dynamic-int8 model, whose kernels run on the CPU only: pass --device cpu, "
+                          "or quantize with --method weight-only-int8 for a GPU")
+    return device
+
+
+def _check_teacher(config: EvaluateConfig, model: LoadedModel, teacher: LoadedModel) -> None:
+    if teacher.task != model.task:
+        raise ConfigError(f"the teacher {config.teacher!r} does {teacher.task} but the model {config.model!r} "
+                          f"does {model.task}: compare models of one task")
+    if teacher.output_size != model.output_size:
+        raise ConfigError(f"the teacher outputs {teacher.output_size} values but the model {model.output_size}: "
+                          "agreement needs one vocabulary (or set of classes)")
+
+
+def _open_labels(config: EvaluateConfig, model: LoadedModel, data: ExampleSet):
+    from distill.storage import open_store
+
+    store = open_store(config.labels)
+    spec = store.spec
+    if not store.complete:
+        raise StoreError(f"the store {config.labels} is not complete ({len(store.complete_shards())} of "
+                         f"{spec.num_shards} shards): finish it with `distill generate-labels` first")
+    if data.fingerprint() != spec.dataset_fingerprint:
+        raise ConfigError(f"the store {config.labels} was made from other data (dataset fingerprint "
+                          f"{spec.dataset_fingerprint[:19]}..., this data {data.fingerprint()[:19]}...): pass the "
+                          "same --data, --split, --seq-len and --limit as generate-labels")
+    if spec.vocab_size != model.output_size:
+        raise ConfigError(f"the model outputs {model.output_size} values but the store's vocabulary is "
+                          f"{spec.vocab_size}: evaluate a model with the teacher's output size")
+    return store
+
+
+# --- one pass over the data: the metric, and agreement with the teacher ------------------------
+
+class _Score:
+    """Running task metric over positions with a target (hard label != -100)."""
+
+    def __init__(self):
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+
+    def add(self, logits: torch.Tensor, hard: torch.Tensor) -> None:
+        keep = hard != -100
+        logits, hard = logits[keep].float(), hard[keep]  # (P', V), (P',)
+        self.loss_sum += float(F.cross_entropy(logits, hard, reduction="sum"))
+        self.correct += int((logits.argmax(-1) == hard).sum())
+        self.count += len(hard)
+
+    def result(self, task: str) -> dict:
+        if self.count == 0:
+            return {"metric": "perplexity" if task == "causal-lm" else "accuracy", "value": None, "positions": 0}
+        mean = self.loss_sum / self.count
+        if task == "causal-lm":
+            return {"metric": "perplexity", "value": math.exp(min(mean, 700.0)), "loss": mean, "positions": self.count}
+        return {"metric": "accuracy", "value": self.correct / self.count, "loss": mean, "positions": self.count}
+
+
+def _quality(model: LoadedModel, teacher: LoadedModel | None, store, data: ExampleSet, batch_size: int,
+             device: torch.device, autocast) -> dict:
+    mine, theirs = _Score(), _Score()
+    agree, kl_sum, positions = 0, 0.0, 0
+    for batch, labels in _batches(data, store, batch_size):
+        batch = _to(batch, device)
+        with autocast:
+            logits, hard = _positions(model, model.module, batch, model.task)  # (P, V), (P,)
+            teacher_logits = None if teacher is None else _positions(teacher, teacher.module, batch, model.task)[0]
+        mine.add(logits, hard)
+        if teacher_logits is not None:
+            theirs.add(teacher_logits, hard)
+            a, kl = _agreement_with_logits(teacher_logits, logits)
+        elif labels is not None:
+            if labels.num_positions != len(logits):
+                raise StoreError(f"a batch has {len(logits)} positions in the data but {labels.num_positions} in "
+                                 "the store: regenerate the store from this data")
+            a, kl = _agreement_with_labels(labels, logits)
+        else:
+            continue
+        agree, kl_sum, positions = agree + a, kl_sum + kl, positions + len(logits)
+    out = {"model": mine.result(model.task)}
+    if teacher is not None:
+        out["teacher"] = theirs.result(model.task)
+    if teacher is not None or store is not None:
+        out["agreement"] = agree / positions if positions else None
+        out["kl"] = kl_sum / positions if positions else None
+    return out
+
+
+def _batches(data: ExampleSet, store, batch_size: int):
+    """(batch, labels of its examples or None): consecutive examples; with a store, its batches (never across shards)."""
+    if store is None:
+        for a in range(0, len(data), batch_size):
+            yield data.collate([data[i] for i in range(a, min(a + batch_size, len(data)))]), None
+        return
+    for labels in store.iter_batches(batch_size):
+        a = labels.example_start
+        yield data.collate([data[i] for i in range(a, a + labels.num_examples)]), labels
+
+
+def _agreement_with_logits(teacher_logits: torch.Tensor, logits: torch.Tensor) -> tuple[int, float]:
+    """Top-1 matches and the summed full-vocabulary KL(teacher || model) over (P, V) logits at T=1."""
+    p_log = teacher_logits.float().log_softmax(-1)  # (P, V)
+    q_log = logits.float().log_softmax(-1)  # (P, V)
+    kl = F.kl_div(q_log, p_log, log_target=True, reduction="sum")
+    return int((teacher_logits.argmax(-1) == logits.argmax(-1)).sum()), float(kl)
+
+
+def _agreement_with_labels(labels, logits: torch.Tensor) -> tuple[int, float]:
+    """Top-1 matches with the store's top-1 id and the summed KL over its K+1 buckets at T=1."""
+    ids = labels.topk_ids.to(logits.device)  # (P, K)
+    teacher_lp = labels.topk_logprobs.to(logits.device)  # (P, K), -inf on a sampled store's padding slots
+    top1 = ids.gather(1, teacher_lp.argmax(1, keepdim=True))[:, 0]  # (P,)
+    kept = None if labels.counts is None else labels.counts.to(logits.device) > 0
+    student_lp, student_tail = student_buckets(logits, ids, 1.0, kept)
+    kl = bucket_divergence("kl", teacher_lp, labels.tail_logprob.to(logits.device), student_lp, student_tail)
+    return int((logits.argmax(-1) == top1).sum()), float(kl.sum())
+
+
+# --- size and speed -------------------------------------------------------------------------------
+
+def _footprint(model: LoadedModel) -> dict:
+    count = getattr(model.module, "num_parameters", None)  # set by `distill quantize`: packed weights are no parameters
+    if not isinstance(count, int) or isinstance(count, bool):
+        count = sum(p.numel() for p in model.module.parameters())
+    size, source = model_bytes(model)
+    return {"params": int(count), "bytes": size, "bytes_source": source}
+
+
+def model_bytes(model: LoadedModel) -> tuple[int, str]:
+    """Bytes of the model's saved weights on disk, and where they were counted.
+
+    A Hugging Face directory: its weight files; a TorchScript file or a weights file (a run
+    directory's model.safetensors): that file; otherwise (a built-in or factory with no file)
+    the bytes its state dict would take in float32 (other dtypes at their own size), tied tensors once.
+    """
+    kind, spec, weights = model.describe.get("kind"), model.describe.get("spec"), model.describe.get("weights")
+    if kind == "hf" and os.path.isdir(spec):
+        files = sorted(f for f in os.listdir(spec) if f.endswith(WEIGHT_SUFFIXES))
+        if files:
+            return sum(os.path.getsize(os.path.join(spec, f)) for f in files), f"files: {', '.join(files)}"
+    for path in (weights, spec if kind == "torchscript" else None):
+        if path and os.path.isfile(path):
+            return os.path.getsize(path), f"file: {os.path.basename(path)}"
+    seen, size = set(), 0
+    for tensor in model.module.state_dict().values():
+        if not isinstance(tensor, torch.Tensor) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        size += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+    return size, "float32 state dict (no file)"
+
+
+def _speed(model: LoadedModel, data: ExampleSet, config: EvaluateConfig, device: torch.device, autocast) -> dict:
+    causal = model.task == "causal-lm"
+    one = _to(data.collate([data[0]]), device)
+    n = config.throughput_batch or (16 if causal else 256)
+    many = _to(data.collate([data[i % len(data)] for i in range(n)]), device)
+    latency = _median_seconds(model, one, device, autocast, config.warmup, config.repeats)
+    seconds = _median_seconds(model, many, device, autocast, config.warmup, config.repeats)
+    work = int(many["attention_mask"].sum()) if causal else n
+    return {"latency_ms": latency * 1e3, "throughput": work / seconds,
+            "throughput_unit": "tokens/s" if causal else "examples/s", "throughput_batch": n}
+
+
+def _median_seconds(model: LoadedModel, batch: dict, device: torch.device, autocast, warmup: int, repeats: int) -> float:
+    """Median wall time of one forward pass over ``batch``, after ``warmup`` untimed passes."""
+    times = []
+    for i in range(warmup + repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            model.logits(batch)
+        _synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _compare(mine: dict, theirs: dict) -> dict:
+    """retention (model/teacher for accuracy, teacher/model for perplexity), size_ratio, speedup."""
+    retention = None
+    if mine["value"] is not None and theirs["value"]:
+        retention = (theirs["value"] / mine["value"] if mine["metric"] == "perplexity"
+                     else mine["value"] / theirs["value"])
+    return {"retention": retention,
+            "size_ratio": mine["bytes"] / theirs["bytes"] if theirs["bytes"] else None,
+            "speedup": theirs["latency_ms"] / mine["latency_ms"] if mine["latency_ms"] > 0 else None}
+
+
+# --- the human-readable report ----------------------------------------------------------------------
+
+def format_report(report: dict) -> str:
+    """An aligned table (teacher first, when given), then the retention and agreement lines."""
+    rows = [("model", report["metric"], "params", "size", "latency", "throughput")]
+    if "teacher" in report:
+        rows.append(_row("teacher", report["teacher"]))
+    rows.append(_row("student" if "teacher" in report else "model", report))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    if report.get("retention") is not None:
+        lines.append(retention_line(report))
+    if report.get("agreement") is not None:
+        lines.append(f"agreement with the {report['agreement_with']}: top-1 {report['agreement']:.1%}, "
+                     f"mean KL(teacher || model) {report['kl']:.4f} nats")
+    return "\n".join(lines)
+
+
+def retention_line(report: dict) -> str:
+    """``student keeps X% of the teacher's <metric>, is Y% smaller and Z× faster`` (larger / slower when so)."""
+    ratio, speedup = report["size_ratio"], report["speedup"]
+    size = "of unknown size" if ratio is None else f"{1 - ratio:.1%} smaller" if ratio <= 1 else f"{ratio - 1:.1%} larger"
+    speed = ("of unknown speed" if not speedup else f"{speedup:.1f}× faster" if speedup >= 1
+             else f"{1 / speedup:.1f}× slower")
+    return f"student keeps {report['retention']:.1%} of the teacher's {report['metric']}, is {size} and {speed}"
+
+
+def _row(name: str, r: dict) -> tuple[str, ...]:
+    value = "-" if r["value"] is None else f"{r['value']:.4f}"
+    unit = "tok/s" if r["throughput_unit"] == "tokens/s" else "ex/s"
+    return (f"{name} {r['model']}", value, f"{r['params']:,}", _human_bytes(r["bytes"]),
+            f"{r['latency_ms']:.3f} ms", f"{r['throughput']:,.0f} {unit}")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,385 @@
+"""`distill quantize`: distil, then quantise. A trained model in, an int8 model out that evaluate accepts.
+
+Reads top to bottom: load the model, refuse what cannot be quantized, replace its Linear
+layers by int8 ones, export the result as a TorchScript archive, and write the output
+run directory:
+
+    OUT/model/model.pt      the quantized model (torch.jit.save): loads back with
+                            torch.jit.load, which runs no pickled Python code
+    OUT/model/model.json    {"kind": "torchscript", "file": "model.pt", "method", "source", ...}:
+                            makes OUT itself a model spec, like a training run directory
+    OUT/summary.json        what this returns: bytes before and after, Linear layers quantized
+
+Every ``nn.Linear`` is quantized, and so is transformers' ``Conv1D`` (GPT-2's Linear with a
+transposed weight), rewritten as the Linear it computes. Embeddings, convolutions and norms
+stay in float; a Linear whose weight is tied to an embedding gets its own int8 copy.
+
+Methods:
+
+    dynamic-int8       for the CPU: ``torch.ao.quantization.quantize_dynamic`` on every
+                       ``nn.Linear`` (int8 weights, activations quantized on the fly by
+                       fbgemm/qnnpack kernels, which run on the CPU only). torch marks
+                       torch.ao.quantization deprecated in favour of the separate torchao
+                       package, but ships no replacement in torch itself; this is the one
+                       int8 matmul path in torch that is faster than float on a CPU. Its
+                       archive holds fbgemm's packed weights, and torch warns on loading one
+                       that quantized tensors are deprecated: a torch that drops them will not
+                       load it (re-quantize then). A torch without quantize_dynamic gets a
+                       one-line error naming weight-only-int8.
+    weight-only-int8   for a GPU (runs anywhere): int8 weights with one float scale per output
+                       channel (symmetric, max-abs / 127), dequantised at matmul time. It
+                       quarters the Linear weights' bytes on disk and in memory; it does not
+                       make the matmul itself faster (the float weight is rebuilt per call).
+                       Its archive holds plain int8 and float tensors.
+
+The archive is ``torch.jit.script`` of the quantized module when the module scripts (the
+built-ins do; the code then runs on any device and any shape), else ``torch.jit.trace`` on
+examples of the data, checked against the quantized module on other examples (another
+batch size and, for token ids, another length), and refused if it differs. A thin scripted
+wrapper keeps ``task``, ``output_size`` and ``num_parameters`` as attributes (a quantized
+Linear is no ``nn.Linear`` and holds no parameters) and the source's fingerprint as a buffer
+(packed int8 weights are not in a TorchScript state dict, so the model fingerprint would miss them).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.errors import ConfigError
+from distill.pipeline.data import DataConfig, load_data
+from distill.pipeline.models import LoadedModel, ModelConfig, load_model
+
+__all__ = ["METHODS", "QuantizeConfig", "quantize_model", "Int8WeightOnlyLinear", "cpu_only"]
+
+METHODS = ("dynamic-int8", "weight-only-int8")
+_OUTPUT_ENTRIES = frozenset({"model", "model.tmp", "summary.json", "summary.json.tmp"})
+_DATA_KEYS = ("data", "split", "tokenizer", "seq_len", "text_column", "ids_column", "label_column")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """Settings of `distill quantize`.
+
+    model:     the model to quantize: a run directory (what train-student writes), a Hugging Face causal LM
+               directory, a built-in or package.module:factory (with ``weights``).
+    out:       the output run directory (model/model.pt, model/model.json, summary.json).
+    method:    dynamic-int8 (CPU) or weight-only-int8 (GPU target; runs anywhere).
+    overwrite: replace another quantize output in ``out`` (the same model and method is redone without it).
+    weights, trust_remote_code, task: as for train-student.
+    data, split, tokenizer, seq_len, text_column, ids_column, label_column: examples to trace a model that
+               does not script; default: the run directory's own data settings (its config.json).
+    """
+
+    model: str | None = None
+    out: str = ""
+    method: str = "dynamic-int8"
+    overwrite: bool = False
+    weights: str | None = None
+    trust_remote_code: bool = False
+    task: str | None = None
+    data: str | None = None
+    split: str = "train"
+    tokenizer: str | None = None
+    seq_len: int = 256
+    text_column: str | None = None
+    ids_column: str | None = None
+    label_column: str | None = None
+    limit: int | None = None
+
+    def __post_init__(self):
+        if not self.model or not self.out:
+            raise ConfigError("missing --model or --out: quantize needs the model and an output directory")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}: use {' or '.join(METHODS)}")
+
+
+def quantize_model(config: QuantizeConfig) -> dict:
+    """Quantize ``config.model`` into ``config.out``; returns the summary (also written to summary.json).
+
+    Summary: out, method, source, task, params, quantized_linears, bytes_before (the source's
+    saved weights, as evaluate counts them), bytes_after (model.pt), size_ratio, export (script or trace).
+    """
+    from distill.stages.evaluate import model_bytes
+
+    if not os.path.exists(config.model) and os.sep in config.model:
+        raise ConfigError(f"model {config.model!r}: no such run directory or file; check the path")
+    source = load_model(ModelConfig(config.model, weights=config.weights, task=config.task,
+                                    trust_remote_code=config.trust_remote_code))
+    linears = _check_quantizable(config, source)
+    _prepare_out(config, source)
+    quantized = _quantize(source.module, config.method)
+    exported, how = _export(config, source, quantized)
+    bytes_before, _ = model_bytes(source)
+    summary = {"out": config.out, "method": config.method, "source": config.model, "task": source.task,
+               "params": exported.num_parameters, "quantized_linears": linears, "export": how,
+               "bytes_before": bytes_before}
+    bytes_after = _save(config, source, exported, summary)
+    summary.update(bytes_after=bytes_after, size_ratio=bytes_after / bytes_before if bytes_before else None)
+    if bytes_after >= bytes_before:
+        summary["note"] = ("the quantized model is not smaller on disk: its TorchScript code and the layers left "
+                           "in float (embeddings, convolutions, a tied output layer stored twice) outweigh the "
+                           "int8 Linear weights")
+    _write_json(os.path.join(config.out, "summary.json"), summary)
+    return summary
+
+
+def cpu_only(spec: str) -> bool:
+    """True when ``spec`` (an output directory, its model/, or its model.pt) is dynamic-int8: CPU kernels only."""
+    if os.path.isfile(spec):
+        saved = _read_json(os.path.join(os.path.dirname(spec), "model.json"))
+        named = os.path.join(os.path.dirname(spec), os.path.basename(str(saved.get("file", ""))))
+        if not (os.path.isfile(named) and os.path.samefile(named, spec)):
+            return False
+    else:
+        saved = _read_json(os.path.join(spec, "model", "model.json")) or _read_json(os.path.join(spec, "model.json"))
+    return saved.get("method") == "dynamic-int8"
+
+
+def _read_json(path: str) -> dict:
+    """The JSON object in ``path``, or {} when there is none."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+# --- checks and the output directory -------------------------------------------------------------
+
+def _check_quantizable(config: QuantizeConfig, source: LoadedModel) -> int:
+    kind = source.describe.get("kind")
+    if kind == "torchscript":
+        raise ConfigError(f"{config.model!r} is a TorchScript model (already exported, perhaps already quantized): "
+                          "quantize the run directory or model it came from")
+    if kind == "hf" and source.task != "causal-lm":
+        raise ConfigError(f"{config.model!r} is a Hugging Face classifier, which needs its attention mask and cannot "
+                          "be exported to TorchScript taking token ids alone: quantize causal LMs, built-ins or factories")
+    count = sum(isinstance(m, nn.Linear) or _is_hf_conv1d(m) for m in source.module.modules())
+    if count == 0:
+        raise ConfigError(f"model {config.model!r} has no nn.Linear layers, which is what quantize makes int8: "
+                          "there is nothing to quantize")
+    return count
+
+
+def _prepare_out(config: QuantizeConfig, source: LoadedModel) -> None:
+    """A new or empty --out, an interrupted one, or the same quantization again; anything else is refused."""
+    out = os.path.abspath(config.out)
+    if os.path.isdir(config.model) and out == os.path.abspath(config.model):
+        raise ConfigError("--out is the model's own run directory: write the quantized model to a new --out")
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ConfigError(f"--out {config.out} is a file: choose a directory")
+    if not set(os.listdir(out)) <= _OUTPUT_ENTRIES:
+        raise ConfigError(f"{config.out} exists and is not a quantize output: choose a new --out")
+    saved = _read_json(os.path.join(out, "model", "model.json"))
+    if not saved:
+        return  # interrupted before its model was in place
+    same = saved.get("source_fingerprint") == source.fingerprint and saved.get("method") == config.method
+    if not same and not config.overwrite:
+        raise ConfigError(f"{config.out} holds another quantized model ({saved.get('method')} of "
+                          f"{saved.get('source')}): use a new --out, or --overwrite to replace it")
+
+
+# --- quantizing ----------------------------------------------------------------------------------
+
+def _quantize(module: nn.Module, method: str) -> nn.Module:
+    module = _as_linears(copy.deepcopy(module).float().eval())
+    if method == "weight-only-int8":
+        return _weight_only(module)
+    quantization = getattr(torch, "ao", None) and getattr(torch.ao, "quantization", None)
+    quantize_dynamic = getattr(quantization, "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        raise ConfigError(f"this torch ({torch.__version__}) has no torch.ao.quantization.quantize_dynamic: "
+                          "use --method weight-only-int8")
+    with warnings.catch_warnings():  # deprecated in favour of torchao, which torch does not ship
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*")
+        return quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a Linear with a transposed (in, out) weight."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int) \
+        and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+
+
+def _as_linears(module: nn.Module) -> nn.Module:
+    """``module`` with every transformers Conv1D replaced by the nn.Linear it computes, so it is quantized too."""
+    for name, child in module.named_children():
+        if _is_hf_conv1d(child):
+            linear = nn.Linear(child.weight.shape[0], child.nf, bias=child.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(child.weight.t())  # (in, out) -> (out, in)
+                if child.bias is not None:
+                    linear.bias.copy_(child.bias)
+            setattr(module, name, linear)
+        else:
+            _as_linears(child)
+    return module
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """A Linear with int8 weights and one float32 scale per output channel, dequantised at matmul time.
+
+    forward(x (..., in_features)) -> (..., out_features) in x's dtype.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()  # (out, in)
+        scale = weight.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127.0  # (out,)
+        self.register_buffer("weight_int8", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]  # (out, in)
+        bias = self.bias
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def _weight_only(module: nn.Module) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, Int8WeightOnlyLinear(child))
+        else:
+            _weight_only(child)
+    return module
+
+
+# --- exporting -----------------------------------------------------------------------------------
+
+class _Exported(nn.Module):
+    """The quantized model plus what load_model and evaluate read from it (attribute types inferred by TorchScript)."""
+
+    def __init__(self, inner: nn.Module, source: LoadedModel):
+        super().__init__()
+        self.inner = inner
+        self.task, self.output_size = source.task, source.output_size
+        self.num_parameters = sum(p.numel() for p in source.module.parameters())
+        digest = bytes.fromhex(source.fingerprint.split(":")[-1])
+        self.register_buffer("source_fingerprint", torch.tensor(list(digest), dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor):
+        return self.inner(x)
+
+
+class _HFCausalLM(nn.Module):
+    """A Hugging Face causal LM as ids (B, L) -> logits (B, L, V): right padding needs no mask under causal attention."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False, return_dict=True).logits
+
+
+def _export(config: QuantizeConfig, source: LoadedModel, quantized: nn.Module) -> tuple[torch.jit.ScriptModule, str]:
+    with warnings.catch_warnings():  # torch marks TorchScript deprecated; it is the format that loads without pickles
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        inner, how = None, "script"
+        if source.describe.get("kind") != "hf":
+            try:
+                inner = torch.jit.script(quantized)
+            except Exception:  # TorchScript cannot compile this Python: trace it on examples instead
+                inner = None
+        if inner is None:
+            how = "trace"
+            inner = _trace(config, source, _HFCausalLM(quantized) if source.describe.get("kind") == "hf" else quantized)
+        return torch.jit.script(_Exported(inner, source)), how
+
+
+def _trace(config: QuantizeConfig, source: LoadedModel, module: nn.Module) -> torch.jit.ScriptModule:
+    example, check = _examples(config, source)
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # checked below instead
+            warnings.filterwarnings("ignore", category=UserWarning)
+            traced = torch.jit.trace(module, example, check_trace=False, strict=False)
+            same = _close(traced(check), module(check))
+    except Exception as e:  # tracing runs the user's code: anything may fail
+        raise ConfigError(f"model {config.model!r} cannot be exported to TorchScript ({_first_line(e)}): it cannot be "
+                          "quantized; quantize a built-in or a scriptable model") from None
+    if not same:
+        raise ConfigError(f"model {config.model!r} traces to TorchScript only for the shapes it was traced with "
+                          "(its outputs differ on other shapes): it cannot be quantized")
+    return traced
+
+
+def _close(a, b) -> bool:
+    a = getattr(a, "logits", a[0] if isinstance(a, (tuple, list)) else a)
+    b = getattr(b, "logits", b[0] if isinstance(b, (tuple, list)) else b)
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _examples(config: QuantizeConfig, source: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs to trace with (2 examples) and to check the trace on (3 others; token ids cut shorter)."""
+    settings = _data_settings(config)
+    data = load_data(DataConfig(**settings, task=source.task, limit=config.limit))
+    if len(data) == 0:
+        raise ConfigError(f"data {settings['data']!r} has no examples to trace the model with: check --data and --split")
+    items = [data[i % len(data)] for i in range(5)]
+    first, second = data.collate(items[:2]), data.collate(items[2:])
+    if "inputs" in first:
+        return first["inputs"], second["inputs"]
+    ids = second["input_ids"]  # (3, L)
+    return first["input_ids"], ids[:, : max(2, ids.shape[1] // 2)]
+
+
+def _data_settings(config: QuantizeConfig) -> dict:
+    """--data and its flags, else the data settings the run directory was trained with."""
+    if config.data:
+        return {("spec" if k == "data" else k): getattr(config, k) for k in _DATA_KEYS}
+    saved = _read_json(os.path.join(config.model, "config.json"))  # a training run's settings
+    if not saved.get("data") or "out" not in saved:
+        raise ConfigError(f"model {config.model!r} does not compile with TorchScript and has to be traced on examples: "
+                          "pass --data (and its --tokenizer, --seq-len) to trace it with")
+    settings = {k: saved.get(k) for k in _DATA_KEYS}
+    settings["seq_len"] = settings["seq_len"] or 256
+    settings["split"] = settings["split"] or "train"
+    return {("spec" if k == "data" else k): v for k, v in settings.items()}
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+def _save(config: QuantizeConfig, source: LoadedModel, exported: torch.jit.ScriptModule, summary: dict) -> int:
+    """Write OUT/model/ (model.pt, model.json) in a temporary directory, then move it in place; returns model.pt's bytes."""
+    directory = os.path.join(config.out, "model")
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.jit.save(exported, os.path.join(tmp, "model.pt"))
+    _write_json(os.path.join(tmp, "model.json"), {
+        "kind": "torchscript", "file": "model.pt", "method": config.method, "task": source.task,
+        "output_size": source.output_size, "source": os.path.abspath(config.model) if os.path.exists(config.model)
+        else config.model, "source_fingerprint": source.fingerprint, "export": summary["export"]})
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return os.path.getsize(os.path.join(directory, "model.pt"))
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -1,0 +1,207 @@
+"""distill evaluate and distill quantize on tiny trained artefacts, checked against naive recomputations."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from distill.cli import cli
+from distill.pipeline.data import DataConfig, load_data
+from distill.pipeline.models import ModelConfig, load_model
+from distill.stages.evaluate import retention_line
+from distill.storage import open_store
+
+MNIST = "mnist1d:num_samples=600"  # 480 train, 120 test examples
+FAST = ["--repeats", 2, "--warmup", 1, "--throughput-batch", 32]  # timing is not what these tests check
+GPT = "gpt:d_model=32,n_layers=1,n_heads=2,max_len=64"
+
+
+def run(command, *args, ok=True):
+    result = CliRunner().invoke(cli, [command, *map(str, args)])
+    if ok and result.exit_code != 0:
+        raise AssertionError(f"exit {result.exit_code}: {result.output}\n{result.stderr}") from result.exception
+    return result
+
+
+def report(*args) -> dict:
+    return json.loads(run("evaluate", *args, *FAST, "--json").output)
+
+
+def one_line_error(result, message: str) -> None:
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+class NoLinear(nn.Module):
+    """A classifier without Linear layers: nothing for quantize to do."""
+
+    task, output_size = "classification", 10
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, inputs):
+        return inputs[:, :10] * self.scale
+
+
+def no_linear():
+    return NoLinear()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """teacher (mlp) -> labels on train and test -> student (smaller mlp); a tiny gpt on text."""
+    root = tmp_path_factory.mktemp("evaluate")
+    train = ["--data", MNIST, "--workers", 0, "--no-progress", "--lr", "0.01", "--batch-size", 32]
+    run("train-teacher", "--model", "mlp:hidden=128", "--out", root / "teacher", "--steps", 60, *train)
+    for split in ("train", "test"):
+        run("generate-labels", "--teacher", root / "teacher", "--data", MNIST, "--split", split,
+            "--out", root / f"labels-{split}", "--no-progress")
+    run("train-student", "--labels", root / "labels-train", "--student", "mlp:hidden=16", "--out", root / "student",
+        "--steps", 30, *train)
+    text = root / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    words = ["offline", "labels", "teach", "a", "small", "student", "\n"]
+    text.write_text(" ".join(words[i] for i in torch.randint(len(words), (600,), generator=g).tolist()))
+    run("train-teacher", "--model", GPT, "--data", text, "--tokenizer", "bytes", "--seq-len", 64, "--out", root / "gpt",
+        "--steps", 10, "--batch-size", 8, "--workers", 0, "--no-progress", "--lr", "0.01")
+    return root
+
+
+def test_evaluate_reports_the_student_against_its_teacher(runs):
+    r = report("--model", runs / "student", "--teacher", runs / "teacher", "--data", MNIST)
+    data = load_data(DataConfig(MNIST, split="test"))
+    batch = data.collate([data[i] for i in range(len(data))])
+    student, teacher = load_model(ModelConfig(str(runs / "student"))), load_model(ModelConfig(str(runs / "teacher")))
+    with torch.no_grad():
+        s_logits, t_logits = student.module(batch["inputs"]).double(), teacher.module(batch["inputs"]).double()
+    labels = batch["labels"]
+    assert r["metric"] == "accuracy" and 0 <= r["value"] <= 1 and r["positions"] == len(data) == 120
+    assert r["value"] == pytest.approx((s_logits.argmax(1) == labels).double().mean().item(), abs=1e-12)
+    assert r["teacher_value"] == pytest.approx((t_logits.argmax(1) == labels).double().mean().item(), abs=1e-12)
+    assert r["params"] == sum(p.numel() for p in student.module.parameters())
+    assert r["teacher"]["params"] == sum(p.numel() for p in teacher.module.parameters())
+    assert r["bytes"] == (runs / "student" / "model" / "model.safetensors").stat().st_size
+    # agreement and the full-vocabulary KL(teacher || student), naively in float64
+    assert r["agreement_with"] == "teacher"
+    assert r["agreement"] == pytest.approx((s_logits.argmax(1) == t_logits.argmax(1)).double().mean().item())
+    p_log, q_log = t_logits.log_softmax(1), s_logits.log_softmax(1)
+    assert r["kl"] == pytest.approx((p_log.exp() * (p_log - q_log)).sum(1).mean().item(), rel=1e-4)
+    # the comparison figures follow from the reported ones
+    assert r["retention"] == pytest.approx(r["value"] / r["teacher_value"])
+    assert r["size_ratio"] == pytest.approx(r["bytes"] / r["teacher"]["bytes"]) and r["size_ratio"] < 1
+    assert r["speedup"] == pytest.approx(r["teacher"]["latency_ms"] / r["latency_ms"])
+    assert r["latency_ms"] > 0 and r["throughput"] > 0 and r["throughput_unit"] == "examples/s"
+
+
+def test_human_output_is_a_table_and_the_retention_line(runs):
+    out = run("evaluate", "--model", runs / "student", "--teacher", runs / "teacher", "--data", MNIST, *FAST).output
+    lines = out.splitlines()
+    assert lines[0].split() == ["model", "accuracy", "params", "size", "latency", "throughput"]
+    assert lines[1].startswith("teacher ") and lines[2].startswith("student ")
+    assert re.fullmatch(r"student keeps \d+\.\d% of the teacher's accuracy, is \d+\.\d% smaller and "
+                        r"\d+\.\d× (faster|slower)", lines[3]), lines[3]
+    assert lines[4].startswith("agreement with the teacher: top-1 ")
+    made_up = {"retention": 0.971, "metric": "perplexity", "size_ratio": 0.15, "speedup": 3.21}
+    assert retention_line(made_up) == "student keeps 97.1% of the teacher's perplexity, is 85.0% smaller and 3.2× faster"
+    assert retention_line({**made_up, "size_ratio": 1.2, "speedup": 0.5}).endswith("is 20.0% larger and 2.0× slower")
+
+
+def test_the_teacher_against_itself_agrees_fully(runs):
+    r = report("--model", runs / "teacher", "--teacher", runs / "teacher", "--data", MNIST)
+    assert r["agreement"] == 1.0 and abs(r["kl"]) < 1e-6
+    assert r["retention"] == 1.0 and r["size_ratio"] == 1.0 and r["value"] == r["teacher_value"]
+    stored = report("--model", runs / "teacher", "--labels", runs / "labels-test", "--data", MNIST)
+    assert stored["agreement_with"] == "labels" and "retention" not in stored
+    assert stored["agreement"] > 0.99 and 0 <= stored["kl"] < 1e-3  # the store's values are lossy (sqrt encoding)
+
+
+def test_agreement_with_a_store_matches_a_naive_bucket_kl(runs):
+    r = report("--model", runs / "student", "--labels", runs / "labels-test", "--data", MNIST)
+    labels = open_store(str(runs / "labels-test")).read_all()
+    data = load_data(DataConfig(MNIST, split="test"))
+    with torch.no_grad():
+        q = load_model(ModelConfig(str(runs / "student"))).module(data.collate([data[i] for i in range(len(data))])["inputs"])
+    q = q.double().softmax(1)  # (P, V)
+    ids, p_lp, p_tail = labels.topk_ids, labels.topk_logprobs.double(), labels.tail_logprob.double()
+    top1 = ids.gather(1, p_lp.argmax(1, keepdim=True))[:, 0]
+    assert r["agreement"] == pytest.approx((q.argmax(1) == top1).double().mean().item())
+    q_k = q.gather(1, ids)  # (P, K)
+    q_tail = (1 - q_k.sum(1)).clamp_min(1e-300)
+    p_k = p_lp.exp()
+    tail_term = torch.where(p_tail > -math.inf, p_tail.exp() * (p_tail - q_tail.log()), 0.0)
+    kl = (p_k * (p_lp - q_k.log())).sum(1) + tail_term
+    assert r["kl"] == pytest.approx(kl.mean().item(), rel=1e-4, abs=1e-6)
+
+
+def test_perplexity_is_exp_of_the_next_token_cross_entropy(runs):
+    common = ["--data", runs / "corpus.txt", "--tokenizer", "bytes", "--seq-len", 64, "--split", "train"]
+    r = report("--model", runs / "gpt", "--teacher", runs / "gpt", *common)
+    model = load_model(ModelConfig(str(runs / "gpt")))
+    data = load_data(DataConfig(str(runs / "corpus.txt"), tokenizer="bytes", seq_len=64))
+    losses = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            ids = data[i]["input_ids"]  # (L,)
+            logits = model.module(ids[None])[0].double()  # (L, V)
+            losses.append(F.cross_entropy(logits[:-1], ids[1:], reduction="none"))
+    nll = torch.cat(losses)
+    assert r["metric"] == "perplexity" and r["positions"] == len(nll)
+    assert r["value"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-5)
+    assert r["retention"] == 1.0 and r["throughput_unit"] == "tokens/s"
+    assert r["params"] == sum(p.numel() for p in model.module.parameters())
+    # quantized, it still loads, keeps its perplexity within a few percent, and sees every length
+    q = json.loads(run("quantize", "--model", runs / "gpt", "--out", runs / "gpt-q", "--json").output)
+    assert q["export"] == "script" and q["quantized_linears"] == 5
+    rq = report("--model", runs / "gpt-q", "--teacher", runs / "gpt", *common)
+    assert rq["value"] == pytest.approx(r["value"], rel=0.05) and rq["agreement"] > 0.9
+    # perplexity retention is teacher / student: lower is better
+    assert rq["retention"] == pytest.approx(rq["teacher_value"] / rq["value"])
+
+
+def test_a_store_made_from_other_data_is_refused(runs):
+    result = run("evaluate", "--model", runs / "student", "--labels", runs / "labels-train", "--data", MNIST, ok=False)
+    one_line_error(result, "was made from other data")
+    result = run("evaluate", "--model", runs / "student", "--labels", runs / "labels-test", "--teacher",
+                 runs / "teacher", "--data", MNIST, ok=False)
+    one_line_error(result, "pass --teacher or --labels, not both")
+
+
+@pytest.mark.parametrize("method", ["dynamic-int8", "weight-only-int8"])
+def test_quantize_shrinks_the_model_and_evaluate_accepts_it(runs, method):
+    out = runs / f"teacher-{method}"
+    q = json.loads(run("quantize", "--model", runs / "teacher", "--out", out, "--method", method, "--json").output)
+    saved = json.loads((out / "model" / "model.json").read_text())
+    assert saved["kind"] == "torchscript" and saved["method"] == method and saved["file"] == "model.pt"
+    assert q["bytes_after"] == (out / "model" / "model.pt").stat().st_size
+    assert q["bytes_after"] < q["bytes_before"] == (runs / "teacher" / "model" / "model.safetensors").stat().st_size
+    loaded = load_model(ModelConfig(str(out)))
+    assert loaded.task == "classification" and loaded.output_size == 10 and loaded.describe["kind"] == "torchscript"
+    r = report("--model", out, "--teacher", runs / "teacher", "--data", MNIST)
+    assert abs(r["value"] - r["teacher_value"]) <= 0.05 and r["agreement"] >= 0.9
+    assert r["params"] == r["teacher"]["params"] and r["bytes"] == q["bytes_after"] and r["size_ratio"] < 1
+    # rerunning the same command redoes it; another method into the same directory needs --overwrite
+    run("quantize", "--model", runs / "teacher", "--out", out, "--method", method)
+    other = "weight-only-int8" if method == "dynamic-int8" else "dynamic-int8"
+    one_line_error(run("quantize", "--model", runs / "teacher", "--out", out, "--method", other, ok=False),
+                   "holds another quantized model")
+    one_line_error(run("quantize", "--model", out, "--out", runs / "again", ok=False), "is a TorchScript model")
+
+
+def test_bad_inputs_are_one_line_errors(runs, tmp_path, test_modules):
+    missing = tmp_path / "no-such-run"
+    one_line_error(run("evaluate", "--model", missing, "--data", MNIST, ok=False), "no such file or directory")
+    one_line_error(run("quantize", "--model", missing, "--out", tmp_path / "q", ok=False), "no such run directory")
+    one_line_error(run("quantize", "--model", runs / "student", "--out", tmp_path / "q", "--method", "int4", ok=False),
+                   "unknown --method 'int4'")
+    one_line_error(run("quantize", "--model", "test_evaluate_quantize:no_linear", "--out", tmp_path / "q", ok=False),
+                   "has no nn.Linear layers")
+    one_line_error(run("quantize", "--model", runs / "student", "--out", runs / "teacher", ok=False),
+                   "is not a quantize output")
+    assert not (tmp_path / "q").exists()
