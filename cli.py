@@ -135,7 +135,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 @cli.command("train-student")
 @click.option("--labels", help="The soft-label store written by generate-labels.")
 @click.option("--student", "model", help="Student: a built-in (mlp, cnn, gpt), a Hugging Face directory, or package.module:factory.")
-@click.option("--loss", type=click.Choice(["kl", "reverse-kl", "jsd", "skew-kl"]), help="Divergence to the teacher's top-k + tail [default: kl].")
+@click.option("--loss", type=click.Choice(["kl", "reverse-kl", "jsd", "skew-kl", "argmax"]),
+              help="Divergence to the teacher's top-k + tail; argmax: cross-entropy on the teacher's top-1 id (hard pseudo-labels) [default: kl].")
 @click.option("--temperature", type=float, help="Softening temperature; the store must hold it [default: 2].")
 @click.option("--alpha", type=float, help="Weight of the hard-label cross-entropy: alpha*CE + (1-alpha)*T^2*soft [default: 0.5].")
 @click.option("--beta", type=float, help="Beta of the generalised JSD [default: 0.5].")

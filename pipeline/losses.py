@@ -274,9 +274,30 @@ class SampledDistillationLoss(_HintonMix):
         return self._mix(student_logits, soft, hard_labels)
 
 
+class PseudoLabelLoss(_HintonMix):
+    """Hard pseudo-labels: cross-entropy on the teacher's top-1 id, the baseline soft targets are measured against.
+
+        loss = alpha * CE(student, hard) + (1 - alpha) * CE(student, argmax teacher)
+
+    No temperature (T = 1): a one-hot target has no dark knowledge to soften.
+    """
+
+    def __init__(self, alpha: float = 0.5, ignore_index: int = -100):
+        super().__init__(1.0, alpha, ignore_index)
+
+    def forward(self, student_logits: Tensor, labels: SoftLabels, hard_labels: Tensor | None = None):
+        self._check_positions(student_logits, labels)
+        top1 = labels.topk_ids.gather(1, labels.topk_logprobs.argmax(1, keepdim=True))[:, 0]  # (P,)
+        soft = _hard_ce(student_logits, top1.to(student_logits.device), self.ignore_index)
+        return self._mix(student_logits, soft, hard_labels)
+
+
 def make_loss(method: str, kind: str, temperature: float, alpha: float, *, beta: float = 0.5, skew: float = 0.1,
               sample_temperature: float = 1.0, ignore_index: int = -100) -> nn.Module:
-    """The loss for a store's label method: "topk" -> TopKDistillationLoss, "sample" -> SampledDistillationLoss."""
+    """The loss for a store's label method: "topk" -> TopKDistillationLoss, "sample" -> SampledDistillationLoss;
+    kind "argmax" -> PseudoLabelLoss (either method)."""
+    if kind == "argmax":
+        return PseudoLabelLoss(alpha, ignore_index)
     if method == "topk":
         return TopKDistillationLoss(kind, temperature, alpha, beta, skew, ignore_index)
     if method == "sample":

@@ -128,7 +128,8 @@ class StudentConfig(TrainConfig):
     """train-student's settings: TrainConfig plus the store and the loss.
 
     labels:      the soft-label store written by generate-labels.
-    loss:        kl (forward, default), reverse-kl, jsd, skew-kl (top-k stores); sampled stores use the sampled cross-entropy.
+    loss:        kl (forward, default), reverse-kl, jsd, skew-kl (top-k stores; sampled stores use the sampled
+                 cross-entropy), or argmax: cross-entropy on the teacher's top-1 id (hard pseudo-labels, no T).
     temperature: softening temperature T; the store must hold its normaliser (generate-labels --temperature).
     alpha:       weight of the hard-label cross-entropy: loss = alpha * CE + (1 - alpha) * T^2 * soft.
     beta, skew:  parameters of jsd and skew-kl.
@@ -168,7 +169,7 @@ def train_student(config: StudentConfig) -> dict:
     task = spec.extra.get("task", config.task)
     loss_fn = make_loss(spec.method, config.loss, config.temperature, config.alpha, beta=config.beta, skew=config.skew,
                         sample_temperature=spec.sample_temperature or 1.0)
-    if config.temperature != 1.0 and config.temperature not in spec.temperatures:
+    if config.loss != "argmax" and config.temperature != 1.0 and config.temperature not in spec.temperatures:
         held = ", ".join(f"{t:g}" for t in spec.temperatures)
         raise ConfigError(f"temperature {config.temperature:g} is not in the store (it holds {held}): pass --temperature "
                           f"one of {held}, or regenerate the labels with --temperature {config.temperature:g}")

@@ -293,3 +293,15 @@ def test_make_loss_picks_the_loss_for_the_label_method():
         make_loss("dense", "kl", 1.0, 0.5)
     with pytest.raises(ConfigError, match="draw counts"):
         SampledDistillationLoss(alpha=0.0)(torch.zeros(2, 5), topk_labels(torch.randn(2, 5), 2))
+
+
+def test_argmax_pseudo_labels_are_cross_entropy_on_the_teacher_top1():
+    from distill.pipeline.losses import make_loss
+    from distill.storage import topk_labels
+
+    g = torch.Generator().manual_seed(3)
+    teacher, student = torch.randn(12, 20, generator=g) * 3, torch.randn(12, 20, generator=g)
+    labels = topk_labels(teacher, 5)
+    out = make_loss("topk", "argmax", 2.0, 0.0)(student, labels, None)
+    want = torch.nn.functional.cross_entropy(student.double(), teacher.argmax(1))
+    assert torch.allclose(out["soft"].double(), want, rtol=1e-6) and torch.allclose(out["loss"], out["soft"])
