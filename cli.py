@@ -40,18 +40,27 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("store")
+@click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
 @click.option("--verify", is_flag=True, help="Check every shard's checksums; exit 1 if any is damaged.")
-def inspect(store: str, as_json: bool, verify: bool) -> None:
-    """Summarise the soft-label store at STORE (a path or fsspec URL)."""
-    from distill.storage import open_store
+@click.option("--sample", type=int, help="Shards read for a store's top-k mass and entropy figures: N evenly spaced, "
+                                         "0 every shard [default: every shard up to 1 GiB of payload, else a sample].")
+def inspect(path: str, as_json: bool, verify: bool, sample: int | None) -> None:
+    """Summarise a soft-label store (a path or fsspec URL) or a training run directory.
 
-    reader = open_store(store)
-    summary = reader.summary(verify=verify)  # with --verify, reads and checks every shard once
-    damaged = summary.get("damaged_shards", [])
-    click.echo(json.dumps(summary) if as_json else _format_summary(summary))
-    if damaged:
+    A store: its settings, size, shard completeness, and the teacher's distributions (top-k
+    mass percentiles and histogram, entropy over the k+1 buckets), read shard by shard. A run
+    directory: its key settings, steps done, last training and held-out metrics, final model.
+    """
+    from distill.stages.inspection import InspectConfig, format_run, inspect_path
+
+    result = inspect_path(InspectConfig(path, verify=verify, sample=sample))
+    summary = result["summary"]
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        click.echo(_format_summary(summary) if result["kind"] == "store" else format_run(summary))
+    if summary.get("damaged_shards") or summary.get("figures_skipped_shards"):
         sys.exit(1)
 
 
@@ -276,13 +285,37 @@ def quantize(ctx: click.Context, as_json: bool, **params) -> None:
 
 
 @cli.command()
-@click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for the demo's store, checkpoints and report.")
-def demo(out_dir: str) -> None:
-    """Run the whole recipe end to end on a built-in dataset (minutes on a laptop CPU)."""
-    from distill.stages.demo import run_demo
+@click.argument("runs", nargs=-1)
+@click.option("--out", help="The HTML file to write [default: report.html].")
+@click.option("--labels", help="A soft-label store for the top-k mass histogram [default: the stores the student runs name].")
+@click.option("--evaluation", multiple=True, help="JSON from `distill evaluate --json` for the comparison; repeat for several files.")
+@click.option("--title", help="The page's title [default: distill report].")
+@click.option("--sample", type=int, help="Shards read for each store's histogram, as for inspect --sample.")
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it.")
+@click.pass_context
+def report(ctx: click.Context, **params) -> None:
+    """Write one self-contained HTML page about RUNS: training curves, comparison bars, the store's top-k mass.
 
-    run_demo(out_dir)
+    RUNS are run directories of train-teacher and train-student (and quantize output
+    directories); the page embeds its PNG plots, so it can be sent on its own.
+    """
+    from distill.stages.report import ReportConfig, write_report
+
+    click.echo(f"report written to {write_report(_stage_config(ctx, ReportConfig, 'report', params))}")
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the demo's runs, store, evaluation and report.")
+@click.option("--quick", is_flag=True, help="A much smaller version (about a minute), for a first look or a test.")
+def demo(out_dir: str, quick: bool) -> None:
+    """Run the whole recipe on mnist1d: teacher, labels, three students, int8, evaluation, report.
+
+    Rerunning resumes: finished steps are not redone.
+    """
+    from distill.stages.demo import DemoSettings, run_demo
+
+    run_demo(out_dir, DemoSettings.quick() if quick else DemoSettings())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,14 +353,39 @@ def _format_value(key: str, value: object) -> str:
     return str(value)
 
 
+def _format_figures(summary: dict, complete: int | None) -> list[str]:
+    """Pops `inspect`'s distribution figures from ``summary`` into it as text; returns the histogram's lines."""
+    percentiles = summary.pop("topk_mass_percentiles", None)
+    if percentiles is None:
+        return []
+    summary["topk_mass_percentiles"] = ", ".join(f"{k} {v:.4f}" for k, v in percentiles.items())
+    entropy = summary.pop("teacher_entropy_buckets_mean")
+    summary["teacher_entropy_buckets_mean"] = f"{entropy:.4f} nats (over the k+1 buckets: a lower bound of the true entropy)"
+    if "unique_ids_mean" in summary:
+        summary["unique_ids_mean"] = summary.pop("unique_ids_mean")
+    read, positions = summary.pop("figures_shards_read"), summary.pop("figures_positions")
+    sampled, skipped = summary.pop("figures_sampled"), summary.pop("figures_skipped_shards")
+    summary["figures_from"] = (f"a sample of {read:,} of {complete or read:,} shards" if sampled
+                               else f"all {read:,} complete shards") + f" ({positions:,} positions)" + (
+                               "; --sample 0 reads every shard" if sampled else "") + (
+                               f"; damaged shard(s) {', '.join(map(str, skipped))} skipped" if skipped else "")
+    counts = summary.pop("topk_mass_histogram")
+    edges = [i / len(counts) for i in range(len(counts) + 1)]
+    scale = 40 / max(max(counts), 1)
+    return ["topk mass histogram (positions per bin)"] + [
+        f"  {a:.1f}-{b:.1f}  {'#' * round(c * scale):<40}  {c:,}" for a, b, c in zip(edges, edges[1:], counts)]
+
+
 def _format_summary(summary: dict) -> str:
     summary = dict(summary)
     damaged = summary.pop("damaged_shards", None)
+    complete = summary.get("shards_complete")
     if "shards_complete" in summary and "shards_total" in summary:
         summary["shards"] = f"{summary.pop('shards_complete'):,} of {summary.pop('shards_total'):,} complete"
+    histogram = _format_figures(summary, complete)
     summary = {k: v for k, v in summary.items() if v is not None}
     width = max((len(k) for k in summary), default=0)
-    lines = [f"{k.replace('_', ' '):<{width}}  {_format_value(k, v)}" for k, v in summary.items()]
+    lines = [f"{k.replace('_', ' '):<{width}}  {_format_value(k, v)}" for k, v in summary.items()] + histogram
     if damaged is not None:
         lines.append(f"{'verify':<{width}}  " + ("ok" if not damaged else f"{len(damaged)} damaged shard(s)"))
         lines += [f"  shard {d['shard']}: {d['error']}" for d in damaged]
