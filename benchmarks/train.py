@@ -1,0 +1,447 @@
+"""Stage-two benchmark: what streaming soft labels from a store costs the student's training.
+
+For each workload, on the same device, with the same student (same initial weights), the
+same batches (same examples in the same order) and the same trainer loop
+(``distill.pipeline.trainer.fit``, one DataLoader worker as train-student uses by default):
+
+- ``ce_steps_per_s``: `distill train-teacher` on the student, hard labels only (cross-entropy);
+- ``offline_kd_steps_per_s``: `distill train-student` (``distill.stages.train.train_student``)
+  on a real store written by ``generate_labels`` to a temporary directory: the real
+  ``LabelStream``, the real loss (``make_loss``), alpha 0.5 and temperature 2;
+- ``stream_overhead_ratio = offline / ce`` (target: at least 0.90);
+- ``online_kd_steps_per_s``: what online distillation does: the teacher (about 10 times the
+  student's parameters) in memory, one teacher forward pass per step, and the same Hinton
+  mix of cross-entropy and T^2 * KL on the teacher's *full* logits;
+- ``offline_speedup = offline / online``, next to the ideal
+  ``ideal_offline_speedup = (teacher_forward_s + student_step_s) / student_step_s``, from the
+  teacher's forward pass alone and the student's training step alone (forward,
+  cross-entropy, backward, clipping, AdamW) timed on the same batches held in memory;
+- ``loss_only_ratio = student_step_s / student_kd_step_s``: the same in-memory student step
+  with train-student's loss on the batches' soft labels instead of cross-entropy, i.e. what
+  ``stream_overhead_ratio`` would be if streaming cost nothing: the rest is the stream's.
+
+Every variant runs ``--warmup`` steps (worker start-up, first allocations), then
+``--steps`` timed steps (data loading included: the time between the starts of consecutive
+steps' losses), then one last step that is not timed. The variants run alternately
+``--repeats`` times and the median of each is reported.
+
+Memory: `distill train-student` (the real CLI, in a subprocess, one epoch, its default one
+DataLoader worker) on two stores 10 times apart in size, written from LM-shaped data. Each
+run's peak RSS is the training process's ``ru_maxrss`` plus its DataLoader worker's (taken
+at exit: ``RUSAGE_SELF`` and ``RUSAGE_CHILDREN``; the worker's counts the pages it shares
+with the training process too, so the sum overstates the footprint by the same amount at
+both sizes); ``peak_rss_ratio = large / small`` should be about 1: stage two holds the
+student, a shuffle buffer and the shards it draws from, never the store. ``memory`` runs
+with a shuffle buffer of 64 examples, smaller than both stores, so both runs are past the
+bound it sets; ``memory_default_buffer`` (not with ``--quick``) repeats the pair at
+train-student's default, 4,096 examples, which the small store does not fill. The data
+itself (token ids) is held in memory and does grow 10x (8 bytes a token, against about
+780 bytes a position of decoded top-64 labels).
+
+Workloads: ``lm``, a causal LM (built-in ``gpt``, vocabulary 4,096, 64-token random
+sequences, top-64 labels), student 0.9M and teacher 10M parameters; ``classifier``,
+mnist1d-shaped inputs (40 float features, 10 classes, random), student the built-in
+``mlp`` (79k parameters) and teacher ``mlp:hidden=864`` (0.79M).
+
+    python benchmarks/train.py [--quick] [--workload lm|classifier|all|none] [--device auto]
+
+Prints one line per workload, then one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from itertools import islice
+from unittest import mock
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from distill.pipeline.data import DataConfig, load_data
+from distill.pipeline.losses import make_loss
+from distill.pipeline.models import ModelConfig, load_model
+from distill.pipeline.runtime import Workers, resolve_device
+from distill.pipeline.trainer import Schedule, _optimizer, fit
+from distill.stages.generate import GenerateConfig, generate_labels
+from distill.stages.train import StudentConfig, TrainConfig, _positions, train_student, train_teacher
+from distill.storage import open_store
+from distill.storage.stream import LabelStream, labels_from_batch
+
+TRAIN_STAGE = importlib.import_module("distill.stages.train")
+# train-teacher streams runs of this many examples; shards of the same size give the same batches
+CHUNK = inspect.signature(LabelStream).parameters["chunk_examples"].default
+TEMPERATURE, ALPHA, WORKERS = 2.0, 0.5, 1
+
+WORKLOADS = {
+    # name: student, teacher, output size, sequence length (None: features), k (None: all), batch size,
+    # timed steps and warm-up steps (full, quick)
+    "lm": dict(student="gpt:vocab_size=4096,d_model=128,n_layers=2,n_heads=4,max_len=64",
+               teacher="gpt:vocab_size=4096,d_model=416,n_layers=4,n_heads=8,max_len=64",
+               vocab_size=4096, seq_len=64, k=64, batch_size=8, steps=(30, 8), warmup=(3, 2)),
+    "classifier": dict(student="mlp", teacher="mlp:hidden=864",
+                       vocab_size=10, seq_len=None, k=None, batch_size=256, steps=(100, 30), warmup=(10, 5)),
+}
+MEMORY = dict(student="gpt:vocab_size=4096,d_model=32,n_layers=1,n_heads=2,max_len=32",
+              teacher="gpt:vocab_size=4096,d_model=64,n_layers=1,n_heads=2,max_len=32",
+              vocab_size=4096, seq_len=32, k=64, batch_size=32, examples_per_shard=32, shuffle_buffer=64,
+              examples=(1024, 128))  # the small store (full, quick); the large one is 10 times bigger
+
+# Runs `python -m distill.cli ...` and, at exit, writes its peak RSS and its children's (the DataLoader worker).
+_RSS_WRAPPER = """
+import atexit, json, os, resource, runpy, sys
+def _peak():
+    with open(os.environ["DISTILL_BENCH_RSS"], "w") as f:
+        json.dump({"self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   "children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, f)
+atexit.register(_peak)
+sys.argv = ["distill", *sys.argv[1:]]
+runpy.run_module("distill.cli", run_name="__main__")
+"""
+
+
+# --- inputs --------------------------------------------------------------------------------
+
+def write_data(name: str, n: int, w: dict, tmp: str) -> str:
+    """A Parquet file of seeded random inputs: token ids for an LM, 40 float features and a label for a classifier."""
+    rng = np.random.default_rng(0)
+    if w["seq_len"] is not None:
+        ids = rng.integers(0, w["vocab_size"], size=(n, w["seq_len"]), dtype=np.int64)
+        table = pa.table({"input_ids": pa.array(list(ids))})
+    else:
+        x = rng.standard_normal((n, 40), dtype=np.float32)
+        table = pa.table({"inputs": pa.array(list(x)), "label": rng.integers(0, w["vocab_size"], n)})
+    path = os.path.join(tmp, f"{name}-{n}.parquet")
+    pq.write_table(table, path)
+    return path
+
+
+def write_store(name: str, w: dict, data: str, tmp: str, examples_per_shard: int, device: str) -> str:
+    out = os.path.join(tmp, f"{name}-store")
+    generate_labels(GenerateConfig(teacher=w["teacher"], data=data, out=out, k=w["k"], temperatures=(1.0, TEMPERATURE),
+                                   examples_per_shard=examples_per_shard, batch_size=64, device=device, progress=False,
+                                   overwrite=True))
+    return out
+
+
+def params(spec: str) -> int:
+    return sum(p.numel() for p in load_model(ModelConfig(spec)).module.parameters())
+
+
+# --- the three ways to train: timed through the trainer's own loop -------------------------
+
+def _timed_fit(stamps: list[float]):
+    """``fit``, noting when each step's loss starts (steps run back to back, data loading included)."""
+
+    def timed(module, stream, batch_loss, *args, **kwargs):
+        def loss(model, batch):
+            stamps.append(time.perf_counter())
+            return batch_loss(model, batch)
+
+        return fit(module, stream, loss, *args, **kwargs)
+
+    return timed
+
+
+def _rate(stamps: list[float], warmup: int, steps: int) -> float:
+    return steps / (stamps[warmup + steps] - stamps[warmup])
+
+
+def _common(w: dict, data: str, out: str, total: int, device: str) -> dict:
+    return dict(out=out, data=data, model=w["student"], steps=total, batch_size=w["batch_size"], workers=WORKERS,
+                device=device, progress=False)
+
+
+def ce_rate(w: dict, data: str, out: str, warmup: int, steps: int, device: str) -> float:
+    """`train-teacher` on the student: hard labels only."""
+    stamps: list[float] = []
+    with mock.patch.object(TRAIN_STAGE, "fit", _timed_fit(stamps)):
+        train_teacher(TrainConfig(**_common(w, data, out, warmup + steps + 1, device)))
+    return _rate(stamps, warmup, steps)
+
+
+def offline_rate(w: dict, data: str, store: str, out: str, warmup: int, steps: int, device: str) -> float:
+    """`train-student`: the store streamed through LabelStream, the real distillation loss."""
+    stamps: list[float] = []
+    with mock.patch.object(TRAIN_STAGE, "fit", _timed_fit(stamps)):
+        train_student(StudentConfig(**_common(w, data, out, warmup + steps + 1, device), labels=store,
+                                    temperature=TEMPERATURE, alpha=ALPHA))
+    return _rate(stamps, warmup, steps)
+
+
+def _autocast(device: torch.device):
+    """What the training stages' --precision auto does: bf16 autocast on CUDA, none elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """alpha * CE + (1 - alpha) * T^2 * KL(p_teacher,T || p_student,T) over the full vocabulary; (P, V) logits."""
+    s = F.log_softmax(student_logits.float() / TEMPERATURE, -1)  # (P, V)
+    t = F.log_softmax(teacher_logits.float() / TEMPERATURE, -1)  # (P, V)
+    kl = F.kl_div(s, t, log_target=True, reduction="batchmean")
+    ce = F.cross_entropy(student_logits.float(), hard, ignore_index=-100)
+    return ALPHA * ce + (1 - ALPHA) * TEMPERATURE**2 * kl
+
+
+def online_rate(w: dict, data_spec: str, out: str, warmup: int, steps: int, device: torch.device) -> float:
+    """Online distillation: the teacher's forward pass every step, KD on its full logits."""
+    teacher = load_model(ModelConfig(w["teacher"]), device=device)
+    student = load_model(ModelConfig(w["student"]), device=device)
+    data = load_data(DataConfig(data_spec, task=student.task))
+    student.module.train()
+    stream = LabelStream(data, None, batch_size=w["batch_size"], seed=0, workers=WORKERS)  # as train-teacher's
+
+    def loss(model, batch):
+        with torch.no_grad():
+            target, _ = _positions(teacher, teacher.module, batch, teacher.task)  # (P, V)
+        logits, hard = _positions(student, model, batch, student.task)  # (P, V), (P,)
+        value = dense_kd(logits, target, hard)
+        return {"loss": value, "positions": len(logits)}
+
+    stamps: list[float] = []
+    os.makedirs(out, exist_ok=True)
+    schedule = Schedule(steps=warmup + steps + 1, workers=WORKERS)
+    _timed_fit(stamps)(student.module, stream, loss, schedule, out, Workers(), device, lambda: _autocast(device),
+                       progress=False)
+    return _rate(stamps, warmup, steps)
+
+
+# --- the ideal: the teacher's forward pass and the student's step, alone, on batches in memory ---
+
+class Ideal:
+    """The teacher's forward pass and the student's step (hard labels, or the store's soft labels) in memory."""
+
+    def __init__(self, w: dict, data_spec: str, store: str, device: torch.device, n_batches: int):
+        self.teacher = load_model(ModelConfig(w["teacher"]), device=device)
+        self.student = load_model(ModelConfig(w["student"]), device=device)
+        self.student.module.train()
+        self.optimizer = _optimizer(self.student.module, Schedule())
+        data = load_data(DataConfig(data_spec, task=self.student.task))
+        reader = open_store(store)
+        self.spec = reader.spec
+        self.loss = make_loss(self.spec.method, "kl", TEMPERATURE, ALPHA)
+        stream = LabelStream(data, reader, batch_size=w["batch_size"], seed=0)  # the first batches every run sees
+        self.batches = [{k: v.to(device) for k, v in b.items()} for b in islice(iter(stream), n_batches)]
+        self.device = device
+
+    def teacher_forward_s(self, warmup: int) -> float:
+        with torch.no_grad(), _autocast(self.device):
+            return self._seconds(lambda b: _positions(self.teacher, self.teacher.module, b, self.teacher.task), warmup)
+
+    def student_step_s(self, warmup: int, soft: bool = False) -> float:
+        """Forward, loss (cross-entropy; or train-student's, on the batch's soft labels), backward, clip, AdamW."""
+
+        def step(batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            with _autocast(self.device):
+                logits, hard = _positions(self.student, self.student.module, batch, self.student.task)
+                if soft:
+                    loss = self.loss(logits, labels_from_batch(batch, self.spec.stored_temperatures), hard)["loss"]
+                else:
+                    loss = F.cross_entropy(logits.float(), hard, ignore_index=-100)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.student.module.parameters(), 1.0)
+            self.optimizer.step()
+
+        return self._seconds(step, warmup)
+
+    def _seconds(self, fn, warmup: int) -> float:
+        """Mean seconds per batch over the batches after the first ``warmup``."""
+        for b in self.batches[:warmup]:
+            fn(b)
+        self._sync()
+        start = time.perf_counter()
+        for b in self.batches[warmup:]:
+            fn(b)
+        self._sync()
+        return (time.perf_counter() - start) / (len(self.batches) - warmup)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+# --- one workload --------------------------------------------------------------------------
+
+def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: str, steps: int | None,
+                 warmup: int | None, examples: int | None) -> dict:
+    w = WORKLOADS[name]
+    steps = steps or w["steps"][quick]
+    warmup = warmup if warmup is not None else w["warmup"][quick]
+    total = warmup + steps + 1
+    n = examples or total * w["batch_size"]
+    if n < total * w["batch_size"]:
+        raise SystemExit(f"--examples {n} is too few for {total} steps of {w['batch_size']}: pass at least "
+                         f"{total * w['batch_size']}")
+    device = resolve_device(device_name)
+    data = write_data(name, n, w, tmp)
+    store = write_store(name, w, data, tmp, CHUNK, device_name)
+    ideal = Ideal(w, data, store, device, warmup + steps)
+    runs: dict[str, list[float]] = {k: [] for k in ("ce", "offline", "online", "teacher_forward_s", "student_step_s",
+                                                    "student_kd_step_s")}
+    for r in range(repeats):
+        runs["ce"].append(ce_rate(w, data, os.path.join(tmp, f"{name}-ce-{r}"), warmup, steps, device_name))
+        runs["offline"].append(offline_rate(w, data, store, os.path.join(tmp, f"{name}-kd-{r}"), warmup, steps,
+                                            device_name))
+        runs["online"].append(online_rate(w, data, os.path.join(tmp, f"{name}-online-{r}"), warmup, steps, device))
+        runs["teacher_forward_s"].append(ideal.teacher_forward_s(warmup))
+        runs["student_step_s"].append(ideal.student_step_s(warmup))
+        runs["student_kd_step_s"].append(ideal.student_step_s(warmup, soft=True))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    ce, offline, online = med["ce"], med["offline"], med["online"]
+    teacher_s, student_s = med["teacher_forward_s"], med["student_step_s"]
+    student_params, teacher_params = params(w["student"]), params(w["teacher"])
+    spec = open_store(store).spec
+    return {
+        "student": w["student"], "teacher": w["teacher"], "student_params": student_params,
+        "teacher_params": teacher_params, "param_ratio": round(teacher_params / student_params, 2),
+        "examples": n, "batch_size": w["batch_size"], "positions_per_step": w["batch_size"] * (w["seq_len"] or 1),
+        "k": spec.k, "vocab_size": spec.vocab_size, "examples_per_shard": spec.examples_per_shard,
+        "temperature": TEMPERATURE, "alpha": ALPHA, "workers": WORKERS, "device": str(device),
+        "steps": steps, "warmup_steps": warmup, "repeats": repeats,
+        "ce_steps_per_s": round(ce, 3), "offline_kd_steps_per_s": round(offline, 3),
+        "online_kd_steps_per_s": round(online, 3),
+        "stream_overhead_ratio": round(offline / ce, 4), "offline_speedup": round(offline / online, 4),
+        "teacher_forward_s": round(teacher_s, 5), "student_step_s": round(student_s, 5),
+        "ideal_offline_speedup": round((teacher_s + student_s) / student_s, 4),
+        # offline / CE if streaming cost nothing: the distillation loss's own cost against cross-entropy's
+        "student_kd_step_s": round(med["student_kd_step_s"], 5),
+        "loss_only_ratio": round(student_s / med["student_kd_step_s"], 4),
+        "runs": {k: [round(x, 5) for x in v] for k, v in runs.items()},
+    }
+
+
+# --- memory: the real CLI in a subprocess, at two store sizes ---------------------------------
+
+def _peak_rss_mb(store: str, data: str, out: str, device: str, shuffle_buffer: int | None) -> dict:
+    """Peak RSS (MB) of `distill train-student` over one epoch: the training process's and its worker's."""
+    m = MEMORY
+    report = out + ".rss.json"
+    buffer = ["--shuffle-buffer", str(shuffle_buffer)] if shuffle_buffer is not None else []
+    cmd = [sys.executable, "-c", _RSS_WRAPPER, "train-student", "--labels", store, "--student", m["student"],
+           "--data", data, "--out", out, "--epochs", "1", "--batch-size", str(m["batch_size"]), *buffer,
+           "--temperature", str(TEMPERATURE), "--alpha", str(ALPHA), "--device", device, "--no-progress"]
+    proc = subprocess.run(cmd, env=dict(os.environ, DISTILL_BENCH_RSS=report), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train-student failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    with open(report) as f:
+        rss = json.load(f)
+    main_mb, worker_mb = rss["self_kb"] / 1024, rss["children_kb"] / 1024
+    return {"main": main_mb, "worker": worker_mb, "total": main_mb + worker_mb}
+
+
+def memory_stores(quick: bool, device: str, tmp: str, examples: int | None) -> dict:
+    """The two stores of the memory check, 10 times apart, with their data and sizes."""
+    m = MEMORY
+    small = examples or m["examples"][quick]
+    stores = {}
+    for label, n in (("small", small), ("large", 10 * small)):
+        data = write_data(f"memory-{label}", n, m, tmp)
+        store = write_store(f"memory-{label}", m, data, tmp, m["examples_per_shard"], device)
+        reader = open_store(store)
+        first = reader.read_shard(0)
+        decoded = sum(t.numel() * t.element_size() for t in (first.topk_ids, first.topk_logprobs, first.tail_logprob,
+                                                              first.tempered_lse))  # bytes of labels, decoded
+        stores[label] = {"data": data, "store": store, "examples": n, "positions": reader.num_positions,
+                         "store_mb": round(reader.summary()["payload_bytes"] / 2**20, 2),
+                         "decoded_store_mb": round(decoded / first.num_positions * reader.num_positions / 2**20, 1)}
+    return stores
+
+
+def run_memory(stores: dict, device: str, tmp: str, shuffle_buffer: int | None) -> dict:
+    """train-student's peak RSS on both stores (``shuffle_buffer`` None: train-student's default)."""
+    m = MEMORY
+    rss = {label: _peak_rss_mb(s["store"], s["data"], os.path.join(tmp, f"memory-{label}-{shuffle_buffer}"), device,
+                               shuffle_buffer) for label, s in stores.items()}
+    s, g = stores["small"], stores["large"]
+    default = StudentConfig.__dataclass_fields__["shuffle_buffer"].default
+    return {
+        "student": m["student"], "seq_len": m["seq_len"], "k": m["k"], "batch_size": m["batch_size"],
+        "examples_per_shard": m["examples_per_shard"], "workers": WORKERS, "epochs": 1,
+        "shuffle_buffer": shuffle_buffer if shuffle_buffer is not None else default,
+        "examples_small": s["examples"], "examples_large": g["examples"],
+        "positions_small": s["positions"], "positions_large": g["positions"],
+        "store_mb_small": s["store_mb"], "store_mb_large": g["store_mb"],
+        "decoded_store_mb_small": s["decoded_store_mb"], "decoded_store_mb_large": g["decoded_store_mb"],
+        **{f"{part}_rss_mb_{label}": round(rss[label][key], 1) for part, key in
+           (("main", "main"), ("worker", "worker"), ("peak", "total")) for label in ("small", "large")},
+        "peak_rss_ratio": round(rss["large"]["total"] / rss["small"]["total"], 4),
+    }
+
+
+def _say_memory(name: str, r: dict) -> None:
+    print(f"{name:>10}: train-student peak RSS {r['peak_rss_mb_small']:.0f} MB at {r['positions_small']:,} positions, "
+          f"{r['peak_rss_mb_large']:.0f} MB at {r['positions_large']:,} (ratio {r['peak_rss_ratio']:.3f}; shuffle "
+          f"buffer {r['shuffle_buffer']} examples)", file=sys.stderr)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds: under a minute on 2 CPU cores")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all", "none"], default="all")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 3, quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant and round")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
+    parser.add_argument("--examples", type=int, default=None, help="examples of the throughput workloads' data")
+    parser.add_argument("--memory-examples", type=int, default=None,
+                        help="examples of the small store of the memory check (the large one has 10 times more)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory check")
+    parser.add_argument("--no-default-buffer", action="store_true",
+                        help="skip the memory check's second pair of runs, at train-student's default shuffle buffer "
+                             "(always skipped with --quick)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 3)
+    names = list(WORKLOADS) if args.workload == "all" else [] if args.workload == "none" else [args.workload]
+    results, memory, memory_default = {}, None, None
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="distill-bench-train-") as tmp:
+        for name in names:
+            start = time.perf_counter()
+            results[name] = r = run_workload(name, args.quick, args.device, repeats, tmp, args.steps, args.warmup,
+                                             args.examples)
+            r["seconds"] = round(time.perf_counter() - start, 1)
+            print(f"{name:>10}: steps/s CE {r['ce_steps_per_s']:.2f}, offline KD {r['offline_kd_steps_per_s']:.2f} "
+                  f"(ratio {r['stream_overhead_ratio']:.3f}; the loss alone {r['loss_only_ratio']:.3f}), online KD "
+                  f"{r['online_kd_steps_per_s']:.2f} (offline / online {r['offline_speedup']:.2f}, ideal "
+                  f"{r['ideal_offline_speedup']:.2f})", file=sys.stderr)
+        if not args.no_memory:
+            start = time.perf_counter()
+            stores = memory_stores(args.quick, args.device, tmp, args.memory_examples)
+            memory = run_memory(stores, args.device, tmp, MEMORY["shuffle_buffer"])
+            memory["seconds"] = round(time.perf_counter() - start, 1)
+            _say_memory("memory", memory)
+            if not (args.quick or args.no_default_buffer):
+                memory_default = run_memory(stores, args.device, tmp, None)
+                _say_memory("memory", memory_default)
+    out = {
+        "benchmark": "train", "quick": args.quick, "target_stream_overhead_ratio": 0.90,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.machine(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "torch": torch.__version__,
+                    # other work on the machine skews every figure: 1-minute load averages before and after
+                    "load_avg_before": round(load_before[0], 2), "load_avg_after": round(os.getloadavg()[0], 2)},
+        "workloads": results,
+        "memory": memory,
+        "memory_default_buffer": memory_default,
+        "meets_target": all(r["stream_overhead_ratio"] >= 0.90 for r in results.values()) if results else None,
+    }
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
