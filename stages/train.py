@@ -55,7 +55,7 @@ class TrainConfig:
     eval_split / eval_data: held-out split (of eval_data, default data) evaluated every eval_every steps and at the end.
     checkpoint_every, log_every: in optimiser steps.
     workers:           DataLoader worker processes (0: load in the training process).
-    shuffle_buffer:    examples in each worker's shuffle buffer.
+    shuffle_buffer:    examples per shuffled block of shards in each worker; None: about 262,144 positions' worth.
     overwrite:         replace a run directory holding a run with other settings.
     weights, trust_remote_code, task, split, tokenizer, seq_len, text_column, ids_column, label_column, limit: as for generate-labels.
     """
@@ -81,7 +81,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     workers: int = 1
-    shuffle_buffer: int = 4096
+    shuffle_buffer: int | None = None
     overwrite: bool = False
     weights: str | None = None
     trust_remote_code: bool = False

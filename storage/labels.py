@@ -78,6 +78,28 @@ class SoftLabels:
             example_start=self.example_start + start,
         )
 
+    def select(self, examples) -> "SoftLabels":
+        """Labels of the given examples (relative indices, any order, repeats allowed), gathered at once."""
+        examples = torch.as_tensor(examples, dtype=torch.int64)
+        starts = self.offsets[examples]  # (E',)
+        lengths = self.offsets[examples + 1] - starts  # (E',)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        total = int(offsets[-1])
+        # position j of output example i reads position starts[i] + (j - offsets[i])
+        index = torch.arange(total) + torch.repeat_interleave(starts - offsets[:-1], lengths, output_size=total)
+        take = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
+        return SoftLabels(
+            offsets=offsets,
+            topk_ids=take(self.topk_ids),
+            topk_logprobs=take(self.topk_logprobs),
+            tail_logprob=take(self.tail_logprob),
+            tempered_lse=take(self.tempered_lse),
+            temperatures=self.temperatures,
+            counts=take(self.counts),
+            token_index=take(self.token_index),
+            example_start=0,
+        )
+
     def tempered(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact tempered log-probabilities of the stored ids and of the tail.
 

@@ -2,16 +2,18 @@
 
 ``LabelStream`` is an ``IterableDataset`` of ready batches: the dataset's collated inputs
 (and hard labels) for B examples, joined by example index to those examples' soft labels
-from the store. Memory is bounded: each DataLoader worker holds at most its shuffle buffer
-plus the shards that buffer draws from, and the DataLoader's prefetch.
+from the store, gathered with index tensors. Memory is bounded: each DataLoader worker
+holds one block of decoded shards (about ``shuffle_buffer`` examples, rounded up to whole
+shards), one batch, and the DataLoader's prefetch; nothing grows with the store.
 
 Order, for a given seed and epoch, is deterministic:
 
 1. the store's shards are permuted (seeded by seed and epoch); rank r of W takes every W-th
    one, so ranks stream disjoint shares;
 2. within a rank, DataLoader worker w of N takes every N-th of those shards;
-3. each worker passes its examples through a shuffle buffer (seeded by seed, epoch, rank,
-   worker) and groups them into batches of B examples (the last one may be short);
+3. each worker reads its shards in blocks of at least ``shuffle_buffer`` examples, shuffles
+   each block's examples (seeded by seed, epoch, rank, worker) and groups them into batches
+   of B examples (a batch may span two blocks; the worker's last batch may be short);
 4. the DataLoader interleaves its workers' batches round-robin.
 
 Because the order is a pure function of (seed, epoch, rank, workers), a resumed run skips
@@ -32,6 +34,7 @@ from distill.storage.labels import SoftLabels, concat_labels
 
 __all__ = ["LabelStream", "labels_from_batch"]
 
+BUFFER_POSITIONS = 262144  # default shuffle block: ~25 MB of decoded labels at k=64
 SOFT_FIELDS = ("offsets", "topk_ids", "topk_logprobs", "tail_logprob", "tempered_lse", "counts", "token_index")
 
 
@@ -41,14 +44,18 @@ class LabelStream(IterableDataset):
     examples:  anything with ``__len__``, ``__getitem__(i) -> dict`` and ``collate(items)``
                (``distill.pipeline.data.ExampleSet``).
     store:     a ``StoreReader`` over the same examples, or None.
+    shuffle_buffer: examples per shuffled block; None: about 262,144 positions' worth.
     Yields dicts: the collated example tensors, ``example_index`` (B,), and, with a store,
     ``soft_<field>`` tensors of the batch's ``SoftLabels`` (see ``labels_from_batch``).
     """
 
     def __init__(self, examples, store=None, *, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 shuffle: bool = True, shuffle_buffer: int = 4096, chunk_examples: int = 1024, workers: int = 0):
+                 shuffle: bool = True, shuffle_buffer: int | None = None, chunk_examples: int = 1024, workers: int = 0):
         self.examples, self.store = examples, store
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        if shuffle_buffer is None:  # about BUFFER_POSITIONS positions' worth of examples, at least a batch
+            per = store.num_positions / max(1, store.spec.num_examples) if store is not None else 1.0
+            shuffle_buffer = max(batch_size, int(BUFFER_POSITIONS / max(per, 1.0)))
         self.shuffle, self.shuffle_buffer = shuffle, max(1, shuffle_buffer)
         self.workers = max(1, workers)  # how many DataLoader workers will share this rank's shards
         if store is not None:
@@ -84,16 +91,22 @@ class LabelStream(IterableDataset):
         """Batches rank ``rank`` (default: this one) streams in ``epoch``."""
         return sum(self.worker_batches(epoch, self.rank if rank is None else rank))
 
-    def _worker_skips(self) -> list[int]:
-        """How many of its own batches each worker skips so the interleaved stream skips ``self.skip``."""
+    def _worker_plan(self) -> tuple[list[int], int]:
+        """Batches each worker skips so the interleaved stream skips ``self.skip``, and the rotation.
+
+        The DataLoader takes workers' batches round-robin from worker 0, passing exhausted
+        ones. After skipping, the next batch is due from some worker j, but a new DataLoader
+        starts at worker 0: so its worker i plays the part of worker (i + j) % N.
+        """
         counts = self.worker_batches(self.epoch, self.rank)
-        taken, left = [0] * len(counts), self.skip
+        taken, left, turn = [0] * len(counts), self.skip, 0
         while left > 0 and any(t < c for t, c in zip(taken, counts)):
-            for w, c in enumerate(counts):  # the DataLoader's round-robin, passing exhausted workers
+            for w, c in enumerate(counts):
                 if left > 0 and taken[w] < c:
                     taken[w] += 1
                     left -= 1
-        return taken
+                    turn = (w + 1) % len(counts)
+        return taken, turn
 
     # --- iteration -----------------------------------------------------------------------
 
@@ -102,44 +115,65 @@ class LabelStream(IterableDataset):
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if n_workers != self.workers:
             raise RuntimeError(f"LabelStream was planned for {self.workers} worker(s) but runs in {n_workers}")
-        shards = self.rank_shards(self.epoch, self.rank)[worker::n_workers]
-        skip = self._worker_skips()[worker]
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/buffer")
-        batch: list[tuple[int, SoftLabels | None]] = []
+        skips, turn = self._worker_plan()
+        part = (worker + turn) % n_workers  # the part of the epoch this worker streams (see _worker_plan)
+        shards = self.rank_shards(self.epoch, self.rank)[part::n_workers]
+        skip = skips[part]
+        rng = torch.Generator().manual_seed(random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{part}").getrandbits(62))
+        pending: tuple[torch.Tensor, SoftLabels | None] | None = None  # a batch begun in the previous block
         produced = 0
-        for item in self._shuffled(shards, rng):
-            batch.append(item)
-            if len(batch) == self.batch_size:
-                if produced >= skip:
-                    yield self._collate(batch)
-                produced += 1
-                batch = []
-        if batch and produced >= skip:
-            yield self._collate(batch)
-
-    def _shuffled(self, shards: list[int], rng: random.Random) -> Iterator[tuple[int, SoftLabels | None]]:
-        buffer: list[tuple[int, SoftLabels | None]] = []
-        for index in shards:
-            a, b = self.ranges[index]
-            labels = self.store.read_shard(index) if self.store is not None else None
-            for e in range(a, b):
-                item = (e, None if labels is None else labels.example(e - a))
-                if not self.shuffle:
-                    yield item
+        for ids, labels in self._blocks(shards, rng):
+            if pending is not None:  # finish the batch begun in the previous block
+                need = self.batch_size - len(pending[0])
+                head, rest = ids[:need], ids[need:]
+                part = None if labels is None else labels.select(torch.arange(len(head)))
+                ids_b = torch.cat([pending[0], head])
+                labels_b = None if labels is None else concat_labels([pending[1], part])
+                if labels is not None:
+                    labels = labels.select(torch.arange(len(head), len(ids)))
+                ids = rest
+                if len(ids_b) < self.batch_size:
+                    pending = (ids_b, labels_b)
                     continue
-                buffer.append(item)
-                if len(buffer) >= self.shuffle_buffer:
-                    j = rng.randrange(len(buffer))
-                    buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                    yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
+                if produced >= skip:
+                    yield self._collate(ids_b, labels_b)
+                produced += 1
+                pending = None
+            full = len(ids) // self.batch_size * self.batch_size
+            for a in range(0, full, self.batch_size):
+                if produced >= skip:
+                    sel = torch.arange(a, a + self.batch_size)
+                    yield self._collate(ids[a : a + self.batch_size], None if labels is None else labels.select(sel))
+                produced += 1
+            if full < len(ids):
+                sel = torch.arange(full, len(ids))
+                pending = (ids[full:], None if labels is None else labels.select(sel))
+        if pending is not None and produced >= skip:
+            yield self._collate(*pending)
 
-    def _collate(self, batch: list[tuple[int, SoftLabels | None]]) -> dict:
-        out = self.examples.collate([self.examples[e] for e, _ in batch])
-        out["example_index"] = torch.tensor([e for e, _ in batch], dtype=torch.int64)
-        if self.store is not None:
-            labels = concat_labels([lab for _, lab in batch])
+    def _blocks(self, shards: list[int], rng: torch.Generator) -> Iterator[tuple[torch.Tensor, SoftLabels | None]]:
+        """Consecutive runs of this worker's shards holding at least ``shuffle_buffer`` examples,
+        their examples in a seeded random order: (global example ids (n,), their labels in that order)."""
+        block: list[int] = []
+        for n, index in enumerate(shards):
+            block.append(index)
+            size = sum(self.ranges[i][1] - self.ranges[i][0] for i in block)
+            if size >= self.shuffle_buffer or n == len(shards) - 1:
+                ids = torch.cat([torch.arange(*self.ranges[i]) for i in block])
+                labels = None
+                if self.store is not None:
+                    labels = concat_labels([self.store.read_shard(i) for i in block])
+                if self.shuffle:
+                    order = torch.randperm(len(ids), generator=rng)
+                    ids = ids[order]
+                    labels = None if labels is None else labels.select(order)
+                yield ids, labels
+                block = []
+
+    def _collate(self, ids: torch.Tensor, labels: SoftLabels | None) -> dict:
+        out = self.examples.collate([self.examples[int(e)] for e in ids])
+        out["example_index"] = ids.clone()
+        if labels is not None:
             for field in SOFT_FIELDS:
                 value = getattr(labels, field)
                 if value is not None:

@@ -1,0 +1,84 @@
+"""LabelStream: every example once per epoch, joined to its own labels, deterministic, resumable."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from distill.storage import open_store
+from distill.storage.stream import LabelStream, labels_from_batch
+from storehelp import make_labels, write_store
+
+
+class Examples:
+    """A stand-in dataset: example e is the tensor [e]."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, e):
+        return {"inputs": torch.tensor([float(e)])}
+
+    def collate(self, items):
+        return {"inputs": torch.stack([x["inputs"] for x in items])}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    labels = make_labels("topk", n_examples=57, seed=3)
+    url = tmp_path_factory.mktemp("stream") / "s"
+    write_store(url, labels, per_shard=5)
+    return open_store(str(url)), labels
+
+
+def _batches(stream, workers=0):
+    return list(DataLoader(stream, batch_size=None, num_workers=workers))
+
+
+def test_select_gathers_examples_in_any_order():
+    labels = make_labels("topk", n_examples=9, seed=1)
+    picked = labels.select([4, 0, 4, 7])
+    for i, e in enumerate([4, 0, 4, 7]):
+        mine, want = picked.example(i), labels.example(e)
+        assert torch.equal(mine.topk_ids, want.topk_ids) and torch.equal(mine.topk_logprobs, want.topk_logprobs)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_example_once_with_its_own_labels(store, workers):
+    reader, labels = store
+    stream = LabelStream(Examples(57), reader, batch_size=4, seed=1, shuffle_buffer=12, workers=max(workers, 1))
+    batches = _batches(stream, workers)
+    assert len(batches) == stream.batches(0)
+    seen = torch.cat([b["example_index"] for b in batches])
+    assert sorted(seen.tolist()) == list(range(57)) and seen.tolist() != list(range(57))  # all, shuffled
+    for b in batches:
+        assert torch.equal(b["inputs"][:, 0].long(), b["example_index"])
+        got = labels_from_batch(b, reader.spec.stored_temperatures)
+        want = labels.select(b["example_index"])
+        assert torch.equal(got.offsets, want.offsets) and torch.equal(got.topk_ids, want.topk_ids)
+
+
+def test_order_is_deterministic_per_epoch_and_ranks_are_disjoint(store):
+    reader, _ = store
+    order = lambda epoch, rank=0, world=1: torch.cat([  # noqa: E731
+        b["example_index"] for b in _batches(_at(LabelStream(Examples(57), reader, batch_size=4, seed=7, rank=rank,
+                                                             world=world, shuffle_buffer=10), epoch))])
+    assert torch.equal(order(0), order(0)) and not torch.equal(order(0), order(1))
+    r0, r1 = order(2, 0, 2), order(2, 1, 2)
+    assert not set(r0.tolist()) & set(r1.tolist()) and len(r0) + len(r1) == 57
+
+
+def _at(stream, epoch, skip=0):
+    stream.set_epoch(epoch, skip=skip)
+    return stream
+
+
+@pytest.mark.parametrize("workers, skip", [(0, 5), (2, 3), (2, 8), (3, 7), (3, 13), (2, 14)])
+def test_skipping_resumes_exactly_where_an_uninterrupted_epoch_would_be(store, workers, skip):
+    reader, _ = store
+    make = lambda: LabelStream(Examples(57), reader, batch_size=4, seed=2, shuffle_buffer=10, workers=max(workers, 1))  # noqa: E731
+    whole = [b["example_index"] for b in _batches(_at(make(), 1), workers)]
+    rest = [b["example_index"] for b in _batches(_at(make(), 1, skip), workers)]
+    assert len(rest) == len(whole) - skip and all(torch.equal(a, b) for a, b in zip(whole[skip:], rest))
