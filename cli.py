@@ -116,7 +116,7 @@ def _training_options(f):
         click.option("--checkpoint-every", type=int, help="Checkpoint every N steps (and at the end) [default: 500]."),
         click.option("--log-every", type=int, help="Metrics line every N steps [default: 10]."),
         click.option("--workers", type=int, help="DataLoader worker processes [default: 1]."),
-        click.option("--shuffle-buffer", type=int, help="Examples per shuffled block of shards [default: about 262,144 positions' worth]."),
+        click.option("--shuffle-buffer", type=int, help="Examples per shuffled block of shards [default: about 65,536 positions' worth]."),
         click.option("--overwrite", is_flag=True, default=None, help="Start over in a run directory holding another run."),
         click.option("--weights", help="Initial weights: .safetensors, or a state dict (weights_only)."),
         click.option("--trust-remote-code", is_flag=True, default=None, help="Let a Hugging Face model run code from its directory."),

@@ -7,7 +7,8 @@ The same small student (an MLP) is trained three ways for the same number of ste
 
 1. from scratch on the 4,000 hard labels (what you would do without a teacher);
 2. on the teacher's hard pseudo-labels (its top-1 class) over the 20,000 inputs;
-3. distilled from the store's soft labels over the 20,000 inputs (T = 2, no hard labels).
+3. distilled from the store's soft labels over the 20,000 inputs (forward KL at T = 1, no
+   hard labels; T = 1 beat Hinton's T = 2 here: 76.3% against 72.3%, see the README).
 
 The distilled student is then quantised to int8, and everything is evaluated on 5,000
 held-out examples: accuracy, agreement with the teacher, size, latency and throughput.
@@ -72,8 +73,8 @@ def run_demo(out_dir: str, settings: DemoSettings = DemoSettings(), progress: bo
     kd = dict(labels=path("labels.zarr"), model=s.student, epochs=transfer_epochs, alpha=0.0, **common)
     clock.step(f"student on the teacher's hard pseudo-labels over the transfer set, {transfer_epochs} epochs")
     train_student(StudentConfig(out=path("student-pseudo"), loss="argmax", **kd))
-    clock.step(f"student distilled from the soft labels over the transfer set (T=2), {transfer_epochs} epochs")
-    train_student(StudentConfig(out=path("student-distilled"), temperature=2.0, **kd))
+    clock.step(f"student distilled from the soft labels over the transfer set (T=1), {transfer_epochs} epochs")
+    train_student(StudentConfig(out=path("student-distilled"), temperature=1.0, **kd))
     clock.step("distilled student quantised to int8 (dynamic, Linear layers)")
     quantize_model(QuantizeConfig(model=path("student-distilled"), out=path("student-distilled-int8")))
 

@@ -82,7 +82,7 @@ class EvaluateConfig:
     precision: str = "auto"
     batch_size: int = 64
     throughput_batch: int | None = None
-    warmup: int = 3
+    warmup: int = 10  # TorchScript (quantised models) re-optimises over its first calls
     repeats: int = 10
     weights: str | None = None
     trust_remote_code: bool = False

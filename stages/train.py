@@ -55,7 +55,7 @@ class TrainConfig:
     eval_split / eval_data: held-out split (of eval_data, default data) evaluated every eval_every steps and at the end.
     checkpoint_every, log_every: in optimiser steps.
     workers:           DataLoader worker processes (0: load in the training process).
-    shuffle_buffer:    examples per shuffled block of shards in each worker; None: about 262,144 positions' worth.
+    shuffle_buffer:    examples per shuffled block of shards in each worker; None: about 65,536 positions' worth.
     overwrite:         replace a run directory holding a run with other settings.
     weights, trust_remote_code, task, split, tokenizer, seq_len, text_column, ids_column, label_column, limit: as for generate-labels.
     """
