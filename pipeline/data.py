@@ -66,7 +66,7 @@ from distill.pipeline.specs import resolve_callable, split_builtin
 from distill.pipeline.tables import IGNORE_INDEX, read_saved_dataset, read_table, table_arrays, table_from_python
 from distill.pipeline.tokenize import load_tokenizer, require_tokenizer, tokenize_text_files
 
-__all__ = ["TASKS", "IGNORE_INDEX", "DataConfig", "ExampleSet", "load_data", "load_tokenizer"]
+__all__ = ["DataFlags", "TASKS", "IGNORE_INDEX", "DataConfig", "ExampleSet", "load_data", "load_tokenizer"]
 
 TASKS = ("classification", "causal-lm")
 _CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
@@ -230,6 +230,28 @@ class ExampleSet:
     def __repr__(self) -> str:
         what = f"features={self.num_features}" if self._inputs is not None else f"tokens={len(self._ids)}"
         return f"ExampleSet(task={self.task!r}, examples={len(self)}, {what})"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFlags:
+    """How a stage reads its data spec: the data flags every stage config shares (see DataConfig).
+
+    Stage configs inherit these fields, so `--split`, `--tokenizer`, `--seq-len`,
+    `--text-column`, `--ids-column`, `--label-column` and `--limit` mean the same everywhere.
+    """
+
+    split: str = "train"
+    tokenizer: str | None = None
+    seq_len: int = 256
+    text_column: str | None = None
+    ids_column: str | None = None
+    label_column: str | None = None
+    limit: int | None = None
+
+    def data_config(self, spec: str, *, task: str | None = None, **changes) -> DataConfig:
+        """A DataConfig for ``spec`` with these flags (``changes`` override them, e.g. split=)."""
+        flags = {f.name: getattr(self, f.name) for f in dataclasses.fields(DataFlags)}
+        return DataConfig(spec, task=task, **{**flags, **changes})
 
 
 def load_data(config: DataConfig) -> ExampleSet:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.errors import ConfigError, StoreError
-from distill.pipeline.data import DataConfig, ExampleSet, load_data
+from distill.pipeline.data import DataFlags, ExampleSet, load_data
 from distill.pipeline.losses import bucket_divergence, student_buckets
 from distill.pipeline.models import LoadedModel, ModelConfig, load_model
 from distill.pipeline.runtime import resolve_device
@@ -57,7 +57,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ts", ".jit")
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(DataFlags):
     """Settings of `distill evaluate`.
 
     model:            the model to evaluate: a run directory, a Hugging Face directory, a TorchScript file,
@@ -87,13 +87,7 @@ class EvaluateConfig:
     weights: str | None = None
     trust_remote_code: bool = False
     task: str | None = None
-    split: str = "test"
-    tokenizer: str | None = None
-    seq_len: int = 256
-    text_column: str | None = None
-    ids_column: str | None = None
-    label_column: str | None = None
-    limit: int | None = None
+    split: str = "test"  # evaluation reads the held-out split by default
 
     def __post_init__(self):
         if not self.model or not self.data:
@@ -125,9 +119,7 @@ def evaluate_model(config: EvaluateConfig) -> dict:
     teacher = None if not config.teacher else load_model(
         ModelConfig(config.teacher, trust_remote_code=config.trust_remote_code), device=device)
     tokenizer = config.tokenizer or tokenizer_beside(config.model) or tokenizer_beside(config.teacher)
-    data = load_data(DataConfig(config.data, split=config.split, task=model.task, tokenizer=tokenizer,
-                                seq_len=config.seq_len, text_column=config.text_column, ids_column=config.ids_column,
-                                label_column=config.label_column, limit=config.limit))
+    data = load_data(config.data_config(config.data, task=model.task, tokenizer=tokenizer))
     if len(data) == 0:
         raise ConfigError(f"data {config.data!r} (split {config.split!r}) has no examples: check the spec and --split")
     store = _open_labels(config, model, data) if config.labels else None

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 import torch
 
 from distill.errors import ConfigError
-from distill.pipeline.data import DataConfig, ExampleSet, load_data
+from distill.pipeline.data import DataFlags, ExampleSet, load_data
 from distill.pipeline.models import LoadedModel, ModelConfig, load_model
 from distill.pipeline.progress import Progress
 from distill.pipeline.runtime import Workers, parse_shard, resolve_device, workers
@@ -43,7 +43,7 @@ LOGITS_CHUNK_ELEMENTS = 1 << 25  # positions are reduced to top-k in chunks of a
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(DataFlags):
     """Settings of one label-generation job (the flags of `distill generate-labels`).
 
     teacher:            model spec: a Hugging Face directory, package.module:factory, a TorchScript file or a built-in.
@@ -92,13 +92,6 @@ class GenerateConfig:
     overwrite: bool = False
     weights: str | None = None
     trust_remote_code: bool = False
-    split: str = "train"
-    tokenizer: str | None = None
-    seq_len: int = 256
-    text_column: str | None = None
-    ids_column: str | None = None
-    label_column: str | None = None
-    limit: int | None = None
     seed: int = 0
     queue_size: int = 8
     progress: bool = True
@@ -148,9 +141,7 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
     teacher = load_model(ModelConfig(config.teacher, weights=config.weights, task=config.task,
                                      trust_remote_code=config.trust_remote_code),
                          device=device, dtype=_weight_dtype(config.dtype))
-    data = load_data(DataConfig(config.data, split=config.split, task=teacher.task, tokenizer=_tokenizer(config),
-                                seq_len=config.seq_len, text_column=config.text_column, ids_column=config.ids_column,
-                                label_column=config.label_column, limit=config.limit))
+    data = load_data(config.data_config(config.data, task=teacher.task, tokenizer=_tokenizer(config)))
     _check_compatible(config, teacher, data)
     spec = _store_spec(config, teacher, data, device)
     writer = _open_store(config, spec, team)

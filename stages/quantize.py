@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.errors import ConfigError
-from distill.pipeline.data import DataConfig, load_data
+from distill.pipeline.data import DataConfig, DataFlags, load_data
 from distill.pipeline.models import LoadedModel, ModelConfig, load_model
 
 __all__ = ["METHODS", "QuantizeConfig", "quantize_model", "Int8WeightOnlyLinear", "cpu_only"]
@@ -66,7 +66,7 @@ _DATA_KEYS = ("data", "split", "tokenizer", "seq_len", "text_column", "ids_colum
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeConfig:
+class QuantizeConfig(DataFlags):
     """Settings of `distill quantize`.
 
     model:     the model to quantize: a run directory (what train-student writes), a Hugging Face causal LM
@@ -87,13 +87,6 @@ class QuantizeConfig:
     trust_remote_code: bool = False
     task: str | None = None
     data: str | None = None
-    split: str = "train"
-    tokenizer: str | None = None
-    seq_len: int = 256
-    text_column: str | None = None
-    ids_column: str | None = None
-    label_column: str | None = None
-    limit: int | None = None
 
     def __post_init__(self):
         if not self.model or not self.out:

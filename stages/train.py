@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from distill.errors import ConfigError, StoreError
 from distill.pipeline.config import config_to_dict
-from distill.pipeline.data import DataConfig, ExampleSet, load_data
+from distill.pipeline.data import DataConfig, DataFlags, ExampleSet, load_data
 from distill.pipeline.models import LoadedModel, ModelConfig, load_model, save_weights
 from distill.pipeline.runtime import resolve_device, workers
 from distill.pipeline.trainer import Schedule, fit
@@ -41,7 +41,7 @@ _RESUMABLE_CHANGES = ("progress", "workers", "device", "log_every", "checkpoint_
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DataFlags):
     """Settings of a training run (the flags of `distill train-teacher`; train-student adds its own).
 
     out:               the run directory (config, metrics, checkpoints, final model).
@@ -86,13 +86,6 @@ class TrainConfig:
     weights: str | None = None
     trust_remote_code: bool = False
     task: str | None = None
-    split: str = "train"
-    tokenizer: str | None = None
-    seq_len: int = 256
-    text_column: str | None = None
-    ids_column: str | None = None
-    label_column: str | None = None
-    limit: int | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -107,7 +100,7 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
-            raise ConfigError(f"--lr must be > 0, --min-lr-ratio in [0, 1], --weight-decay >= 0")
+            raise ConfigError("--lr must be > 0, --min-lr-ratio in [0, 1], --weight-decay >= 0")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown --precision {self.precision!r}: use {', '.join(PRECISIONS)}")
         if self.workers < 0:
@@ -244,9 +237,7 @@ def _data_config(config: TrainConfig, spec: str, split: str, task: str) -> DataC
     from distill.stages.generate import tokenizer_beside
 
     tokenizer = config.tokenizer or tokenizer_beside(config.model)  # a Hugging Face student's own tokenizer
-    return DataConfig(spec, split=split, task=task, tokenizer=tokenizer, seq_len=config.seq_len,
-                      text_column=config.text_column, ids_column=config.ids_column,
-                      label_column=config.label_column, limit=config.limit)
+    return config.data_config(spec, task=task, split=split, tokenizer=tokenizer)
 
 
 def _autocast(config: TrainConfig, device: torch.device):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
 __all__ = ["SoftLabels", "topk_labels", "sampled_labels", "concat_labels"]
