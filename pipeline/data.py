@@ -72,17 +72,16 @@ TASKS = ("classification", "causal-lm")
 _CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Which examples to load and how to turn them into model inputs."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataFlags:
+    """How a data spec is read: the data flags every stage config shares (keyword-only).
 
-    spec: str
-    """mnist1d[:options], a parquet/jsonl/text file or directory, a `datasets` save_to_disk
-    directory, or package.module:function (see the module docstring)."""
+    Stage configs inherit these fields, so `--split`, `--tokenizer`, `--seq-len`,
+    `--text-column`, `--ids-column`, `--label-column` and `--limit` mean the same everywhere.
+    """
+
     split: str = "train"
     """Which split: "train"/"test" for mnist1d; a file is the "train" split."""
-    task: str | None = None
-    """"classification" or "causal-lm"; None infers it from the data."""
     tokenizer: str | None = None
     """A local Hugging Face tokenizer directory, or "bytes"; needed for text only."""
     seq_len: int = 256
@@ -95,6 +94,22 @@ class DataConfig:
     """Column of integer class labels (classification); default "label", else "labels", when present."""
     limit: int | None = None
     """Keep only the first N examples (quick runs); None keeps all."""
+
+    def data_config(self, spec: str, *, task: str | None = None, **changes) -> "DataConfig":
+        """A DataConfig for ``spec`` with these flags (``changes`` override them, e.g. split=)."""
+        flags = {f.name: getattr(self, f.name) for f in dataclasses.fields(DataFlags)}
+        return DataConfig(spec, task=task, **{**flags, **changes})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(DataFlags):
+    """Which examples to load and how to turn them into model inputs (plus the DataFlags)."""
+
+    spec: str
+    """mnist1d[:options], a parquet/jsonl/text file or directory, a `datasets` save_to_disk
+    directory, or package.module:function (see the module docstring)."""
+    task: str | None = None
+    """"classification" or "causal-lm"; None infers it from the data."""
 
     def __post_init__(self):
         if not self.spec:
@@ -230,28 +245,6 @@ class ExampleSet:
     def __repr__(self) -> str:
         what = f"features={self.num_features}" if self._inputs is not None else f"tokens={len(self._ids)}"
         return f"ExampleSet(task={self.task!r}, examples={len(self)}, {what})"
-
-
-@dataclasses.dataclass(frozen=True)
-class DataFlags:
-    """How a stage reads its data spec: the data flags every stage config shares (see DataConfig).
-
-    Stage configs inherit these fields, so `--split`, `--tokenizer`, `--seq-len`,
-    `--text-column`, `--ids-column`, `--label-column` and `--limit` mean the same everywhere.
-    """
-
-    split: str = "train"
-    tokenizer: str | None = None
-    seq_len: int = 256
-    text_column: str | None = None
-    ids_column: str | None = None
-    label_column: str | None = None
-    limit: int | None = None
-
-    def data_config(self, spec: str, *, task: str | None = None, **changes) -> DataConfig:
-        """A DataConfig for ``spec`` with these flags (``changes`` override them, e.g. split=)."""
-        flags = {f.name: getattr(self, f.name) for f in dataclasses.fields(DataFlags)}
-        return DataConfig(spec, task=task, **{**flags, **changes})
 
 
 def load_data(config: DataConfig) -> ExampleSet:

@@ -87,7 +87,7 @@ class EvaluateConfig(DataFlags):
     weights: str | None = None
     trust_remote_code: bool = False
     task: str | None = None
-    split: str = "test"  # evaluation reads the held-out split by default
+    split: str = dataclasses.field(default="test", kw_only=True)  # evaluation reads the held-out split by default
 
     def __post_init__(self):
         if not self.model or not self.data:
