@@ -59,7 +59,7 @@ def inspect(path: str, as_json: bool, verify: bool, sample: int | None) -> None:
     if as_json:
         click.echo(json.dumps(summary, default=str))
     else:
-        click.echo(_format_summary(summary) if result["kind"] == "store" else format_run(summary))
+        click.echo(format_run(summary) if result["kind"] == "run" else _format_summary(summary))
     if summary.get("damaged_shards") or summary.get("figures_skipped_shards"):
         sys.exit(1)
 

@@ -50,6 +50,10 @@ def inspect_path(config: InspectConfig) -> dict:
     path = config.path
     if is_run_dir(path):
         return {"kind": "run", "summary": run_summary(load_run(path))}
+    quantized = os.path.join(path, "summary.json")
+    if "://" not in path and os.path.isfile(quantized) and os.path.isfile(os.path.join(path, "model", "model.pt")):
+        with open(quantized) as f:  # a `distill quantize` output directory
+            return {"kind": "quantized", "summary": json.load(f)}
     if "://" not in path and os.path.exists(path) and not os.path.exists(os.path.join(path, "manifest.json")):
         raise ConfigError(f"{path} is neither a soft-label store (no manifest.json) nor a run directory (no config.json "
                           "from train-student or train-teacher): pass one of those")

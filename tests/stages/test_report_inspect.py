@@ -236,3 +236,16 @@ def test_report_refuses_what_it_cannot_read(runs, tmp_path):
         assert result.stderr.startswith("distill: error: ") and result.stderr.count("\n") == 1, result.stderr
     assert not out.exists()
     assert invoke("report", "--out", out).exit_code == 2
+
+
+def test_inspect_a_quantize_output_directory(tmp_path):
+    from distill.stages.quantize import QuantizeConfig, quantize_model
+    from distill.stages.train import TrainConfig, train_teacher
+
+    train_teacher(TrainConfig(out=str(tmp_path / "run"), model="mlp:hidden=8", data="mnist1d:num_samples=300",
+                              steps=2, workers=0, progress=False))
+    quantize_model(QuantizeConfig(model=str(tmp_path / "run"), out=str(tmp_path / "q")))
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "q"), "--json"])
+    assert result.exit_code == 0, result.output + result.stderr
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["method"] == "dynamic-int8" and summary["bytes_after"] > 0
