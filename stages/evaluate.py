@@ -36,7 +36,6 @@ perplexity keeps 100% and a worse one less); ``size_ratio`` is bytes/teacher_byt
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import statistics
 import time
@@ -49,7 +48,7 @@ from distill.pipeline.data import DataFlags, ExampleSet, load_data
 from distill.pipeline.losses import bucket_divergence, student_buckets
 from distill.pipeline.models import LoadedModel, ModelConfig, load_model
 from distill.pipeline.runtime import resolve_device
-from distill.stages.train import PRECISIONS, _autocast, _positions, _to
+from distill.stages.train import PRECISIONS, Score, _autocast, _positions, _to, check_store_matches, open_complete_store
 
 __all__ = ["EvaluateConfig", "evaluate_model", "format_report", "retention_line", "model_bytes"]
 
@@ -166,50 +165,16 @@ def _check_teacher(config: EvaluateConfig, model: LoadedModel, teacher: LoadedMo
 
 
 def _open_labels(config: EvaluateConfig, model: LoadedModel, data: ExampleSet):
-    from distill.storage import open_store
-
-    store = open_store(config.labels)
-    spec = store.spec
-    if not store.complete:
-        raise StoreError(f"the store {config.labels} is not complete ({len(store.complete_shards())} of "
-                         f"{spec.num_shards} shards): finish it with `distill generate-labels` first")
-    if data.fingerprint() != spec.dataset_fingerprint:
-        raise ConfigError(f"the store {config.labels} was made from other data (dataset fingerprint "
-                          f"{spec.dataset_fingerprint[:19]}..., this data {data.fingerprint()[:19]}...): pass the "
-                          "same --data, --split, --seq-len and --limit as generate-labels")
-    if spec.vocab_size != model.output_size:
-        raise ConfigError(f"the model outputs {model.output_size} values but the store's vocabulary is "
-                          f"{spec.vocab_size}: evaluate a model with the teacher's output size")
+    store = open_complete_store(config.labels)
+    check_store_matches(store, config.labels, data, model.output_size, "model")
     return store
 
 
 # --- one pass over the data: the metric, and agreement with the teacher ------------------------
 
-class _Score:
-    """Running task metric over positions with a target (hard label != -100)."""
-
-    def __init__(self):
-        self.loss_sum, self.correct, self.count = 0.0, 0, 0
-
-    def add(self, logits: torch.Tensor, hard: torch.Tensor) -> None:
-        keep = hard != -100
-        logits, hard = logits[keep].float(), hard[keep]  # (P', V), (P',)
-        self.loss_sum += float(F.cross_entropy(logits, hard, reduction="sum"))
-        self.correct += int((logits.argmax(-1) == hard).sum())
-        self.count += len(hard)
-
-    def result(self, task: str) -> dict:
-        if self.count == 0:
-            return {"metric": "perplexity" if task == "causal-lm" else "accuracy", "value": None, "positions": 0}
-        mean = self.loss_sum / self.count
-        if task == "causal-lm":
-            return {"metric": "perplexity", "value": math.exp(min(mean, 700.0)), "loss": mean, "positions": self.count}
-        return {"metric": "accuracy", "value": self.correct / self.count, "loss": mean, "positions": self.count}
-
-
 def _quality(model: LoadedModel, teacher: LoadedModel | None, store, data: ExampleSet, batch_size: int,
              device: torch.device, autocast) -> dict:
-    mine, theirs = _Score(), _Score()
+    mine, theirs = Score(), Score()
     agree, kl_sum, positions = 0, 0.0, 0
     for batch, labels in _batches(data, store, batch_size):
         batch = _to(batch, device)

@@ -154,10 +154,7 @@ def train_student(config: StudentConfig) -> dict:
     """Train the student on the store's soft labels (and the data's hard labels); returns the summary."""
     from distill.pipeline.losses import make_loss
 
-    store = open_store(config.labels)
-    if not store.complete:
-        raise StoreError(f"the store {config.labels} is not complete ({len(store.complete_shards())} of "
-                         f"{store.spec.num_shards} shards): finish it with `distill generate-labels` first")
+    store = open_complete_store(config.labels)
     spec = store.spec
     task = spec.extra.get("task", config.task)
     loss_fn = make_loss(spec.method, config.loss, config.temperature, config.alpha, beta=config.beta, skew=config.skew,
@@ -168,13 +165,7 @@ def train_student(config: StudentConfig) -> dict:
                           f"one of {held}, or regenerate the labels with --temperature {config.temperature:g}")
 
     def check(student: LoadedModel, data: ExampleSet) -> None:
-        if data.fingerprint() != spec.dataset_fingerprint:
-            raise ConfigError(f"the store {config.labels} was made from other data (dataset fingerprint "
-                              f"{spec.dataset_fingerprint[:19]}..., this data {data.fingerprint()[:19]}...): pass the "
-                              "same --data, --split, --seq-len and --limit as generate-labels")
-        if student.output_size != spec.vocab_size:
-            raise ConfigError(f"the student outputs {student.output_size} values but the store's vocabulary is "
-                              f"{spec.vocab_size}: use a student with the teacher's output size")
+        check_store_matches(store, config.labels, data, student.output_size, "student")
 
     def loss(model, batch, student: LoadedModel) -> dict:
         logits, hard = _positions(student, model, batch, task)
@@ -233,6 +224,49 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
 
 # --- pieces ---------------------------------------------------------------------------------
 
+def open_complete_store(url: str):
+    """The store at ``url``, refused unless every shard is complete."""
+    store = open_store(url)
+    if not store.complete:
+        raise StoreError(f"the store {url} is not complete ({len(store.complete_shards())} of "
+                         f"{store.spec.num_shards} shards): finish it with `distill generate-labels` first")
+    return store
+
+
+def check_store_matches(store, url: str, data: ExampleSet, output_size: int, what: str) -> None:
+    """Refuse a store made from other data, or for another output size than the ``what`` (student, model) has."""
+    spec = store.spec
+    if data.fingerprint() != spec.dataset_fingerprint:
+        raise ConfigError(f"the store {url} was made from other data (dataset fingerprint "
+                          f"{spec.dataset_fingerprint[:19]}..., this data {data.fingerprint()[:19]}...): pass the "
+                          "same --data, --split, --seq-len and --limit as generate-labels")
+    if output_size != spec.vocab_size:
+        raise ConfigError(f"the {what} outputs {output_size} values but the store's vocabulary is "
+                          f"{spec.vocab_size}: use a {what} with the teacher's output size")
+
+
+class Score:
+    """Running task metric over positions with a target (hard label != -100)."""
+
+    def __init__(self):
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+
+    def add(self, logits: torch.Tensor, hard: torch.Tensor) -> None:
+        keep = hard != -100
+        logits, hard = logits[keep].float(), hard[keep]  # (P', V), (P',)
+        self.loss_sum += float(F.cross_entropy(logits, hard, reduction="sum"))
+        self.correct += int((logits.argmax(-1) == hard).sum())
+        self.count += len(hard)
+
+    def result(self, task: str) -> dict:
+        """{"metric": accuracy | perplexity (exp of the mean next-token CE), "value", "loss", "positions"}."""
+        if self.count == 0:
+            return {"metric": "perplexity" if task == "causal-lm" else "accuracy", "value": None, "positions": 0}
+        mean = self.loss_sum / self.count
+        if task == "causal-lm":
+            return {"metric": "perplexity", "value": math.exp(min(mean, 700.0)), "loss": mean, "positions": self.count}
+        return {"metric": "accuracy", "value": self.correct / self.count, "loss": mean, "positions": self.count}
+
 def _data_config(config: TrainConfig, spec: str, split: str, task: str) -> DataConfig:
     from distill.stages.generate import tokenizer_beside
 
@@ -273,20 +307,15 @@ def _evaluator(student: LoadedModel, data: ExampleSet, batch_size: int, device: 
     """Accuracy (classification) or perplexity (causal LM) of the student's hard predictions on ``data``."""
 
     def run() -> dict:
-        loss_sum, correct, count = 0.0, 0, 0
+        score = Score()
         for a in range(0, len(data), batch_size):
             batch = _to(data.collate([data[i] for i in range(a, min(a + batch_size, len(data)))]), device)
             with autocast:
                 logits, hard = _positions(student, student.module, batch, student.task)
-            keep = hard != -100
-            logits, hard = logits[keep].float(), hard[keep]
-            loss_sum += float(F.cross_entropy(logits, hard, reduction="sum"))
-            correct += int((logits.argmax(-1) == hard).sum())
-            count += len(hard)
-        mean = loss_sum / max(count, 1)
-        if student.task == "causal-lm":
-            return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "positions": count}
-        return {"loss": mean, "accuracy": correct / max(count, 1), "examples": count}
+            score.add(logits, hard)
+        r = score.result(student.task)
+        return {"loss": r.get("loss"), r["metric"]: r["value"],
+                ("positions" if student.task == "causal-lm" else "examples"): r["positions"]}
 
     return run
 
