@@ -150,6 +150,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 @click.option("--alpha", type=float, help="Weight of the hard-label cross-entropy: alpha*CE + (1-alpha)*T^2*soft [default: 0.5].")
 @click.option("--beta", type=float, help="Beta of the generalised JSD [default: 0.5].")
 @click.option("--skew", type=float, help="Skew of skew-kl (DistiLLM's alpha) [default: 0.1].")
+@click.option("--no-tail", "tail", flag_value=False, default=None,
+              help="Drop the tail bucket and renormalise over the k stored ids (what most offline tools do; for comparison).")
 @_training_options
 @click.pass_context
 def train_student(ctx: click.Context, as_json: bool, **params) -> None:

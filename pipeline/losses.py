@@ -29,6 +29,7 @@ __all__ = [
     "TopKDistillationLoss",
     "bucket_divergence",
     "make_loss",
+    "renormalised",
     "student_buckets",
 ]
 
@@ -91,6 +92,11 @@ def student_buckets(
     tail_x = _logsumexp(x.scatter(1, ids, _NEG_INF))  # (P,) padding slots repeat a kept id: harmless
     lse = _logaddexp(torch.logsumexp(kept_x, 1), tail_x)  # (P,) the full-vocabulary normaliser
     return kept_x - lse[:, None], tail_x - lse
+
+
+def renormalised(lp: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probs (P, K) renormalised over the K ids alone (padding slots stay -inf), and an empty tail (P,)."""
+    return lp - _logsumexp(lp)[:, None], torch.full_like(tail, _NEG_INF)
 
 
 def _kl(a: Tensor, b: Tensor) -> Tensor:
@@ -198,7 +204,9 @@ class TopKDistillationLoss(_HintonMix):
         loss = alpha * CE(student, hard) + (1 - alpha) * T^2 * mean_P divergence(teacher_T, student_T)
 
     The divergence (one of ``LOSSES``) is taken over the K+1 buckets (stored ids + tail), with
-    the teacher's exact tempered log-probs from the store. Works on sampled labels too (their
+    the teacher's exact tempered log-probs from the store. ``tail=False`` drops the tail bucket
+    and renormalises both distributions over the K stored ids (what most offline tools do; kept
+    for comparison: the tail carries the teacher's mass outside the top k, and its calibration). Works on sampled labels too (their
     padding slots are left out); their exact bucket distribution is as valid a target.
 
     forward(student_logits (P, V), labels (P positions), hard_labels (P,) int64 or None)
@@ -208,8 +216,9 @@ class TopKDistillationLoss(_HintonMix):
     """
 
     def __init__(self, kind: str = "kl", temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5,
-                 skew: float = 0.1, ignore_index: int = -100):
+                 skew: float = 0.1, ignore_index: int = -100, tail: bool = True):
         super().__init__(temperature, alpha, ignore_index)
+        self.tail = bool(tail)
         if kind not in LOSSES:
             raise ConfigError(f"unknown loss {kind!r}: pass --loss one of {', '.join(LOSSES)}")
         for name, value in (("beta", beta), ("skew", skew)):
@@ -222,6 +231,9 @@ class TopKDistillationLoss(_HintonMix):
         teacher_lp, teacher_tail = _teacher_tempered(labels, self.temperature)  # (P, K), (P,)
         kept = None if labels.counts is None else labels.counts > 0
         student_lp, student_tail = student_buckets(student_logits, labels.topk_ids, self.temperature, kept)
+        if not self.tail:
+            teacher_lp, teacher_tail = renormalised(teacher_lp, teacher_tail)
+            student_lp, student_tail = renormalised(student_lp, student_tail)
         div = bucket_divergence(self.kind, teacher_lp, teacher_tail, student_lp, student_tail,
                                 beta=self.beta, skew=self.skew)  # (P,)
         return self._mix(student_logits, div.mean(), hard_labels)
@@ -293,13 +305,16 @@ class PseudoLabelLoss(_HintonMix):
 
 
 def make_loss(method: str, kind: str, temperature: float, alpha: float, *, beta: float = 0.5, skew: float = 0.1,
-              sample_temperature: float = 1.0, ignore_index: int = -100) -> nn.Module:
+              sample_temperature: float = 1.0, ignore_index: int = -100, tail: bool = True) -> nn.Module:
     """The loss for a store's label method: "topk" -> TopKDistillationLoss, "sample" -> SampledDistillationLoss;
-    kind "argmax" -> PseudoLabelLoss (either method)."""
+    kind "argmax" -> PseudoLabelLoss (either method). ``tail=False`` (top-k only): renormalise over the k ids."""
     if kind == "argmax":
         return PseudoLabelLoss(alpha, ignore_index)
+    if not tail and method != "topk":
+        raise ConfigError(f"--no-tail renormalises top-k labels but this store holds {method!r} labels: "
+                          "drop --no-tail, or use a store written with --method topk")
     if method == "topk":
-        return TopKDistillationLoss(kind, temperature, alpha, beta, skew, ignore_index)
+        return TopKDistillationLoss(kind, temperature, alpha, beta, skew, ignore_index, tail)
     if method == "sample":
         if kind != "kl":
             raise ConfigError(

@@ -321,6 +321,10 @@ def format_report(report: dict) -> str:
              for r in rows]
     if report.get("retention") is not None:
         lines.append(retention_line(report))
+    if report.get("ece") is not None:
+        theirs = report.get("teacher", {}).get("ece")
+        lines.append(f"expected calibration error of the top-1 ({Score.ECE_BINS} bins): {report['ece']:.4f}"
+                     + (f" (teacher {theirs:.4f})" if theirs is not None else ""))
     if report.get("agreement") is not None:
         lines.append(f"agreement with the {report['agreement_with']}: top-1 {report['agreement']:.1%}, "
                      f"mean KL(teacher || model) {report['kl']:.4f} nats")

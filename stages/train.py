@@ -126,6 +126,8 @@ class StudentConfig(TrainConfig):
     temperature: softening temperature T; the store must hold its normaliser (generate-labels --temperature).
     alpha:       weight of the hard-label cross-entropy: loss = alpha * CE + (1 - alpha) * T^2 * soft.
     beta, skew:  parameters of jsd and skew-kl.
+    tail:        False: drop the tail bucket and renormalise teacher and student over the k stored ids
+                 (what most offline tools do; top-k stores only). Kept to measure what the tail is worth.
     """
 
     labels: str | None = None
@@ -134,6 +136,7 @@ class StudentConfig(TrainConfig):
     alpha: float = 0.5
     beta: float = 0.5
     skew: float = 0.1
+    tail: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -150,15 +153,24 @@ class StudentConfig(TrainConfig):
 
 # --- the two stages -----------------------------------------------------------------------
 
-def train_student(config: StudentConfig) -> dict:
-    """Train the student on the store's soft labels (and the data's hard labels); returns the summary."""
+def train_student(config: StudentConfig, online_teacher: LoadedModel | None = None) -> dict:
+    """Train the student on the store's soft labels (and the data's hard labels); returns the summary.
+
+    ``online_teacher`` (library only, for reference measurements): online distillation instead,
+    the teacher's full-vocabulary logits computed every step replace the store's labels in the
+    forward KL (``config.loss`` must be kl); the store still sets the examples and their order.
+    """
     from distill.pipeline.losses import make_loss
 
     store = open_complete_store(config.labels)
     spec = store.spec
     task = spec.extra.get("task", config.task)
     loss_fn = make_loss(spec.method, config.loss, config.temperature, config.alpha, beta=config.beta, skew=config.skew,
-                        sample_temperature=spec.sample_temperature or 1.0)
+                        sample_temperature=spec.sample_temperature or 1.0, tail=config.tail)
+    if online_teacher is not None:
+        if config.loss != "kl":
+            raise ConfigError(f"online distillation uses the forward KL, not {config.loss!r}: pass loss='kl'")
+        loss_fn = OnlineDistillationLoss(online_teacher, task, config.temperature, config.alpha)
     if config.loss != "argmax" and config.temperature != 1.0 and config.temperature not in spec.temperatures:
         held = ", ".join(f"{t:g}" for t in spec.temperatures)
         raise ConfigError(f"temperature {config.temperature:g} is not in the store (it holds {held}): pass --temperature "
@@ -172,7 +184,7 @@ def train_student(config: StudentConfig) -> dict:
         labels = labels_from_batch(_to(batch, logits.device), spec.stored_temperatures)
         if labels.num_positions != len(logits):
             raise StoreError(f"a batch has {len(logits)} positions in the data but {labels.num_positions} in the store")
-        out = loss_fn(logits, labels, hard if config.alpha > 0 else None)
+        out = loss_fn(logits, labels if online_teacher is None else batch, hard if config.alpha > 0 else None)
         return {"loss": out["loss"], "soft": out["soft"], "ce": out.get("ce"), "positions": len(logits)}
 
     return _train(config, task, store, check, loss)
@@ -224,6 +236,37 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
 
 # --- pieces ---------------------------------------------------------------------------------
 
+class OnlineDistillationLoss:
+    """Online distillation, the reference the store is measured against: the teacher runs on every
+    batch and the student matches its full-vocabulary distribution,
+
+        loss = alpha * CE(student, hard) + (1 - alpha) * T^2 * mean_P KL(p_teacher,T || q_student,T)
+
+    the top-k loss with k = V (an empty tail). Called as ``loss(student_logits (P, V), batch, hard)``.
+    """
+
+    def __init__(self, teacher: LoadedModel, task: str, temperature: float, alpha: float):
+        self.teacher, self.task, self.temperature, self.alpha = teacher, task, float(temperature), float(alpha)
+        teacher.module.eval()
+
+    def __call__(self, student_logits: torch.Tensor, batch: dict, hard: torch.Tensor | None) -> dict:
+        with torch.no_grad():
+            target = _positions(self.teacher, self.teacher.module, _to(batch, student_logits.device), self.task)[0]
+        if target.shape != student_logits.shape:
+            raise ConfigError(f"the teacher gives logits {tuple(target.shape)} but the student "
+                              f"{tuple(student_logits.shape)}: use models of one vocabulary")
+        t = self.temperature
+        p_log = (target.float() / t).log_softmax(-1)  # (P, V)
+        q_log = (student_logits.float() / t).log_softmax(-1)  # (P, V)
+        soft = F.kl_div(q_log, p_log, log_target=True, reduction="sum") / max(1, len(q_log))
+        mixed = (1.0 - self.alpha) * t**2 * soft
+        if self.alpha == 0.0 or hard is None:
+            return {"loss": mixed, "soft": soft, "ce": None}
+        keep = hard != -100
+        ce = F.cross_entropy(student_logits.float(), hard, ignore_index=-100, reduction="sum") / keep.sum().clamp_min(1)
+        return {"loss": self.alpha * ce + mixed, "soft": soft, "ce": ce}
+
+
 def open_complete_store(url: str):
     """The store at ``url``, refused unless every shard is complete."""
     store = open_store(url)
@@ -246,26 +289,49 @@ def check_store_matches(store, url: str, data: ExampleSet, output_size: int, wha
 
 
 class Score:
-    """Running task metric over positions with a target (hard label != -100)."""
+    """Running task metric over positions with a target (hard label != -100), and the expected
+    calibration error of the top-1 prediction (``ECE_BINS`` equal-width confidence bins)."""
+
+    ECE_BINS = 15
 
     def __init__(self):
         self.loss_sum, self.correct, self.count = 0.0, 0, 0
+        self.bin_count = torch.zeros(self.ECE_BINS, dtype=torch.float64)
+        self.bin_confidence = torch.zeros(self.ECE_BINS, dtype=torch.float64)
+        self.bin_correct = torch.zeros(self.ECE_BINS, dtype=torch.float64)
 
     def add(self, logits: torch.Tensor, hard: torch.Tensor) -> None:
         keep = hard != -100
         logits, hard = logits[keep].float(), hard[keep]  # (P', V), (P',)
         self.loss_sum += float(F.cross_entropy(logits, hard, reduction="sum"))
-        self.correct += int((logits.argmax(-1) == hard).sum())
+        confidence, predicted = logits.softmax(-1).max(-1)  # (P',), (P',)
+        right = (predicted == hard).double().cpu()
+        self.correct += int(right.sum())
         self.count += len(hard)
+        confidence = confidence.double().cpu()
+        bins = (confidence * self.ECE_BINS).long().clamp(0, self.ECE_BINS - 1)  # bin b holds [b/n, (b+1)/n); 1.0 joins the last
+        self.bin_count += torch.bincount(bins, minlength=self.ECE_BINS).double()
+        self.bin_confidence += torch.bincount(bins, confidence, minlength=self.ECE_BINS)
+        self.bin_correct += torch.bincount(bins, right, minlength=self.ECE_BINS)
+
+    def ece(self) -> float | None:
+        """sum_b |accuracy_b - mean confidence_b| * n_b / n over the bins: 0 is perfectly calibrated."""
+        if self.count == 0:
+            return None
+        return float((self.bin_correct - self.bin_confidence).abs().sum() / self.count)
 
     def result(self, task: str) -> dict:
-        """{"metric": accuracy | perplexity (exp of the mean next-token CE), "value", "loss", "positions"}."""
+        """{"metric": accuracy | perplexity (exp of the mean next-token CE), "value", "loss", "ece", "positions"}."""
         if self.count == 0:
             return {"metric": "perplexity" if task == "causal-lm" else "accuracy", "value": None, "positions": 0}
         mean = self.loss_sum / self.count
         if task == "causal-lm":
-            return {"metric": "perplexity", "value": math.exp(min(mean, 700.0)), "loss": mean, "positions": self.count}
-        return {"metric": "accuracy", "value": self.correct / self.count, "loss": mean, "positions": self.count}
+            value = math.exp(min(mean, 700.0))
+        else:
+            value = self.correct / self.count
+        return {"metric": "perplexity" if task == "causal-lm" else "accuracy", "value": value, "loss": mean,
+                "ece": self.ece(), "positions": self.count}
+
 
 def _data_config(config: TrainConfig, spec: str, split: str, task: str) -> DataConfig:
     from distill.stages.generate import tokenizer_beside
@@ -314,7 +380,7 @@ def _evaluator(student: LoadedModel, data: ExampleSet, batch_size: int, device: 
                 logits, hard = _positions(student, student.module, batch, student.task)
             score.add(logits, hard)
         r = score.result(student.task)
-        return {"loss": r.get("loss"), r["metric"]: r["value"],
+        return {"loss": r.get("loss"), r["metric"]: r["value"], "ece": r.get("ece"),
                 ("positions" if student.task == "causal-lm" else "examples"): r["positions"]}
 
     return run

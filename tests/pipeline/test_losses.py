@@ -305,3 +305,33 @@ def test_argmax_pseudo_labels_are_cross_entropy_on_the_teacher_top1():
     out = make_loss("topk", "argmax", 2.0, 0.0)(student, labels, None)
     want = torch.nn.functional.cross_entropy(student.double(), teacher.argmax(1))
     assert torch.allclose(out["soft"].double(), want, rtol=1e-6) and torch.allclose(out["loss"], out["soft"])
+
+
+# --- renormalised top-k (no tail), for comparison ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("p,v,k", [(5, 50, 10), (4, 33, 32), (6, 16, 1)])
+def test_without_the_tail_the_loss_is_the_divergence_between_renormalised_topk(kind, p, v, k):
+    teacher, student = logits(p, v, 3.0, 11), logits(p, v, 2.0, 12)
+    labels = topk_labels(teacher.float(), k)
+    ids = labels.topk_ids
+    renorm = lambda probs: probs.gather(1, ids) / probs.gather(1, ids).sum(1, keepdim=True)  # noqa: E731
+    expected = dense_divergence(kind, renorm(teacher.softmax(1)), renorm(student.softmax(1))).mean()
+    got = TopKDistillationLoss(kind, alpha=0.0, tail=False)(student, labels)["soft"]
+    assert float(got) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    with_tail = TopKDistillationLoss(kind, alpha=0.0)(student, labels)["soft"]
+    assert k == 1 or float(with_tail) != pytest.approx(float(got), rel=1e-6)  # the tail changes the loss
+
+
+def test_without_the_tail_k_1_teaches_nothing_and_gradients_are_finite():
+    student = logits(4, 20, 2.0, 3).requires_grad_()
+    out = TopKDistillationLoss("kl", alpha=0.0, tail=False)(student, topk_labels(logits(4, 20, 2.0, 4).float(), 1))
+    out["loss"].backward()
+    assert float(out["soft"]) == pytest.approx(0.0, abs=1e-12) and torch.isfinite(student.grad).all()
+    assert float(student.grad.abs().max()) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_tail_is_refused_for_sampled_labels():
+    with pytest.raises(ConfigError, match="--no-tail"):
+        make_loss("sample", "kl", 1.0, 0.0, tail=False)

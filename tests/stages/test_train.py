@@ -174,3 +174,52 @@ def test_hugging_face_student_from_a_config(tmp_path):
         "--out", tmp_path / "run", "--steps", 4, "--batch-size", 4, "--workers", 0)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # transformers loads it as it is
     assert saved.config.n_embd == 16 and (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_score_ece_matches_a_naive_float64_reference():
+    from distill.stages.train import Score
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(500, 7, generator=g, dtype=torch.float64) * 3
+    hard = torch.randint(0, 7, (500,), generator=g)
+    hard[::9] = -100  # ignored positions take no part
+    score = Score()
+    for a in range(0, 500, 64):
+        score.add(logits[a : a + 64].float(), hard[a : a + 64])
+    keep = hard != -100
+    probs = logits[keep].softmax(-1)
+    confidence, predicted = probs.max(-1)
+    right = (predicted == hard[keep]).double()
+    ece = 0.0
+    for b in range(15):
+        inside = (confidence >= b / 15) & ((confidence < (b + 1) / 15) if b < 14 else (confidence <= 1))
+        if inside.any():
+            ece += float((right[inside].mean() - confidence[inside].mean()).abs()) * int(inside.sum()) / int(keep.sum())
+    result = score.result("classification")
+    assert result["ece"] == pytest.approx(ece, abs=1e-6) and result["ece"] > 0.01
+    assert result["value"] == pytest.approx(float(right.mean()))
+
+
+def test_online_distillation_matches_the_store_loss_with_every_id_kept(labelled, tmp_path):
+    """k = V with an empty tail is the full-logit KL: one step of online and offline distillation agree."""
+    from distill.stages.train import OnlineDistillationLoss
+    from distill.pipeline.losses import TopKDistillationLoss
+    from distill.storage import topk_labels
+
+    teacher = load_model(ModelConfig(str(labelled / "teacher")))
+    batch = {"inputs": torch.randn(12, 40), "labels": torch.randint(0, 10, (12,))}
+    student = torch.randn(12, 10, dtype=torch.float64)
+    with torch.no_grad():
+        full = teacher.logits(batch)
+    for alpha, t in ((0.0, 1.0), (0.5, 2.0)):
+        online = OnlineDistillationLoss(teacher, "classification", t, alpha)(student, batch, batch["labels"])
+        offline = TopKDistillationLoss("kl", t, alpha)(student, topk_labels(full, 10, temperatures=(2.0,)),
+                                                     batch["labels"])
+        assert float(online["loss"]) == pytest.approx(float(offline["loss"]), rel=1e-5)
+
+
+def test_no_tail_trains_and_is_recorded_in_the_run_config(labelled, tmp_path):
+    out = tmp_path / "renorm"
+    run("train-student", "--labels", labelled / "labels", "--student", "mlp:hidden=16", "--data", MNIST, "--out", out,
+        "--steps", 3, "--workers", 0, "--no-tail", "--temperature", 1)
+    assert json.loads((out / "config.json").read_text())["tail"] is False and (out / "model").is_dir()
