@@ -197,6 +197,7 @@ def train_teacher(ctx: click.Context, as_json: bool, **params) -> None:
 @click.option("--shard", help="I/N: do only this job-array task's shards; seal with --finalize afterwards.")
 @click.option("--finalize", is_flag=True, default=None, help="Only check that every shard is complete and seal the store.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with other settings.")
+@click.option("--repair", is_flag=True, default=None, help="First check every complete shard's checksums and redo the damaged ones.")
 @click.option("--weights", help="Teacher weights: .safetensors, or a state dict (loaded with weights_only=True).")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Let a Hugging Face teacher run code from its directory.")
 @_data_options

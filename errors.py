@@ -1,6 +1,9 @@
 """The errors a user can cause. The CLI prints each as one line and exits with status 2."""
 
-__all__ = ["DistillError", "ConfigError", "StoreError", "CorruptStoreError", "IncompatibleStoreError"]
+import errno
+
+__all__ = ["DistillError", "ConfigError", "StoreError", "CorruptStoreError", "IncompatibleStoreError", "WriteError",
+           "write_error"]
 
 
 class DistillError(Exception):
@@ -27,3 +30,16 @@ class CorruptStoreError(StoreError):
 
 class IncompatibleStoreError(StoreError):
     """The store was written for other data, another teacher, settings or a newer format."""
+
+
+class WriteError(DistillError):
+    """An output cannot be written (disk full, read-only, no permission); nothing half-written is marked complete."""
+
+
+def write_error(err: OSError, what: str) -> WriteError:
+    """A one-line WriteError for an OSError met while writing ``what`` (a path or a description)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WriteError(f"no space left writing {what}: free some space (or choose another path) and rerun the same "
+                          "command; what is complete is kept and the rest is redone")
+    reason = err.strerror or type(err).__name__
+    return WriteError(f"cannot write {what} ({reason}): check that the path is a writable directory, or choose another")

@@ -8,7 +8,9 @@ Work is split by shard: shard i belongs to worker ``i % world`` (torchrun rank o
 ``--shard I/N`` task), so workers never touch one shard's files. A shard is written only
 once all its examples are labelled, and marked complete by its commit record last, so a
 crash at any moment loses at most the shards in flight; rerunning the same command redoes
-exactly those. Sampling draws from a generator seeded by (seed, shard), so a shard's
+exactly those. A process writes a shard only while it holds the shard's lock, so two
+processes started on one local store by mistake split the shards (each waits for the
+shards the other holds, then both seal the store). Sampling draws from a generator seeded by (seed, shard), so a shard's
 labels do not depend on which worker made them or how often it was redone.
 """
 
@@ -64,6 +66,7 @@ class GenerateConfig(DataFlags):
     shard:              "I/N": this job-array task's share (shards i with i % N == I); seal with --finalize after.
     finalize:           only check that every shard is complete and seal the store (after a job array).
     overwrite:          replace an existing store made with other settings.
+    repair:             first check every complete shard's files against their checksums and redo the damaged ones.
     weights:            weights for the teacher (.safetensors, or a state dict loaded with weights_only=True).
     trust_remote_code:  let a Hugging Face teacher run code from its directory.
     split, tokenizer, seq_len, text_column, ids_column, label_column, limit: how the data is read (see pipeline.data).
@@ -90,6 +93,7 @@ class GenerateConfig(DataFlags):
     shard: str | None = None
     finalize: bool = False
     overwrite: bool = False
+    repair: bool = False
     weights: str | None = None
     trust_remote_code: bool = False
     seed: int = 0
@@ -144,7 +148,7 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
     data = load_data(config.data_config(config.data, task=teacher.task, tokenizer=_tokenizer(config)))
     _check_compatible(config, teacher, data)
     spec = _store_spec(config, teacher, data, device)
-    writer = _open_store(config, spec, team)
+    writer = _open_store(config, spec, team, say)
     pending = writer.pending_shards()
     mine = [i for i in pending if i % team.world == team.rank]
     say(f"generate-labels: {len(data):,} examples in {spec.num_shards:,} shard(s), {len(pending):,} to do"
@@ -152,9 +156,9 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
         + f"; teacher {teacher.fingerprint[:19]} on {device}")
 
     start = time.perf_counter()
-    counts = _label_shards(config, teacher, data, writer, mine, device, team)
+    counts = _label_shards(config, teacher, data, writer, mine, device, team, say)
     seconds = time.perf_counter() - start
-    result = {"shards_written": len(mine), **counts, "seconds": seconds,
+    result = {**counts, "seconds": seconds,
               "positions_per_s": counts["positions"] / seconds if seconds > 0 else 0.0}
 
     team.barrier()  # every rank's shards are committed
@@ -259,12 +263,16 @@ def _store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, 
     )
 
 
-def _open_store(config: GenerateConfig, spec: StoreSpec, team: Workers) -> StoreWriter:
-    """Rank 0 creates (or checks) the store first; the others then reopen it and check their spec."""
+def _open_store(config: GenerateConfig, spec: StoreSpec, team: Workers, say) -> StoreWriter:
+    """Rank 0 creates (or checks, or repairs) the store first; the others then reopen it and check their spec."""
     if team.distributed and team.rank != 0:
         team.barrier()
         return create_store(config.out, spec)
     writer = create_store(config.out, spec, overwrite=config.overwrite)
+    if config.repair:
+        damaged = writer.repair()
+        say(f"generate-labels: --repair: {len(damaged)} damaged shard(s) to redo"
+            + (f" ({', '.join(map(str, damaged[:20]))}{' ...' if len(damaged) > 20 else ''})" if damaged else ""))
     team.barrier()
     return writer
 
@@ -272,16 +280,17 @@ def _open_store(config: GenerateConfig, spec: StoreSpec, team: Workers) -> Store
 # --- the loop: teacher on this thread, encoding and writing on another --------------------
 
 def _label_shards(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, writer: StoreWriter,
-                  shards: list[int], device: torch.device, team: Workers) -> dict:
+                  shards: list[int], device: torch.device, team: Workers, say) -> dict:
     spec = writer.spec
     total = sum(spec.shard_range(i)[1] - spec.shard_range(i)[0] for i in shards)
     progress = Progress(total, label=f"[worker {team.rank}] " if team.world > 1 else "",
                         enabled=config.progress and total > 0)
-    examples = positions = 0
+    examples = positions = written = 0
     sink = _ShardSink(writer, config.queue_size)
     try:
         with torch.inference_mode(), _autocast(config, device):
-            for index in shards:
+            for index in _claimed(writer, shards, say):
+                written += 1
                 generator = _shard_generator(config, index, device)
                 start, stop = spec.shard_range(index)
                 for a in range(start, stop, config.batch_size):
@@ -296,10 +305,35 @@ def _label_shards(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet
         sink.close()
     except BaseException:
         sink.abort()
+        writer.release()  # the shards in flight stay pending, for whoever comes next
         raise
     finally:
         progress.close()
-    return {"examples": examples, "positions": positions}
+    return {"shards_written": written, "examples": examples, "positions": positions}
+
+
+def _claimed(writer: StoreWriter, shards: list[int], say, poll_s: float = 0.5):
+    """``shards``, each yielded once this process holds its lock and it is still pending.
+
+    Shards that another process is writing are waited for: they end complete (skipped
+    here) or, if that process dies, their lock frees and this process writes them.
+    """
+    waiting, told = list(shards), False
+    while waiting:
+        busy = []
+        for index in waiting:
+            state = writer.claim(index)
+            if state == "claimed":
+                yield index
+            elif state == "busy":
+                busy.append(index)
+        if busy:
+            if not told:
+                say(f"generate-labels: another process is writing shard(s) {', '.join(map(str, busy[:10]))}"
+                    f"{' ...' if len(busy) > 10 else ''} of this store; waiting for it")
+                told = True
+            time.sleep(poll_s)
+        waiting = busy
 
 
 def _shard_generator(config: GenerateConfig, index: int, device: torch.device) -> torch.Generator | None:

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, CorruptStoreError
 
 __all__ = ["InspectConfig", "RunDir", "inspect_path", "is_run_dir", "load_run", "run_summary", "format_run", "eval_metric"]
 
@@ -57,7 +57,12 @@ def inspect_path(config: InspectConfig) -> dict:
     if "://" not in path and os.path.exists(path) and not os.path.exists(os.path.join(path, "manifest.json")):
         raise ConfigError(f"{path} is neither a soft-label store (no manifest.json) nor a run directory (no config.json "
                           "from train-student or train-teacher): pass one of those")
-    reader = storage.open_store(path)
+    try:
+        reader = storage.open_store(path)
+    except CorruptStoreError as e:  # a damaged commit record: --verify lists its shard with the others
+        if not config.verify or e.shard is None:
+            raise
+        reader = storage.open_store(path, damaged_records_ok=True)
     summary = reader.summary(verify=config.verify)
     figures = getattr(reader, "label_figures", None)  # a reader that cannot read shards gives the record figures only
     if figures is not None:

@@ -27,8 +27,12 @@ class Backend(abc.ABC):
         """Files of one shard, as {path relative to the shard directory: bytes}."""
 
     @abc.abstractmethod
-    def deserialize(self, files: dict[str, bytes]) -> dict[str, np.ndarray]:
-        """The arrays back from the files that ``serialize`` wrote."""
+    def deserialize(self, files: dict[str, bytes], shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+        """The arrays back from the files that ``serialize`` wrote.
+
+        ``shapes``: the shape each array must have (from the commit record); files that
+        say otherwise raise ValueError before anything of that size is allocated.
+        """
 
 
 def get_backend(name: str) -> Backend:

@@ -6,12 +6,17 @@ import os
 import posixpath
 import uuid
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no shard locks
+    fcntl = None
+
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from distill.errors import CorruptStoreError, StoreError
+from distill.errors import CorruptStoreError, StoreError, write_error
 
-__all__ = ["StoreFS"]
+__all__ = ["StoreFS", "FileLock"]
 
 
 class StoreFS:
@@ -57,6 +62,12 @@ class StoreFS:
         commit record) vouches for them; their directories need ``sync_dirs`` before it.
         """
         path = self.path(rel)
+        try:
+            self._write(path, data, atomic)
+        except OSError as e:
+            raise write_error(e, f"{rel} in the store {self.url}") from None
+
+    def _write(self, path: str, data: bytes, atomic: bool) -> None:
         if not self.local:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             self.fs.pipe_file(path, data)  # one PUT: object stores make it visible whole
@@ -98,9 +109,62 @@ class StoreFS:
                 self.fs.rm(path)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            raise write_error(e, f"{rel or 'the store'} in {self.url} (removing it)") from None
 
     def makedirs(self, rel: str = "") -> None:
-        self.fs.makedirs(self.path(rel), exist_ok=True)
+        try:
+            self.fs.makedirs(self.path(rel), exist_ok=True)
+        except FileExistsError:
+            raise StoreError(f"{self.path(rel)} is a file, not a directory: choose another path for the store") from None
+        except OSError as e:
+            raise write_error(e, f"the store directory {self.url}") from None
+
+    def try_lock(self, rel: str) -> "FileLock | None":
+        """An exclusive lock on the file ``rel`` (created if missing), or None while another process holds it.
+
+        Local filesystems only (``flock``: the kernel drops it when the holder dies, even by
+        kill -9, so a crash never leaves a stale lock). On object stores there is no lock:
+        every call succeeds and writers must not overlap (docs/RELIABILITY.md).
+        """
+        if not self.local or fcntl is None:
+            return FileLock(None, None)
+        path = self.path(rel)
+        while True:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise write_error(e, f"the lock file {rel} in {self.url}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:  # the holder before us may have removed the file after we opened it: lock the current one
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    return FileLock(fd, path)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+
+class FileLock:
+    """A held ``flock``; ``release(remove=True)`` also deletes the file (safe: lockers check the inode)."""
+
+    def __init__(self, fd: int | None, path: str | None):
+        self.fd, self.path = fd, path
+
+    def release(self, remove: bool = False) -> None:
+        if self.fd is None:
+            return
+        if remove:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
 
 
 def _fsync_dir(path: str) -> None:

@@ -32,18 +32,22 @@ def dumps_checked(obj: dict) -> bytes:
     return (json.dumps(body, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
-def loads_checked(data: bytes, what: str, shard: int | None = None) -> dict:
-    """Parse JSON written by ``dumps_checked``; any damage raises ``CorruptStoreError``."""
+REGENERATE = "regenerate the store (generate-labels --overwrite)"
+
+
+def loads_checked(data: bytes, what: str, shard: int | None = None, fix: str = REGENERATE) -> dict:
+    """Parse JSON written by ``dumps_checked``; any damage raises ``CorruptStoreError`` (``fix`` ends its message)."""
     try:
         obj = json.loads(data.decode("utf-8"))
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CorruptStoreError(f"{what} is not valid JSON ({e}); rewrite it or regenerate the store", shard) from None
-    body = {k: v for k, v in obj.items() if k != "crc32"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        body = {k: v for k, v in obj.items() if k != "crc32"}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = " ".join(str(e).split())[:120]
+        raise CorruptStoreError(f"{what} is not valid JSON ({reason}); {fix}", shard) from None
     if obj.get("crc32") != f"{zlib.crc32(canonical.encode()):08x}":
-        raise CorruptStoreError(f"{what} fails its checksum (damaged or edited by hand); regenerate it", shard)
+        raise CorruptStoreError(f"{what} fails its checksum (damaged or edited by hand); {fix}", shard)
     return body
 
 
@@ -126,7 +130,13 @@ class StoreSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> "StoreSpec":
+        """The spec a manifest describes; wrong types raise TypeError (the manifest's reader says it is malformed)."""
         d = dict(d)
+        for key, types in _FIELD_TYPES.items():
+            if not isinstance(d[key], types) or (isinstance(d[key], bool) and bool not in types):
+                raise TypeError(f"{key} is a {type(d[key]).__name__}")
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in d["temperatures"]):
+            raise TypeError("temperatures must be numbers")
         d["temperatures"] = tuple(d["temperatures"])
         d["value_encoding"] = ValueEncoding.from_json(d["value_encoding"])
         return cls(**d)
@@ -147,6 +157,27 @@ class StoreSpec:
                     f"the store was written with {key}={theirs[key]!r}, not {mine[key]!r}: "
                     "use a new --out, or --overwrite to replace it"
                 )
+
+
+_FIELD_TYPES = {"method": (str,), "k": (int,), "vocab_size": (int,), "num_examples": (int,),
+                "examples_per_shard": (int,), "temperatures": (list,), "value_encoding": (dict,), "backend": (str,),
+                "teacher_fingerprint": (str,), "dataset_fingerprint": (str,), "sample_temperature": (int, float, type(None)),
+                "has_token_index": (bool,), "extra": (dict,)}
+
+
+def _check_files(files, shard: int | None) -> dict:
+    """A record's file table: safe relative paths to {"bytes": int >= 0, "crc32": 8 hex digits}."""
+    if not isinstance(files, dict):
+        raise TypeError("files is not an object")
+    for rel, meta in files.items():
+        parts = rel.split("/")
+        if rel.startswith("/") or "\\" in rel or ":" in rel or any(p in ("", ".", "..") for p in parts):
+            raise CorruptStoreError(f"shard {shard}'s record names a file {rel[:80]!r} that points outside the store; "
+                                    "the store is damaged or hostile: do not use it", shard)
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and not isinstance(meta["bytes"], bool)
+                and meta["bytes"] >= 0 and isinstance(meta.get("crc32"), str) and len(meta["crc32"]) == 8):
+            raise TypeError(f"file entry {rel[:80]!r} is not {{bytes, crc32}}")
+    return dict(files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +201,16 @@ class ShardRecord:
     @classmethod
     def from_json(cls, d: dict, shard: int | None = None) -> "ShardRecord":
         try:
-            return cls(int(d["index"]), int(d["example_start"]), int(d["example_stop"]), int(d["positions"]),
-                       dict(d["files"]), dict(d.get("stats", {})))
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptStoreError(f"shard record is malformed ({e!r}); rerun generation to redo the shard", shard) from None
+            ints = [d[k] for k in ("index", "example_start", "example_stop", "positions")]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+                raise TypeError("index, example_start, example_stop and positions must be integers >= 0")
+            stats = d.get("stats", {})
+            if not isinstance(stats, dict):
+                raise TypeError("stats is not an object")
+            return cls(*ints, _check_files(d["files"], shard), dict(stats))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CorruptStoreError(f"the record of shard {shard} is malformed ({e!r}); rerun generate-labels with "
+                                    "--repair to redo the shard", shard) from None
 
 
 @dataclasses.dataclass
@@ -208,13 +245,29 @@ class Manifest:
         if d.get("format") != FORMAT_NAME:
             raise StoreError("manifest.json is not a distill soft-label store manifest; check the path")
         version = d.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CorruptStoreError(f"manifest.json has no valid format_version ({str(version)[:20]}); {REGENERATE}")
+        if version > FORMAT_VERSION:
             raise IncompatibleStoreError(
                 f"the store has format version {version}, newer than this distill reads ({FORMAT_VERSION}): upgrade distill"
             )
         try:
             spec = StoreSpec.from_json({f.name: d[f.name] for f in dataclasses.fields(StoreSpec)})
-            shards = [ShardRecord.from_json(s, s.get("index")) for s in d["shards"] if s.get("status") == "complete"]
-            return cls(spec=spec, tool_version=str(d["tool_version"]), finalized=bool(d["finalized"]), shards=shards)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptStoreError(f"manifest.json is malformed ({e!r}); regenerate the store") from None
+            table = d["shards"]
+            if not isinstance(table, list) or len(table) != spec.num_shards or not all(isinstance(s, dict) for s in table):
+                raise ValueError(f"the shard table does not list the {spec.num_shards} shards of the plan")
+            complete = [(i, ShardRecord.from_json(s, i)) for i, s in enumerate(table) if s.get("status") == "complete"]
+            if any((r.index, (r.example_start, r.example_stop)) != (i, spec.shard_range(i)) for i, r in complete):
+                raise ValueError("the shard table does not follow the shard plan")
+            shards = [r for _, r in complete]
+            if not isinstance(d["finalized"], bool) or not isinstance(d["tool_version"], str):
+                raise TypeError("finalized or tool_version has the wrong type")
+            if d["finalized"] and len(shards) != spec.num_shards:
+                raise ValueError("a finalized manifest must list every shard as complete")
+            return cls(spec=spec, tool_version=d["tool_version"], finalized=d["finalized"], shards=shards)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise CorruptStoreError(f"manifest.json is malformed ({str(e)[:120]!r}); {REGENERATE}") from None
+        except StoreError as e:  # a spec value out of range: the same damage, said as such
+            if isinstance(e, CorruptStoreError):
+                raise
+            raise CorruptStoreError(f"manifest.json is malformed ({e}); {REGENERATE}") from None

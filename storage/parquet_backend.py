@@ -27,9 +27,16 @@ def _table_bytes(columns: dict[str, np.ndarray]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _table_columns(data: bytes) -> dict[str, np.ndarray]:
-    table = pq.read_table(pa.BufferReader(data))
-    return {name: table.column(name).to_numpy() for name in table.column_names}
+def _table_columns(data: bytes, rows: int | None = None) -> dict[str, np.ndarray]:
+    """The columns of one file; a file of other than ``rows`` rows raises ValueError before it is read."""
+    source = pa.BufferReader(data)
+    if rows is not None and pq.ParquetFile(source).metadata.num_rows != rows:
+        raise ValueError(f"a file holds another number of rows than the commit record implies ({rows})")
+    table = pq.read_table(source)
+    columns = {name: table.column(name).to_numpy() for name in table.column_names}
+    if any(c.dtype.kind not in "iuf" for c in columns.values()):
+        raise ValueError("a column is not numeric")
+    return columns
 
 
 class ParquetBackend(Backend):
@@ -50,12 +57,16 @@ class ParquetBackend(Backend):
             "entries.parquet": _table_bytes(entries),
         }
 
-    def deserialize(self, files: dict[str, bytes]) -> dict[str, np.ndarray]:
-        columns = _table_columns(files["examples.parquet"])
-        positions = _table_columns(files["positions.parquet"])
+    def deserialize(self, files: dict[str, bytes], shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+        rows = {"examples": None, "positions": None, "entries": None}
+        if shapes:
+            rows = {"examples": shapes["offsets"][0], "positions": shapes["tail_logprob"][0],
+                    "entries": int(np.prod(shapes["ids_delta"]))}
+        columns = _table_columns(files["examples.parquet"], rows["examples"])
+        positions = _table_columns(files["positions.parquet"], rows["positions"])
         lse = [positions.pop(f"tempered_lse_{j}") for j in range(len(positions)) if f"tempered_lse_{j}" in positions]
         if lse:
             columns["tempered_lse"] = np.stack(lse, axis=1)
         columns.update(positions)
-        columns.update(_table_columns(files["entries.parquet"]))  # flat; the decoder reshapes to (P, K)
+        columns.update(_table_columns(files["entries.parquet"], rows["entries"]))  # flat; the decoder reshapes to (P, K)
         return columns

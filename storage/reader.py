@@ -8,7 +8,6 @@ turning into wrong labels.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -19,7 +18,7 @@ from distill.storage.codecs import decode_labels
 from distill.storage.fs import StoreFS
 from distill.storage.labels import SoftLabels, concat_labels
 from distill.storage.manifest import FORMAT_VERSION, Manifest, ShardRecord
-from distill.storage.writer import MANIFEST, read_commit_records, shard_dir
+from distill.storage.writer import MANIFEST, read_commit_record, read_commit_records, read_shard_files
 
 __all__ = ["StoreReader", "open_store", "load_manifest"]
 
@@ -35,28 +34,33 @@ def load_manifest(sfs: StoreFS) -> Manifest:
     return Manifest.from_bytes(data)
 
 
-def open_store(url: str) -> "StoreReader":
-    """Open the store at ``url`` (any fsspec URL) for reading."""
+def open_store(url: str, damaged_records_ok: bool = False) -> "StoreReader":
+    """Open the store at ``url`` (any fsspec URL) for reading.
+
+    A damaged commit record raises CorruptStoreError, unless ``damaged_records_ok``: then
+    its shard counts as damaged (``verify`` lists it) and the rest stay readable.
+    """
     sfs = StoreFS(url)
     if sfs.isfile():
         raise StoreError(f"{url} is a file, not a store: pass the store's directory")
     if not sfs.exists():
         raise StoreError(f"no store at {url}: check the path, or create it with `distill generate-labels`")
-    return StoreReader(sfs, load_manifest(sfs))
+    return StoreReader(sfs, load_manifest(sfs), damaged_records_ok)
 
 
 class StoreReader:
     """Read-only view of a store. Only complete shards are ever read."""
 
-    def __init__(self, sfs: StoreFS, manifest: Manifest):
+    def __init__(self, sfs: StoreFS, manifest: Manifest, damaged_records_ok: bool = False):
         self.sfs = sfs
         self.manifest = manifest
         self.spec = manifest.spec
         self.backend = get_backend(self.spec.backend)
+        self.damaged_records: dict[int, str] = {}
         if manifest.finalized:
             self.records = {r.index: r for r in manifest.shards}
         else:  # still being written: the commit records say what is complete
-            self.records = read_commit_records(sfs, self.spec)
+            self.records = read_commit_records(sfs, self.spec, self.damaged_records if damaged_records_ok else None)
         self._cache: tuple[int, SoftLabels] | None = None
 
     # --- what the store holds -------------------------------------------------------
@@ -89,9 +93,9 @@ class StoreReader:
     def read_shard(self, index: int) -> SoftLabels:
         """All labels of a complete shard (torch tensors; ids ascending within a position)."""
         record = self._record(index)
-        files = {rel: self._read_checked(index, rel, meta) for rel, meta in record.files.items()}
+        files = read_shard_files(self.sfs, record)
         try:
-            columns = self.backend.deserialize(files)
+            columns = self.backend.deserialize(files, self._shapes(record))
             labels = decode_labels(columns, self.spec.k, self.spec.value_encoding, self.spec.stored_temperatures, record.example_start)
         except Exception as e:  # checksums matched, so this is a writer bug or an edited record
             raise CorruptStoreError(f"shard {index} cannot be decoded ({type(e).__name__}: {e}); regenerate it", index) from None
@@ -132,14 +136,30 @@ class StoreReader:
         """Read and check every shard; returns ``[{"shard": i, "error": str}]`` for damaged or missing ones."""
         damaged = []
         for index in range(self.spec.num_shards):
+            if index in self.damaged_records:
+                damaged.append({"shard": index, "error": self.damaged_records[index]})
+                continue
             if index not in self.records:
                 damaged.append({"shard": index, "error": "not complete"})
                 continue
             try:
                 self.read_shard(index)
+                if self.manifest.finalized:
+                    self._check_sealed_record(index)
             except CorruptStoreError as e:
                 damaged.append({"shard": index, "error": str(e)})
         return damaged
+
+    def _check_sealed_record(self, index: int) -> None:
+        """In a finalized store the commit record is a second copy of the manifest's entry: it must agree."""
+        try:
+            record = read_commit_record(self.sfs, self.spec, f"{index:06d}.commit.json")
+        except FileNotFoundError:
+            raise CorruptStoreError(f"shard {index} has lost its commit record; rerun generate-labels with "
+                                    "--repair to redo it", index) from None
+        if record != self.records[index]:
+            raise CorruptStoreError(f"shard {index}'s commit record disagrees with manifest.json; rerun "
+                                    "generate-labels with --repair to redo it", index)
 
     def summary(self, verify: bool = False) -> dict:
         """Figures about the store, from the commit records (cheap at any size).
@@ -253,21 +273,22 @@ class StoreReader:
 
     # --- internals --------------------------------------------------------------------
     def _record(self, index: int) -> ShardRecord:
+        if index in self.damaged_records:
+            raise CorruptStoreError(self.damaged_records[index], index)
         if index not in self.records:
             if not 0 <= index < self.spec.num_shards:
                 raise StoreError(f"shard {index} does not exist: the store has shards 0..{self.spec.num_shards - 1}")
             raise StoreError(f"shard {index} is not complete: rerun generation to finish the store")
         return self.records[index]
 
-    def _read_checked(self, index: int, rel: str, meta: dict) -> bytes:
-        path = f"{shard_dir(index)}/{rel}"
-        try:
-            data = self.sfs.read(path)
-        except FileNotFoundError:
-            raise CorruptStoreError(f"shard {index} is missing its file {rel}; regenerate the shard", index) from None
-        if len(data) != meta.get("bytes") or f"{zlib.crc32(data):08x}" != meta.get("crc32"):
-            raise CorruptStoreError(f"shard {index} is damaged: {rel} fails its checksum; regenerate the shard", index)
-        return data
+    def _shapes(self, record: ShardRecord) -> dict[str, tuple[int, ...]]:
+        """The shape every array of the shard must have, from its record (bounds what decoding allocates)."""
+        spec, p, k = self.spec, record.positions, self.spec.k
+        shapes = {"offsets": (record.example_stop - record.example_start + 1,), "ids_delta": (p, k),
+                  "tail_logprob": (p,), "logprobs": (p, k), "logprob_codes": (p, k), "counts": (p, k), "token_index": (p,)}
+        if spec.stored_temperatures:
+            shapes["tempered_lse"] = (p, len(spec.stored_temperatures))
+        return shapes
 
 
 def _mass_and_entropy(labels: SoftLabels) -> tuple[np.ndarray, np.ndarray]:

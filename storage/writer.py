@@ -5,6 +5,10 @@ Order of writes for one shard, which is what makes a crash at any moment safe:
 2. write every data file of the shard and fsync it and its directory;
 3. write the shard's commit record (sizes + CRC-32 of every file), atomically, last.
 A shard without a valid commit record is pending and is rewritten from step 1.
+
+On a local filesystem a process writes a shard only while it holds the shard's lock
+(``shards/<index>.lock``, flock), so two processes started on one store by mistake split
+the shards between them instead of writing the same files.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from distill import __version__
 from distill.errors import CorruptStoreError, StoreError
 from distill.storage.backend import get_backend
 from distill.storage.codecs import encode_labels
-from distill.storage.fs import StoreFS
+from distill.storage.fs import FileLock, StoreFS
 from distill.storage.labels import SoftLabels, concat_labels
 from distill.storage.manifest import Manifest, ShardRecord, StoreSpec, dumps_checked, loads_checked
 
-__all__ = ["StoreWriter", "ShardWriter", "create_store", "shard_dir", "commit_path", "read_commit_records"]
+__all__ = ["StoreWriter", "ShardWriter", "create_store", "shard_dir", "commit_path", "read_commit_records",
+           "read_commit_record", "read_shard_files"]
 
 MANIFEST = "manifest.json"
 
@@ -34,18 +39,63 @@ def commit_path(index: int) -> str:
     return f"shards/{index:06d}.commit.json"
 
 
-def read_commit_records(sfs: StoreFS, spec: StoreSpec) -> dict[int, ShardRecord]:
-    """Valid commit records found under ``shards/``; damaged ones raise CorruptStoreError."""
+def lock_path(index: int) -> str:
+    return f"shards/{index:06d}.lock"
+
+
+REDO = "rerun generate-labels with --repair to redo it"
+
+
+def read_commit_record(sfs: StoreFS, spec: StoreSpec, name: str) -> ShardRecord:
+    """The record in ``shards/<name>``, checked against the shard plan; damage raises CorruptStoreError."""
+    stem = name.split(".")[0]
+    index = int(stem) if stem.isdigit() else -1
+    what = f"commit record of shard {index}" if index >= 0 else f"commit record {name}"
+    record = ShardRecord.from_json(loads_checked(sfs.read(f"shards/{name}"), what, index, fix=REDO), index)
+    if record.index != index or not 0 <= index < spec.num_shards:
+        raise CorruptStoreError(f"commit record {name} names shard {record.index}; remove it and rerun", index)
+    if (record.example_start, record.example_stop) != spec.shard_range(index):
+        raise CorruptStoreError(f"commit record of shard {index} holds examples {record.example_start}.."
+                                f"{record.example_stop}, not the shard's {spec.shard_range(index)}; {REDO}", index)
+    return record
+
+
+def read_commit_records(sfs: StoreFS, spec: StoreSpec, damaged: dict | None = None) -> dict[int, ShardRecord]:
+    """Valid commit records found under ``shards/``; damaged ones raise CorruptStoreError.
+
+    With a ``damaged`` dict, damaged records are collected there ({index: message}) instead.
+    """
     records = {}
     for name in sfs.listdir("shards"):
         if not name.endswith(".commit.json"):
             continue
-        index = int(name.split(".")[0]) if name.split(".")[0].isdigit() else -1
-        record = ShardRecord.from_json(loads_checked(sfs.read(f"shards/{name}"), f"commit record of shard {index}", index), index)
-        if record.index != index or not 0 <= index < spec.num_shards:
-            raise CorruptStoreError(f"commit record {name} names shard {record.index}; remove it and rerun", index)
-        records[index] = record
+        try:
+            record = read_commit_record(sfs, spec, name)
+        except CorruptStoreError as e:
+            if damaged is None:
+                raise
+            damaged[e.shard] = str(e)
+            continue
+        except FileNotFoundError:  # removed by a writer redoing the shard while we listed
+            continue
+        records[record.index] = record
     return records
+
+
+def read_shard_files(sfs: StoreFS, record: ShardRecord) -> dict[str, bytes]:
+    """Exactly the files ``record`` lists, each checked against its size and CRC-32."""
+    index, files = record.index, {}
+    for rel, meta in record.files.items():
+        try:
+            data = sfs.read(f"{shard_dir(index)}/{rel}")
+        except FileNotFoundError:
+            raise CorruptStoreError(f"shard {index} is missing its file {rel}; regenerate the shard "
+                                    f"({REDO})", index) from None
+        if len(data) != meta["bytes"] or f"{zlib.crc32(data):08x}" != meta["crc32"]:
+            raise CorruptStoreError(f"shard {index} is damaged: {rel} fails its checksum; regenerate the shard "
+                                    f"({REDO})", index)
+        files[rel] = data
+    return files
 
 
 class StoreWriter:
@@ -56,10 +106,60 @@ class StoreWriter:
         self.manifest = manifest
         self.spec = manifest.spec
         self.backend = get_backend(self.spec.backend)
+        self.locks: dict[int, FileLock] = {}
 
     @property
     def url(self) -> str:
         return self.sfs.url
+
+    def claim(self, index: int) -> str:
+        """Take shard ``index``'s lock to write it: "claimed", "busy" (another process holds it) or "complete"."""
+        lock = self.sfs.try_lock(lock_path(index))
+        if lock is None:
+            return "busy"
+        if self.sfs.isfile(commit_path(index)):  # finished by another process since we listed the pending shards
+            lock.release()
+            return "complete"
+        self.locks[index] = lock
+        return "claimed"
+
+    def release(self, index: int | None = None, remove: bool = False) -> None:
+        """Drop the lock of shard ``index`` (None: every lock this writer holds)."""
+        for i in list(self.locks) if index is None else [index]:
+            lock = self.locks.pop(i, None)
+            if lock is not None:
+                lock.release(remove)
+
+    def repair(self) -> list[int]:
+        """Mark damaged shards pending: a commit record that fails its checks, or files that do not match it.
+
+        Reads every complete shard's files (no decoding). Shards another process is writing
+        are left alone. Returns the shards that will be redone; unseals the manifest if any.
+        """
+        damaged = []
+        for name in self.sfs.listdir("shards"):
+            if not name.endswith(".commit.json"):
+                continue
+            stem = name.split(".")[0]
+            index = int(stem) if stem.isdigit() else -1
+            lock = self.sfs.try_lock(lock_path(index)) if 0 <= index < self.spec.num_shards else None
+            if lock is None and index >= 0:
+                continue  # being written by another process
+            try:
+                read_shard_files(self.sfs, read_commit_record(self.sfs, self.spec, name))
+            except CorruptStoreError:
+                self.sfs.remove(f"shards/{name}")
+                damaged.append(index)
+            finally:
+                if lock is not None:
+                    lock.release()
+        if self.manifest.finalized:
+            sealed = {r.index: r for r in self.manifest.shards}
+            damaged += [i for i in sealed if not self.sfs.isfile(commit_path(i)) and i not in damaged]
+        if damaged and self.manifest.finalized:
+            self.manifest = Manifest(self.spec, __version__)
+            self.sfs.write(MANIFEST, self.manifest.to_bytes())
+        return sorted(i for i in damaged if i >= 0)
 
     def complete_shards(self) -> set[int]:
         return set(read_commit_records(self.sfs, self.spec))
@@ -93,6 +193,7 @@ class StoreWriter:
         mass = -torch.expm1(torch.as_tensor(labels.tail_logprob).double())  # top-k mass per position
         record = ShardRecord(index, start, stop, labels.num_positions, table, {"topk_mass_sum": float(mass.sum())})
         self.sfs.write(commit_path(index), dumps_checked(record.to_json()))
+        self.release(index, remove=True)  # lockers after us see the commit record and skip the shard
         return record
 
     def finalize(self) -> Manifest:

@@ -15,6 +15,8 @@ from distill.storage.backend import Backend
 
 __all__ = ["ZarrBackend"]
 
+DTYPES = ("uint8", "uint16", "uint32", "int32", "int64", "float16", "float32")  # what the codecs write
+
 
 def _compressor(name: str, dtype: np.dtype) -> dict:
     """The zarr v3 compressor codec of a column, as its metadata JSON."""
@@ -70,19 +72,23 @@ class ZarrBackend(Backend):
                 files[_chunk_key(name, data.ndim)] = _encode_chunk(data, codec)
         return files
 
-    def deserialize(self, files: dict[str, bytes]) -> dict[str, np.ndarray]:
+    def deserialize(self, files: dict[str, bytes], shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
         names = sorted(key[: -len("/zarr.json")] for key in files if key.endswith("/zarr.json"))
-        return {name: _decode_single_chunk(name, files) for name in names}
+        return {name: _decode_single_chunk(name, files, (shapes or {}).get(name)) for name in names}
 
 
-def _decode_single_chunk(name: str, files: dict[str, bytes]) -> np.ndarray:
+def _decode_single_chunk(name: str, files: dict[str, bytes], expected: tuple[int, ...] | None = None) -> np.ndarray:
     """Decode an array as ``serialize`` writes it, without zarr's async machinery (3x faster).
 
-    Anything else (another chunking, codec or byte order) raises ValueError; the reader
-    reports it as a shard that cannot be decoded.
+    Anything else (another chunking, codec or byte order, or a shape other than
+    ``expected``) raises ValueError; the reader reports it as a shard that cannot be decoded.
     """
     meta = json.loads(files[f"{name}/zarr.json"])
+    if not isinstance(meta, dict):
+        raise ValueError(f"array {name}: zarr.json is not an object")
     shape = tuple(meta.get("shape", ()))
+    if expected is not None and shape != tuple(expected):
+        raise ValueError(f"array {name} has shape {list(shape)[:4]}, the commit record implies {list(expected)}")
     codecs = meta.get("codecs", [])
     grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
     if (
@@ -93,10 +99,13 @@ def _decode_single_chunk(name: str, files: dict[str, bytes]) -> np.ndarray:
         or codecs[1].get("name") not in ("blosc", "zstd")
     ):
         raise ValueError(f"array {name} is not laid out as distill writes it")
+    if meta.get("data_type") not in DTYPES:
+        raise ValueError(f"array {name} has data type {str(meta.get('data_type'))[:20]!r}, not one distill writes")
     dtype = np.dtype(meta["data_type"]).newbyteorder("<")
     key = _chunk_key(name, len(shape))
     if key not in files:  # zarr itself writes no chunk that is all fill value
         return np.zeros(shape, dtype)
     codec = numcodecs.Blosc() if codecs[1]["name"] == "blosc" else numcodecs.Zstd()  # frames describe themselves
-    chunk = np.frombuffer(codec.decode(files[key]), dtype).reshape(grid)
+    out = np.zeros(int(np.prod(grid)), dtype)  # a frame that claims to be larger is refused, not allocated
+    chunk = np.frombuffer(codec.decode(files[key], out=out), dtype).reshape(grid)
     return chunk[tuple(slice(0, n) for n in shape)]
