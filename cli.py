@@ -25,12 +25,31 @@ class _UserError(click.ClickException):
         click.echo(f"distill: error: {self.message}", err=True, file=file)
 
 
+class _UsageError(click.UsageError):
+    """A bad flag or argument: one line naming it and where the help is, exit status 2 (not click's three lines)."""
+
+    def __init__(self, err: click.UsageError):
+        super().__init__(" ".join(err.format_message().split()).rstrip("."), err.ctx)
+
+    def show(self, file=None) -> None:
+        where = f"`{self.ctx.command_path} --help`" if self.ctx is not None else "`distill --help`"
+        click.echo(f"distill: error: {self.message}; see {where}", err=True, file=file)
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except DistillError as err:
             raise _UserError(err) from err
+        except click.UsageError as err:
+            raise _UsageError(err) from err
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as err:
+            raise _UsageError(err) from err
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

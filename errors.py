@@ -36,10 +36,11 @@ class WriteError(DistillError):
     """An output cannot be written (disk full, read-only, no permission); nothing half-written is marked complete."""
 
 
-def write_error(err: OSError, what: str) -> WriteError:
-    """A one-line WriteError for an OSError met while writing ``what`` (a path or a description)."""
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+def write_error(err: BaseException, what: str) -> WriteError:
+    """A one-line WriteError for an error met while writing ``what`` (a path or a description)."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err):
         return WriteError(f"no space left writing {what}: free some space (or choose another path) and rerun the same "
                           "command; what is complete is kept and the rest is redone")
-    reason = err.strerror or type(err).__name__
-    return WriteError(f"cannot write {what} ({reason}): check that the path is a writable directory, or choose another")
+    reason = getattr(err, "strerror", None) or " ".join(str(err).split())[:160] or type(err).__name__
+    return WriteError(f"cannot write {what} ({reason}): check that the path is a writable directory with free space, "
+                      "or choose another")

@@ -16,7 +16,7 @@ import uuid
 
 import torch
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, write_error
 from distill.storage.fs import _fsync_dir
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state"]
@@ -37,26 +37,32 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_sta
     from distill.pipeline.models import save_weights
 
     root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
     name = f"step-{step:08d}"
     final = os.path.join(root, name)
     tmp = os.path.join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    save_weights(model, os.path.join(tmp, "model.safetensors"))
-    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-    for f in os.listdir(tmp):
-        _fsync_file(os.path.join(tmp, f))
-    _fsync_dir(tmp)
-    if os.path.exists(final):  # a rerun redid this step: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
     pointer = os.path.join(root, f".latest.tmp-{uuid.uuid4().hex[:8]}")
-    with open(pointer, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, os.path.join(root, "latest"))
+    try:
+        os.makedirs(tmp)
+        save_weights(model, os.path.join(tmp, "model.safetensors"))
+        torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+        for f in os.listdir(tmp):
+            _fsync_file(os.path.join(tmp, f))
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # a rerun redid this step: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        with open(pointer, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer, os.path.join(root, "latest"))
+    except Exception as e:  # a full disk surfaces as OSError, torch's RuntimeError or a SafetensorError
+        for leftover in (tmp, pointer):
+            shutil.rmtree(leftover, ignore_errors=True) if os.path.isdir(leftover) else _unlink(leftover)
+        if isinstance(e, OSError) or _write_failure(e):
+            raise write_error(e, f"checkpoint {final}") from None
+        raise
     _fsync_dir(root)
     for old in _complete(root)[:-KEEP]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
@@ -65,6 +71,19 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_sta
             path = os.path.join(root, entry)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
     return final
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_failure(e: Exception) -> bool:
+    """torch.save and safetensors report a failed write (full disk) as RuntimeError / SafetensorError."""
+    text = str(e)
+    return any(s in text for s in ("No space left", "file write failed", "unexpected pos", "I/O error"))
 
 
 def _complete(root: str) -> list[str]:

@@ -392,7 +392,9 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), _first_line(e))
         raise ConfigError(f"weights file {path!r} holds pickled Python objects, and distill refuses to unpickle code "
-                          f"({reason[:160]}); convert it to safetensors, or save only model.state_dict()") from None
+                          f"({reason[:160]}); convert it to safetensors: only if you trust the file, opt in yourself with "
+                          "safetensors.torch.save_file(torch.load(path, weights_only=False), 'weights.safetensors') "
+                          "and pass that file") from None
     except Exception as e:  # a damaged or foreign file: RuntimeError, KeyError, EOFError, ...
         raise ConfigError(f"cannot read weights file {path!r} ({_first_line(e)}); save model.state_dict() "
                           "with safetensors or torch.save") from None

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, write_error
 from distill.pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from distill.pipeline.progress import Progress
 from distill.pipeline.runtime import Workers
@@ -234,13 +234,19 @@ class _Metrics:
         if enabled and os.path.exists(self.path):
             with open(self.path) as f:
                 keep = [ln for ln in f if ln.strip() and _step(ln) <= resumed_step]
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+            try:
+                with open(self.path, "w") as f:
+                    f.writelines(keep)
+            except OSError as e:
+                raise write_error(e, self.path) from None
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise write_error(e, self.path) from None
 
 
 def _step(line: str) -> int:

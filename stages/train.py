@@ -24,11 +24,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from distill.errors import ConfigError, StoreError
+from distill.errors import ConfigError, StoreError, write_error
 from distill.pipeline.config import config_to_dict
 from distill.pipeline.data import DataConfig, DataFlags, ExampleSet, load_data
 from distill.pipeline.models import LoadedModel, ModelConfig, load_model, save_weights
 from distill.pipeline.runtime import resolve_device, workers
+from distill.pipeline.checkpoint import latest_checkpoint
 from distill.pipeline.trainer import Schedule, fit
 from distill.storage import open_store
 from distill.storage.stream import LabelStream, labels_from_batch
@@ -387,6 +388,14 @@ def _evaluator(student: LoadedModel, data: ExampleSet, batch_size: int, device: 
 
 
 def _save_model(student: LoadedModel, directory: str) -> None:
+    try:
+        _save_model_files(student, directory)
+    except OSError as e:
+        shutil.rmtree(directory + ".tmp", ignore_errors=True)
+        raise write_error(e, f"the model in {directory}") from None
+
+
+def _save_model_files(student: LoadedModel, directory: str) -> None:
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -401,9 +410,12 @@ def _save_model(student: LoadedModel, directory: str) -> None:
 
 def _write_json(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(e, path) from None
 
 
 def _prepare_run_dir(config: TrainConfig, team) -> None:
@@ -411,9 +423,14 @@ def _prepare_run_dir(config: TrainConfig, team) -> None:
     path = os.path.join(config.out, "config.json")
     mine = {k: v for k, v in config_to_dict(config).items() if k not in _RESUMABLE_CHANGES}
     if team.rank == 0:
-        if os.path.isfile(path) and not config.overwrite:
-            with open(path) as f:
-                theirs = {k: v for k, v in json.load(f).items() if k not in _RESUMABLE_CHANGES}
+        if os.path.exists(config.out) and not os.path.isdir(config.out):
+            raise ConfigError(f"{config.out} is a file, not a run directory: choose a new --out")
+        if os.path.isfile(path) and not config.overwrite and latest_checkpoint(config.out) is not None:
+            try:
+                with open(path) as f:
+                    theirs = {k: v for k, v in json.load(f).items() if k not in _RESUMABLE_CHANGES}
+            except (ValueError, AttributeError):
+                raise ConfigError(f"{path} is damaged: use --overwrite to start over, or a new --out") from None
             diff = next((k for k in mine if mine[k] != theirs.get(k)), None)
             if diff is not None:
                 raise ConfigError(f"{config.out} holds a run with {diff}={theirs.get(diff)!r}, not {mine[diff]!r}: "
@@ -423,6 +440,9 @@ def _prepare_run_dir(config: TrainConfig, team) -> None:
                 raise ConfigError(f"{config.out} exists and is not a distill run directory: choose a new --out")
             shutil.rmtree(config.out)
         if not os.path.isfile(path):
-            os.makedirs(config.out, exist_ok=True)
+            try:
+                os.makedirs(config.out, exist_ok=True)
+            except OSError as e:
+                raise write_error(e, f"the run directory {config.out}") from None
             _write_json(path, config_to_dict(config))
     team.barrier()
