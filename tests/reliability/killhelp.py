@@ -71,11 +71,17 @@ def commit_records(store) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted((Path(store) / "shards").glob("*.commit.json"))}
 
 
-def one_line_error(result, *needles) -> str:
-    """The CLI's error: exit status 2, one line on stderr, no traceback, containing every needle."""
+def one_line_error(result, *needles, alone: bool = True) -> str:
+    """The CLI's error: exit status 2, one line, no traceback, containing every needle.
+
+    ``alone``: stderr holds nothing else (bad input is refused before any work starts);
+    otherwise the error is the last line, after the run's own progress lines.
+    """
     err = result.stderr
     assert result.exit_code == 2, f"exit {result.exit_code}: {err}{result.output}"
-    assert err.startswith("distill: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "Traceback" not in err + result.output and err.count("distill: error: ") == 1, err
+    line = err if alone else err.splitlines(keepends=True)[-1]
+    assert line.startswith("distill: error: ") and line.count("\n") == 1 and err.endswith(line), err
     for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
-    return err
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line

@@ -7,7 +7,7 @@ from distill.storage import open_store
 from killhelp import GENERATE, assert_same_store, commit_records, killed, run
 
 # (point, what the moment is); 12 shards x 4 batches; zarr writes 8 files per shard
-DEFAULT_POINTS = ["forward:7:during", "shard-file:13:during", "commit:3:during", "manifest:2:during"]
+DEFAULT_POINTS = ["forward:7:during", "shard-file:13:during"]  # commit records and the manifest: the sweep
 SWEEP = [
     *(f"forward:{n}:{phase}" for n in (1, 4, 5, 19, 33, 48) for phase in ("during", "after")),
     *(f"shard-file:{n}:{phase}" for n in (1, 8, 9, 30, 96) for phase in ("during", "after")),
