@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 export PYTHON VENV
 
-.PHONY: venv test demo bench-store labels student teacher clean
+.PHONY: venv test demo bench-store bench-quality labels student teacher clean
 
 venv:
 	@scripts/setup-venv.sh
@@ -24,6 +24,10 @@ demo: venv
 
 bench-store: venv
 	$(VENV)/bin/python benchmarks/store.py
+
+# The quality tables of docs/RESULTS.md (about 1.5 hours on 2 CPU cores; runs cached in .bench-quality/)
+bench-quality: venv
+	$(VENV)/bin/python benchmarks/quality.py --workload all
 
 # Stage one as a batch job: make labels TEACHER=... DATA=... OUT=... [ARGS="--k 32 --shard 0/4 ..."]
 # (or CONFIG=job.toml holding the same settings). Rerunning the same command resumes.
@@ -42,5 +46,5 @@ teacher: venv
 		$(if $(OUT),--out '$(OUT)') $(if $(CONFIG),--config '$(CONFIG)') $(ARGS)
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache demo-out
+	rm -rf build dist *.egg-info .pytest_cache demo-out .bench-quality
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

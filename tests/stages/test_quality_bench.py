@@ -1,0 +1,47 @@
+"""benchmarks/quality.py --quick: every row of both workloads runs through the real stages,
+docs/RESULTS.md sections are written and replaced, and reruns reuse finished runs."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bench(tmp_path, *args):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--quick", "--no-progress",
+           "--work", str(tmp_path / "work"), "--out", str(tmp_path / "RESULTS.md"), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
+
+
+def test_quick_quality_benchmark_runs_every_row_and_writes_the_tables(tmp_path):
+    summary, out = bench(tmp_path, "--workload", "all")
+    mnist, lm = summary["workloads"]["mnist1d"]["rows"], summary["workloads"]["lm"]["rows"]
+    expected = ["scratch", "pseudo-labels", "online", "top-k k=1 + tail", "top-k k=5 + tail", "top-k k=10 + tail",
+                "top-k k=5, no tail", "lossless", "sampled, 1 per", "sampled, 4 per"]
+    assert all(any(name in row for row in mnist) for name in expected), mnist
+    assert sum(row.startswith("transfer set") for row in mnist) == 3
+    assert all(0.0 <= v <= 1.0 for v in mnist.values())
+    assert all(math.isfinite(v) and 1.0 < v < 600 for v in lm.values()), lm  # perplexity under a vocabulary of 512
+    # k = V keeps every class and an empty tail: the stored loss is the online full-logit loss, on the same
+    # examples in the same order from the same initialisation, so the two students end alike (the store's
+    # values are rounded, hence not bit for bit)
+    assert abs(mnist["labelled set | top-k k=10 + tail"] - mnist["labelled set | online, full logits"]) <= 0.01
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert text.count("<!-- quality:mnist1d:begin -->") == 1 and text.count("<!-- quality:lm:begin -->") == 1
+    table = [line for line in text.splitlines() if line.startswith("| labelled set | top-k k=5 + tail, lossless")]
+    lossy = [line for line in text.splitlines() if line.startswith("| labelled set | top-k k=5 + tail |")]
+    bytes_of = lambda line: float(line.split("|")[6])  # noqa: E731
+    assert bytes_of(table[0]) > bytes_of(lossy[0]) > 0  # the lossless store is larger
+    assert "| target | result | met |" in text and "target:" in out
+
+    # a rerun reuses every finished run and rewrites its own section in place
+    (tmp_path / "RESULTS.md").write_text(text + "\nkept by hand\n")
+    again, _ = bench(tmp_path, "--workload", "mnist1d")
+    assert again["workloads"]["mnist1d"]["rows"] == mnist and again["workloads"]["mnist1d"]["seconds"] < 20
+    rewritten = (tmp_path / "RESULTS.md").read_text()
+    assert rewritten.count("<!-- quality:mnist1d:begin -->") == 1 and rewritten.endswith("kept by hand\n")
