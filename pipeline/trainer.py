@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from distill.errors import ConfigError, write_error
+from distill.errors import ConfigError, DistillError, write_error
 from distill.pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from distill.pipeline.progress import Progress
 from distill.pipeline.runtime import Workers
@@ -130,7 +130,7 @@ def fit(module: torch.nn.Module, stream: LabelStream, batch_loss: Callable[[torc
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             for micro in range(n_micro):
-                batch = next(it)
+                batch = _next_batch(it)
                 sync = micro == n_micro - 1 or not team.distributed
                 with (model.no_sync() if not sync else _null()), autocast():
                     out = batch_loss(model, batch)
@@ -164,6 +164,23 @@ def fit(module: torch.nn.Module, stream: LabelStream, batch_loss: Callable[[torc
         pos.batches_in_epoch = 0
     bar.close()
     return last
+
+
+def _next_batch(it):
+    """The next batch; a DistillError raised in a DataLoader worker comes back as itself, one line.
+
+    The DataLoader re-raises a worker's exception as the same type with the worker's whole
+    traceback as its message; the user's error is its last line.
+    """
+    try:
+        return next(it)
+    except DistillError as e:
+        text = str(e)
+        if "Original Traceback" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        name = f"{type(e).__module__}.{type(e).__name__}: "
+        raise type(e)(last[len(name):] if last.startswith(name) else last) from None
 
 
 class _null:
