@@ -259,7 +259,8 @@ def load_data(config: DataConfig) -> ExampleSet:
     elif _CALLABLE.fullmatch(spec):
         data = _load_callable(config)
     else:
-        raise ConfigError(f"data spec {spec!r} is not a file, directory, built-in (mnist1d) or package.module:function")
+        raise ConfigError(f"data spec {spec!r} is not a file, directory, built-in (mnist1d) or package.module:function: "
+                          "check the path, or the spelling of the built-in or the module")
     if config.task is not None and data.task != config.task:
         raise ConfigError(f"data {spec!r} is {data.task} data, not {config.task}: pass --task {data.task}")
     return data if config.limit is None else data.head(config.limit)

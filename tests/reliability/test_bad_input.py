@@ -1,0 +1,166 @@
+"""Wrong invocations of the CLI: one line naming the problem and the fix, exit 2, nothing left as complete."""
+
+import builtins
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from killhelp import DATA, GENERATE, one_line_error, run
+
+TEACHER = ["--teacher", "slowteacher:fast_factory", "--data", DATA, "--no-progress"]
+STUDENT = ["--student", "faultdata:student", "--data", DATA, "--steps", "2", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """What the invocations point at: stores, files, configs."""
+    root = tmp_path_factory.mktemp("bad-input")
+    run(*GENERATE, "--out", root / "labels")  # complete: k=3, vocabulary 10, temperatures 1 and 2
+    run(*GENERATE, "--out", root / "half", "--shard", "0/2")  # every other shard
+    (root / "a-file").write_text("not a store")
+    (root / "not-a-store").mkdir()
+    (root / "not-a-store" / "precious.txt").write_text("x")
+    (root / "broken.toml").write_text("[generate-labels]\nk = = 3\n")
+    (root / "typo.toml").write_text("[train-student]\nbatch_sise = 3\n")
+    return root
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A directory nothing can be written into (as root, where modes do not bind, writes there fail with EACCES)."""
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    if os.geteuid() == 0:
+        def refuse(real):
+            def call(p, *args, **kwargs):
+                mode = args[0] if args else kwargs.get("mode", "r")
+                writing = real is not builtins.open or any(c in str(mode) for c in "wax+")
+                if writing and str(os.fspath(p)).startswith(str(path)):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
+                return real(p, *args, **kwargs)
+            return call
+
+        monkeypatch.setattr(os, "mkdir", refuse(os.mkdir))
+        monkeypatch.setattr(builtins, "open", refuse(builtins.open))
+    yield path
+    path.chmod(0o755)
+
+
+# (argv with {w} = the fixture folder, {out} = a fresh output path, {ro} = a read-only folder; problem; fix)
+CASES = {
+    # generate-labels
+    "generate without --out": (["generate-labels", *TEACHER], "missing --out", "pass the path"),
+    "generate without --teacher": (["generate-labels", "--data", DATA, "--out", "{out}"], "missing --teacher", "needs both"),
+    "generate data file missing": (["generate-labels", *TEACHER[:2], "--data", "{w}/no-such.parquet", "--out", "{out}"],
+                                   "no-such.parquet", "check the path"),
+    "generate out is a file": (["generate-labels", *TEACHER, "--out", "{w}/a-file"], "is a file", "pass a directory"),
+    "generate out holds other files": (["generate-labels", *TEACHER, "--out", "{w}/not-a-store"], "not empty",
+                                       "choose a new path"),
+    "generate k 0": (["generate-labels", *TEACHER, "--k", "0", "--out", "{out}"], "--k must be at least 1", "got 0"),
+    "generate k above vocabulary": (["generate-labels", *TEACHER, "--k", "11", "--out", "{out}"],
+                                    "larger than the teacher's output size (10)", "use --k 10 or less"),
+    "generate temperature 0": (["generate-labels", *TEACHER, "--temperature", "0", "--out", "{out}"],
+                               "temperatures must be finite and > 0", "e.g. --temperature 2"),
+    "generate temperature negative": (["generate-labels", *TEACHER, "--temperature", "-1", "--out", "{out}"],
+                                      "temperatures must be finite and > 0", "e.g. --temperature 2"),
+    "generate batch size 0": (["generate-labels", *TEACHER, "--batch-size", "0", "--out", "{out}"],
+                              "--batch-size must be at least 1", "got 0"),
+    "generate shard size 0": (["generate-labels", *TEACHER, "--examples-per-shard", "0", "--out", "{out}"],
+                              "--examples-per-shard must be at least 1", "got 0"),
+    "generate unknown model": (["generate-labels", "--teacher", "nosuchmodel", "--data", DATA, "--out", "{out}"],
+                               "model spec 'nosuchmodel'", "check the spelling"),
+    "generate unimportable factory": (["generate-labels", "--teacher", "no_such_pkg.mod:make", "--data", DATA, "--out", "{out}"],
+                                      "cannot import 'no_such_pkg.mod'", "check the name and PYTHONPATH"),
+    "generate unknown data": (["generate-labels", *TEACHER[:2], "--data", "no_such_data_xyz", "--out", "{out}"],
+                              "data spec 'no_such_data_xyz'", "check the path"),
+    "generate malformed config": (["generate-labels", "--config", "{w}/broken.toml", "--out", "{out}"],
+                                  "is not valid TOML", "fix the line"),
+    "generate missing config": (["generate-labels", "--config", "{w}/none.toml", "--out", "{out}"], "does not exist",
+                                "check the --config path"),
+    "generate bad shard": (["generate-labels", *TEACHER, "--shard", "3/2", "--out", "{out}"], "--shard '3/2'", "I/N"),
+    "generate weights missing": (["generate-labels", *TEACHER, "--weights", "{w}/none.safetensors", "--out", "{out}"],
+                                 "does not exist", "check --weights"),
+    "generate read-only out": (["generate-labels", *TEACHER, "--out", "{ro}/store"], "cannot write",
+                               "writable directory"),
+    "generate unknown method": (["generate-labels", *TEACHER, "--method", "argmax", "--out", "{out}"],
+                                "Invalid value for '--method'", "--help"),
+    "generate k not a number": (["generate-labels", *TEACHER, "--k", "many", "--out", "{out}"],
+                                "'many' is not a valid integer", "--help"),
+    "generate store with other settings": (["generate-labels", *TEACHER, "--k", "4", "--temperature", "2", "--out", "{w}/labels"],
+                                           "written with k=3, not 4", "--overwrite"),
+    "finalize an incomplete store": (["generate-labels", "--finalize", "--out", "{w}/half"], "6 shard(s) not complete",
+                                     "rerun generation"),
+    "finalize a missing store": (["generate-labels", "--finalize", "--out", "{out}"], "no store at", "check the path"),
+    # train-student
+    "train labels missing": (["train-student", "--labels", "{w}/none", *STUDENT, "--out", "{out}"], "no store at",
+                             "check the path"),
+    "train labels is a file": (["train-student", "--labels", "{w}/a-file", *STUDENT, "--out", "{out}"], "is a file",
+                               "pass the store's directory"),
+    "train labels not a store": (["train-student", "--labels", "{w}/not-a-store", *STUDENT, "--out", "{out}"],
+                                 "no manifest.json", "not a distill store"),
+    "train labels incomplete": (["train-student", "--labels", "{w}/half", *STUDENT, "--out", "{out}"],
+                                "is not complete (6 of 12 shards)", "finish it"),
+    "train temperature not stored": (["train-student", "--labels", "{w}/labels", *STUDENT, "--temperature", "3",
+                                      "--out", "{out}"], "temperature 3 is not in the store", "regenerate the labels"),
+    "train temperature 0": (["train-student", "--labels", "{w}/labels", *STUDENT, "--temperature", "0", "--out", "{out}"],
+                            "--temperature must be finite and > 0", "got 0"),
+    "train alpha below 0": (["train-student", "--labels", "{w}/labels", *STUDENT, "--alpha", "-0.1", "--out", "{out}"],
+                            "--alpha must be in [0, 1]", "got -0.1"),
+    "train alpha above 1": (["train-student", "--labels", "{w}/labels", *STUDENT, "--alpha", "1.5", "--out", "{out}"],
+                            "--alpha must be in [0, 1]", "got 1.5"),
+    "train student vocabulary differs": (["train-student", "--labels", "{w}/labels", *STUDENT[2:], "--student",
+                                          "mlp:in_features=40,num_classes=7", "--out", "{out}"],
+                                         "outputs 7 values but the store's vocabulary is 10", "use a student"),
+    "train data not the store's": (["train-student", "--labels", "{w}/labels", *STUDENT, "--limit", "100", "--out", "{out}"],
+                                   "made from other data", "pass the same --data"),
+    "train unknown student": (["train-student", "--labels", "{w}/labels", *STUDENT[2:], "--student", "nosuchmodel",
+                               "--out", "{out}"], "model spec 'nosuchmodel'", "check the spelling"),
+    "train unknown data": (["train-student", "--labels", "{w}/labels", *STUDENT[:2], "--data", "no_such_data_xyz",
+                            "--steps", "2", "--out", "{out}"], "data spec 'no_such_data_xyz'", "check the path"),
+    "train malformed config": (["train-student", "--config", "{w}/broken.toml", "--out", "{out}"], "is not valid TOML",
+                               "fix the line"),
+    "train config unknown key": (["train-student", "--config", "{w}/typo.toml", "--out", "{out}"],
+                                 "unknown key 'batch_sise'", "valid keys"),
+    "train out is a file": (["train-student", "--labels", "{w}/labels", *STUDENT, "--out", "{w}/a-file"],
+                            "is a file, not a run directory", "choose a new --out"),
+    "train out holds other files": (["train-student", "--labels", "{w}/labels", *STUDENT, "--out", "{w}/not-a-store"],
+                                    "not a distill run directory", "choose a new --out"),
+    "train read-only out": (["train-student", "--labels", "{w}/labels", *STUDENT, "--out", "{ro}/run"], "cannot write",
+                            "writable directory"),
+    "train epochs and steps": (["train-student", "--labels", "{w}/labels", *STUDENT, "--epochs", "1", "--out", "{out}"],
+                               "--epochs or --steps, not both", "pass --epochs"),
+    "train batch size 0": (["train-student", "--labels", "{w}/labels", *STUDENT, "--batch-size", "0", "--out", "{out}"],
+                           "--batch-size must be at least 1", "got 0"),
+    "train learning rate 0": (["train-student", "--labels", "{w}/labels", *STUDENT, "--lr", "0", "--out", "{out}"],
+                              "--lr must be > 0", "--min-lr-ratio"),
+    "train unknown loss": (["train-student", "--labels", "{w}/labels", *STUDENT, "--loss", "mse", "--out", "{out}"],
+                           "Invalid value for '--loss'", "--help"),
+    # inspect, evaluate
+    "inspect missing path": (["inspect", "{w}/none"], "no store at", "check the path"),
+    "inspect a file": (["inspect", "{w}/a-file"], "is neither a soft-label store", "pass one of those"),
+    "inspect not a store": (["inspect", "{w}/not-a-store"], "neither a soft-label store", "pass one of those"),
+    "inspect negative sample": (["inspect", "{w}/labels", "--sample", "-1"], "--sample must be >= 0", "0: every shard"),
+    "evaluate unknown model": (["evaluate", "--model", "nosuchmodel", "--data", DATA], "model spec 'nosuchmodel'",
+                               "check the spelling"),
+}
+
+
+def _complete_things(root: Path) -> set:
+    """What a later run would take for complete under ``root``: commit records, sealed manifests, checkpoints, models."""
+    found = {str(p.relative_to(root)) for p in root.rglob("*.commit.json")}
+    found |= {str(p.relative_to(root)) for p in root.rglob("latest")}
+    found |= {str(p.relative_to(root)) for p in root.rglob("model") if p.is_dir()}
+    found |= {str(p.relative_to(root)) for p in root.rglob("manifest.json") if '"finalized": true' in p.read_text()}
+    return found
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_wrong_invocation_is_one_line_exit_2_and_leaves_nothing_complete(case, world, tmp_path, read_only):
+    argv, problem, fix = CASES[case]
+    argv = [a.format(w=world, out=tmp_path / "out", ro=read_only) for a in argv]
+    before = _complete_things(world), _complete_things(tmp_path)
+    line = one_line_error(run(*argv, ok=False), problem, fix)
+    assert (_complete_things(world), _complete_things(tmp_path)) == before
