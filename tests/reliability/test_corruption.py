@@ -104,7 +104,7 @@ def test_flipped_bytes_in_every_kind_of_file_are_caught_and_named(store):
 
 @pytest.mark.slow
 def test_many_flipped_bytes_are_all_caught(store):
-    counts = sweep(store, flips_per_kind=30, seed=1)  # 120 flips per backend, 240 in all
+    counts = sweep(store, flips_per_kind=34, seed=1)  # 34 per kind of file: 136 in a zarr store, 102 in a Parquet one
     print(f"\nflips {counts}")
     assert counts["flips"] >= 100 and counts["detected"] == counts["changed_data"]
 

@@ -42,7 +42,8 @@ def _kill_then_rerun(point, labels, reference, out, env):
     if point.endswith(("during", "pointer")) and point.startswith("checkpoint"):
         n = int(point.split(":")[1])
         ckpt = latest_checkpoint(str(out))
-        expect = None if n == 1 and point.endswith("during") else 4 * (n - 1 if point.endswith("during") else n)
+        # the checkpoint before stays the latest; with none before, a renamed-in directory is found without the pointer
+        expect = 4 * (n - 1) if n > 1 else (None if point.endswith("during") else 4)
         assert (ckpt is None) if expect is None else ckpt.endswith(f"step-{expect:08d}"), ckpt
     with one_thread():  # the rerun in this process: the same arithmetic as the killed run's
         run(*train_args(labels, out))
