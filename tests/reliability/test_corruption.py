@@ -157,6 +157,10 @@ DAMAGE = {
 }
 
 
+def backend_of(store) -> str:
+    return "parquet" if list(store.rglob("*.parquet")) else "zarr"
+
+
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_stores_are_clear_errors(store, damage):
     spoil, error, message = DAMAGE[damage]
@@ -169,6 +173,8 @@ def test_damaged_stores_are_clear_errors(store, damage):
         assert "damaged shard(s)" in verify.stdout
     else:
         one_line_error(verify, message)
+    if backend_of(store) == "parquet":
+        return  # train-student meets the damage through the same reader whatever the backend: once is enough
     workers = 1 if damage == "truncated shard file" else 0  # 1: a DataLoader worker process meets the damage
     train = run("train-student", "--labels", store, "--student", "faultdata:student", "--data", "faultdata:features",
                 "--steps", 2, "--workers", workers, "--out", store.parent / "run", "--no-progress", ok=False)

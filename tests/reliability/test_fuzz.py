@@ -23,7 +23,7 @@ from distill.storage.writer import commit_path, read_commit_record
 
 from storehelp import make_labels, write_store
 
-FAST = settings(max_examples=60, derandomize=True, deadline=None, database=None,
+FAST = settings(max_examples=40, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 LONG = settings(max_examples=1500, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -207,7 +207,7 @@ def _random_shard_file(pristine, tmp_path, pick, ops):
         only_store_errors(lambda: _read_everything(store))
 
 
-@settings(FAST, max_examples=25)
+@settings(FAST, max_examples=15)
 @given(st.floats(0, 1, exclude_max=True), edits)
 def test_mutated_shard_files_with_valid_checksums_give_only_store_errors(pristine, tmp_path, pick, ops):
     _random_shard_file(pristine, tmp_path, pick, ops)
