@@ -118,7 +118,7 @@ class StoreWriter:
         if lock is None:
             return "busy"
         if self.sfs.isfile(commit_path(index)):  # finished by another process since we listed the pending shards
-            lock.release()
+            lock.release(remove=True)
             return "complete"
         self.locks[index] = lock
         return "claimed"
@@ -143,7 +143,7 @@ class StoreWriter:
             stem = name.split(".")[0]
             index = int(stem) if stem.isdigit() else -1
             lock = self.sfs.try_lock(lock_path(index)) if 0 <= index < self.spec.num_shards else None
-            if lock is None and index >= 0:
+            if lock is None and 0 <= index < self.spec.num_shards:
                 continue  # being written by another process
             try:
                 read_shard_files(self.sfs, read_commit_record(self.sfs, self.spec, name))
@@ -152,7 +152,7 @@ class StoreWriter:
                 damaged.append(index)
             finally:
                 if lock is not None:
-                    lock.release()
+                    lock.release(remove=True)
         if self.manifest.finalized:
             sealed = {r.index: r for r in self.manifest.shards}
             damaged += [i for i in sealed if not self.sfs.isfile(commit_path(i)) and i not in damaged]

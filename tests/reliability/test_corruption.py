@@ -125,6 +125,7 @@ def test_inspect_verify_names_the_damaged_shard_and_repair_redoes_just_it(store,
         k: v for k, v in before.items() if k != "000005.commit.json"}, "only the damaged shard is redone"
     assert run("inspect", store, "--verify").exit_code == 0
     assert_same_store(pristine, store)
+    assert not list((store / "shards").glob("*.lock")), "checking a shard leaves no lock file behind"
 
 
 def _unsealed(store):
