@@ -23,6 +23,7 @@ and the stores are made once. Rows:
   pseudo-labels             cross-entropy on the teacher's top-1 id (train-student --loss argmax)
   online                    the teacher in memory every step, forward KL on its full logits
   top-k k=K                 the store's top-k and exact tail bucket (the default loss)
+  top-k k=K, T=2            the same at temperature 2 (mnist1d, whose teacher is near one-hot at T=1)
   top-k k=K, no tail        the same store, renormalised over the k ids (train-student --no-tail)
   top-k k=K, lossless       a store written with --value-encoding lossless
   sampled N                 a store of N draws per position (--method sample --samples N)
@@ -280,6 +281,8 @@ def run_workload(w: Workload, work: str, progress: bool) -> dict:
         for k in (w.ks if setting != "transfer set" else (w.main_k,)):
             url, rec = (main, main_store) if k == w.main_k else store(f"k{k}", k=k)
             conditions.append((f"top-k k={k} + tail", url, {}, rec))
+        if w.task == "classification":  # Hinton's softening: the teacher's labels on its own training set are near one-hot
+            conditions.append((f"top-k k={w.main_k} + tail, T=2", main, dict(temperature=2.0), main_store))
         if setting != "transfer set":
             for k in w.renorm_ks:
                 url, rec = (main, main_store) if k == w.main_k else store(f"k{k}", k=k)
@@ -304,7 +307,7 @@ def run_workload(w: Workload, work: str, progress: bool) -> dict:
                     online = kw.get("online", False)
                     if online and online_teacher is None:
                         online_teacher = load_model(ModelConfig(teacher_dir))
-                    config = StudentConfig(labels=url, alpha=0.0, temperature=1.0, loss=kw.get("loss", "kl"),
+                    config = StudentConfig(labels=url, alpha=0.0, temperature=kw.get("temperature", 1.0), loss=kw.get("loss", "kl"),
                                            tail=kw.get("tail", True), **cfg)
                     fn = lambda config=config, online=online: train_student(  # noqa: E731
                         config, online_teacher=online_teacher if online else None)

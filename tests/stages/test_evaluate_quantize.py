@@ -107,7 +107,8 @@ def test_human_output_is_a_table_and_the_retention_line(runs):
     assert lines[1].startswith("teacher ") and lines[2].startswith("student ")
     assert re.fullmatch(r"student keeps \d+\.\d% of the teacher's accuracy, is \d+\.\d% smaller and "
                         r"\d+\.\d× (faster|slower)", lines[3]), lines[3]
-    assert lines[4].startswith("agreement with the teacher: top-1 ")
+    assert re.fullmatch(r"expected calibration error of the top-1 \(15 bins\): 0\.\d{4} \(teacher 0\.\d{4}\)", lines[4]), lines[4]
+    assert lines[5].startswith("agreement with the teacher: top-1 ")
     made_up = {"retention": 0.971, "metric": "perplexity", "size_ratio": 0.15, "speedup": 3.21}
     assert retention_line(made_up) == "student keeps 97.1% of the teacher's perplexity, is 85.0% smaller and 3.2× faster"
     assert retention_line({**made_up, "size_ratio": 1.2, "speedup": 0.5}).endswith("is 20.0% larger and 2.0× slower")

@@ -24,7 +24,7 @@ def test_quick_quality_benchmark_runs_every_row_and_writes_the_tables(tmp_path):
     expected = ["scratch", "pseudo-labels", "online", "top-k k=1 + tail", "top-k k=5 + tail", "top-k k=10 + tail",
                 "top-k k=5, no tail", "lossless", "sampled, 1 per", "sampled, 4 per"]
     assert all(any(name in row for row in mnist) for name in expected), mnist
-    assert sum(row.startswith("transfer set") for row in mnist) == 3
+    assert sum(row.startswith("transfer set") for row in mnist) == 4
     assert all(0.0 <= v <= 1.0 for v in mnist.values())
     assert all(math.isfinite(v) and 1.0 < v < 600 for v in lm.values()), lm  # perplexity under a vocabulary of 512
     # k = V keeps every class and an empty tail: the stored loss is the online full-logit loss, on the same
