@@ -266,10 +266,11 @@ def run_workload(w: Workload, work: str, progress: bool) -> dict:
 
         def store(name: str, **kw) -> tuple[str, dict]:
             out = b.path(f"labels-{tag}-{name}")
-            r = b.timed(f"store {tag} {name}", out + ".bench", lambda: generate_labels(GenerateConfig(
-                out=out, **store_kw, **kw)))
-            spec = open_store(out)
-            r["bytes_per_position"] = _store_bytes(out) / spec.num_positions
+            r = dict(b.timed(f"store {tag} {name}", out + ".bench", lambda: generate_labels(GenerateConfig(
+                out=out, **store_kw, **kw))))
+            reader = open_store(out)
+            r["bytes_per_position"] = reader.summary()["bytes_per_position"]  # the label payload
+            r["disk_bytes_per_position"] = _store_bytes(out) / reader.num_positions  # with metadata
             return out, r
 
         main, main_store = store(f"k{w.main_k}", k=w.main_k)
@@ -351,7 +352,8 @@ def _row(setting: str, row: str, results: list[dict], store_record: dict | None,
            "train_seconds_mean": statistics.fmean(r["seconds"] for r in results),
            "params": results[0]["summary"]["params"]}
     if store_record is not None:
-        out.update(bytes_per_position=store_record["bytes_per_position"], store_seconds=store_record["seconds"])
+        out.update(bytes_per_position=store_record["bytes_per_position"], store_seconds=store_record["seconds"],
+                   disk_bytes_per_position=store_record["disk_bytes_per_position"])
     return out
 
 
@@ -437,10 +439,11 @@ def markdown(result: dict, command: str) -> str:
                   f"{100 * s['teacher_metric']['accuracy']:.2f}%, ECE {s['teacher_metric']['ece']:.4f}). Students "
                   f"`{s['student']}` ({s['student_params']:,} parameters, {s['teacher_params'] / s['student_params']:.1f}x "
                   f"smaller), {s['student_steps']:,} steps of {s['batch_size']} in every row, {s['seeds']} seeds.", ""]
-    lines += [f"| setting | student trained on | {unit}: mean ± std | seeds | ECE | store bytes/position | "
-              "store s | train s/run |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| setting | student trained on | {unit}: mean ± std | seeds | ECE | store bytes/position "
+              "(labels; on disk) | store s | train s/run |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        bpp = f"{r['bytes_per_position']:.1f}" if "bytes_per_position" in r else "-"
+        bpp = (f"{r['bytes_per_position']:.1f}; {r['disk_bytes_per_position']:.1f}" if "bytes_per_position" in r
+               else "-")
         ss = f"{r['store_seconds']:.0f}" if "store_seconds" in r else "-"
         lines.append(f"| {r['setting']} | {r['row']} | {fmt(r['mean'])} ± {fmt(r['std'])} | "
                      f"{', '.join(fmt(v) for v in r['values'])} | {r['ece_mean']:.4f} | {bpp} | {ss} | "
