@@ -318,6 +318,10 @@ def _load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None):
 
 
 def _hf_call(fn, spec: str, path: str, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()  # "Loading weights" bars are noise in batch-job logs
+    hf_logging.disable_progress_bar()
     try:
         return fn(path, **kwargs)
     except (OSError, ValueError) as e:
@@ -326,6 +330,9 @@ def _hf_call(fn, spec: str, path: str, **kwargs):
             raise ConfigError(f"Hugging Face directory {spec!r} needs Python code shipped inside it to load; "
                               "pass --trust-remote-code if you trust that directory's code") from None
         raise ConfigError(f"cannot load Hugging Face model {spec!r}: {_first_line(e)}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _hf_task(hf_config: Any, spec: str) -> str:

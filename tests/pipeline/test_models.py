@@ -179,6 +179,15 @@ def test_a_hf_causal_lm_loads_without_remote_code_and_ignores_right_padding(hf_c
     torch.testing.assert_close(logits[1, :4], alone[0], rtol=1e-5, atol=1e-5)
 
 
+def test_loading_hf_weights_draws_no_progress_bar_and_leaves_the_setting_alone(hf_causal, capfd):
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    load_model(ModelConfig(str(hf_causal)))
+    assert "Loading weights" not in capfd.readouterr().err  # batch-job logs stay one line per event
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_a_hf_classifier_pools_the_last_real_token_of_a_right_padded_row(hf_classifier):
     model = load_model(ModelConfig(str(hf_classifier)))
     assert (model.task, model.output_size) == ("classification", 3)
