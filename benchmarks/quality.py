@@ -15,7 +15,8 @@ Two workloads, each through the real stages (train-teacher, generate-labels, tra
 
 Every student row trains the same student from the same initialisation seed on the same
 examples in the same order (the stores share their shard layout; the shuffle block is fixed)
-for the same number of steps, with ``alpha = 0`` (no hard labels) except "scratch". Each
+for the same number of steps, with ``alpha = 0`` (no hard labels) except "scratch" and the
+``alpha=0.5`` rows. Each
 row is repeated over ``--seeds`` seeds (student initialisation and data order); the teacher
 and the stores are made once. Rows:
 
@@ -27,6 +28,8 @@ and the stores are made once. Rows:
   top-k k=K, no tail        the same store, renormalised over the k ids (train-student --no-tail)
   top-k k=K, lossless       a store written with --value-encoding lossless
   sampled N                 a store of N draws per position (--method sample --samples N)
+  ..., alpha=0.5            (lm) online, top-k and sampled again with train-student's default alpha:
+                            half the loss is cross-entropy on the hard next tokens, which an LM always has
 
 Metrics on the held-out split: accuracy (mnist1d) or perplexity (lm), and the expected
 calibration error of the top-1 prediction (15 bins). Also each store's bytes per position
@@ -92,6 +95,8 @@ class Workload:
     student_sequences: int = 0  # lm: the first N training sequences are the student's data (and the stores')
     test_files: int = 0  # lm: held-out files
 
+
+DEFAULT_ALPHA = StudentConfig.__dataclass_fields__["alpha"].default  # train-student's --alpha default (0.5)
 
 WORKLOADS = {
     ("mnist1d", False): Workload(
@@ -296,6 +301,12 @@ def run_workload(w: Workload, work: str, progress: bool) -> dict:
             for m in w.samples:
                 url, rec = store(f"sample{m}", method="sample", samples=m)
                 conditions.append((f"sampled, {m} per position", url, {}, rec))
+            if w.task == "causal-lm":  # an LM always has its hard next tokens: train-student's default mixes them in
+                conditions.append((f"online, full logits, alpha={DEFAULT_ALPHA}", main,
+                                   dict(online=True, alpha=DEFAULT_ALPHA), None))
+                conditions.append((f"top-k k={w.main_k} + tail, alpha={DEFAULT_ALPHA}", main, dict(alpha=DEFAULT_ALPHA),
+                                   main_store))
+                conditions.append((f"sampled, {m} per position, alpha={DEFAULT_ALPHA}", url, dict(alpha=DEFAULT_ALPHA), rec))
 
         online_teacher = None
         for row, url, kw, rec in conditions:
@@ -311,7 +322,7 @@ def run_workload(w: Workload, work: str, progress: bool) -> dict:
                     online = kw.get("online", False)
                     if online and online_teacher is None:
                         online_teacher = load_model(ModelConfig(teacher_dir))
-                    config = StudentConfig(labels=url, alpha=0.0, temperature=kw.get("temperature", 1.0), loss=kw.get("loss", "kl"),
+                    config = StudentConfig(labels=url, alpha=kw.get("alpha", 0.0), temperature=kw.get("temperature", 1.0), loss=kw.get("loss", "kl"),
                                            tail=kw.get("tail", True), **cfg)
                     fn = lambda config=config, online=online: train_student(  # noqa: E731
                         config, online_teacher=online_teacher if online else None)
@@ -385,6 +396,15 @@ def targets(w: Workload, rows: list[dict]) -> list[dict]:
         out.append(_target(f"sampled {max(w.samples)} within 2% perplexity of online",
                            sampled["mean"] / online["mean"] - 1, sampled["mean"] <= 1.02 * online["mean"],
                            f"{100 * (sampled['mean'] / online['mean'] - 1):+.2f}%"))
+        a = f", alpha={DEFAULT_ALPHA}"  # the same comparisons with hard next tokens mixed in (the default)
+        online_a, topk_a = find(first, f"online, full logits{a}"), find(first, f"{main}{a}")
+        sampled_a = find(first, f"sampled, {max(w.samples)} per position{a}")
+        for name, r, bound in ((f"top-k k={w.main_k}", topk_a, 1.01), (f"sampled {max(w.samples)}", sampled_a, 1.02)):
+            if r is not None and online_a is not None:
+                out.append(_target(f"{name} within {100 * (bound - 1):.0f}% perplexity of online, both at alpha="
+                                   f"{DEFAULT_ALPHA}", r["mean"] / online_a["mean"] - 1,
+                                   r["mean"] <= bound * online_a["mean"],
+                                   f"{100 * (r['mean'] / online_a['mean'] - 1):+.2f}%"))
     else:
         for setting in ("labelled set", "transfer set"):
             o, t = find(setting, "online"), find(setting, main)
