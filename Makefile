@@ -25,7 +25,7 @@ demo: venv
 bench-store: venv
 	$(VENV)/bin/python benchmarks/store.py
 
-# The quality tables of docs/RESULTS.md (about 1.5 hours on 2 CPU cores; runs cached in .bench-quality/)
+# The quality tables of docs/RESULTS.md (about 2.5 hours on 2 CPU cores: mnist1d ~1 h, lm ~1.4 h; runs cached in .bench-quality/)
 bench-quality: venv
 	$(VENV)/bin/python benchmarks/quality.py --workload all
 

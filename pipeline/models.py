@@ -19,6 +19,7 @@ attribute. ``LoadedModel.logits`` checks every result's shape against it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -317,22 +318,31 @@ def _load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None):
 # --- Hugging Face helpers ---------------------------------------------------------------------------
 
 
-def _hf_call(fn, spec: str, path: str, **kwargs):
+@contextlib.contextmanager
+def quiet_hf():
+    """No transformers progress bars ("Loading weights", "Writing model shards") inside: noise in
+    batch-job logs. The setting is restored afterwards."""
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()  # "Loading weights" bars are noise in batch-job logs
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return fn(path, **kwargs)
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _hf_call(fn, spec: str, path: str, **kwargs):
+    try:
+        with quiet_hf():
+            return fn(path, **kwargs)
     except (OSError, ValueError) as e:
         message = str(e)
         if "trust_remote_code" in message:
             raise ConfigError(f"Hugging Face directory {spec!r} needs Python code shipped inside it to load; "
                               "pass --trust-remote-code if you trust that directory's code") from None
         raise ConfigError(f"cannot load Hugging Face model {spec!r}: {_first_line(e)}") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _hf_task(hf_config: Any, spec: str) -> str:

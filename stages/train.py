@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from distill.errors import ConfigError, StoreError, write_error
 from distill.pipeline.config import config_to_dict
 from distill.pipeline.data import DataConfig, DataFlags, ExampleSet, load_data
-from distill.pipeline.models import LoadedModel, ModelConfig, load_model, save_weights
+from distill.pipeline.models import LoadedModel, ModelConfig, load_model, quiet_hf, save_weights
 from distill.pipeline.runtime import resolve_device, workers
 from distill.pipeline.checkpoint import latest_checkpoint
 from distill.pipeline.trainer import Schedule, fit
@@ -400,7 +400,8 @@ def _save_model_files(student: LoadedModel, directory: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if student.describe.get("kind") == "hf":
-        student.module.save_pretrained(tmp)
+        with quiet_hf():
+            student.module.save_pretrained(tmp)
     else:
         save_weights(student.module, os.path.join(tmp, "model.safetensors"))
         _write_json(os.path.join(tmp, "model.json"), student.describe)

@@ -11,7 +11,7 @@ from modelhelp import (make_hf_causal_lm, make_hf_classifier, make_hf_remote_cod
 
 from distill.errors import ConfigError
 from distill.pipeline.models import (BUILTINS, LoadedModel, ModelConfig, build_builtin, load_model,
-                                     model_fingerprint, save_weights)
+                                     model_fingerprint, quiet_hf, save_weights)
 
 
 def features(n=3, width=40):
@@ -179,12 +179,15 @@ def test_a_hf_causal_lm_loads_without_remote_code_and_ignores_right_padding(hf_c
     torch.testing.assert_close(logits[1, :4], alone[0], rtol=1e-5, atol=1e-5)
 
 
-def test_loading_hf_weights_draws_no_progress_bar_and_leaves_the_setting_alone(hf_causal, capfd):
+def test_loading_and_saving_hf_weights_draw_no_progress_bar_and_leave_the_setting_alone(hf_causal, capfd, tmp_path):
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()
-    load_model(ModelConfig(str(hf_causal)))
-    assert "Loading weights" not in capfd.readouterr().err  # batch-job logs stay one line per event
+    model = load_model(ModelConfig(str(hf_causal)))
+    with quiet_hf():
+        model.module.save_pretrained(tmp_path / "saved")
+    err = capfd.readouterr().err  # batch-job logs stay one line per event
+    assert "Loading weights" not in err and "Writing model shards" not in err
     assert hf_logging.is_progress_bar_enabled()
 
 
