@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -10,6 +11,8 @@ from click.core import ParameterSource
 
 from distill import __version__
 from distill.errors import DistillError
+from distill.pipeline.config import Setting, build_config, load_toml, settings
+from distill.pipeline.formatting import human_bytes
 
 __all__ = ["cli", "main"]
 
@@ -58,22 +61,88 @@ def cli() -> None:
     """Offline knowledge distillation through a soft-label store."""
 
 
-@cli.command()
+# --- commands whose flags are a stage config's settings ------------------------------------------
+
+class _StageCommand(click.Command):
+    """A command whose flags are the settings of a stage's config class (``package.module:Class``).
+
+    The class is imported only when the command runs or shows its help, so `distill --help`
+    and `--version` do not load torch. Its settings become options in ``settings`` order (the
+    command's own first, then the shared data, model and device flags), before ``--json`` and
+    ``--config``.
+    """
+
+    def __init__(self, *args, config: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config_path, self._config_class = config, None
+
+    @property
+    def config_class(self) -> type:
+        if self._config_class is None:
+            module, _, name = self.config_path.partition(":")
+            self._config_class = getattr(importlib.import_module(module), name)
+            own = [_option(s) for s in settings(self._config_class) if s.cli]
+            self.params = [p for p in self.params if isinstance(p, click.Argument)] + own + \
+                [p for p in self.params if not isinstance(p, click.Argument)]
+        return self._config_class
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        self.config_class  # noqa: B018 - loads the options on first use
+        return super().get_params(ctx)
+
+
+def _option(s: Setting) -> click.Option:
+    """The click option of one setting: its flags, type (a choice, repeated for a tuple) and help.
+
+    No click default: a flag the user did not give must not override the --config file.
+    """
+    names = [s.flag, *s.aliases, s.name]
+    if s.type is bool:
+        return click.Option(names, flag_value=not s.negated, default=None, help=s.help_text)
+    kind = {int: int, float: float, str: str}[s.type]
+    if s.choices is not None:
+        kind = click.Choice([*s.choices, *s.value_aliases])
+        return click.Option(names, type=kind, multiple=s.multiple, help=s.help_text,
+                            metavar="[" + "|".join(s.choices) + "]")
+    return click.Option(names, type=kind, multiple=s.multiple, help=s.help_text)
+
+
+def _stage_command(name: str, config: str):
+    """``@cli.command(name)`` whose options come from the config class at ``config``."""
+    return cli.command(name, cls=_StageCommand, config=config)
+
+
+def _json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as one JSON line.")
+
+
+_config_option = click.option("--config", type=click.Path(dir_okay=False),
+                              help="TOML file with these settings (keys: the flag or field names); flags override it.")
+
+
+def _stage_config(ctx: click.Context, params: dict):
+    """The command's config from its --config file and the flags the user gave (not click's defaults)."""
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    flags = {k: v for k, v in params.items() if k != "config" and ctx.get_parameter_source(k) in given}
+    path = params.get("config")
+    file_values = load_toml(path, ctx.command.name) if path else {}
+    return build_config(ctx.command.config_class, file_values, flags, source=path or "")
+
+
+@_stage_command("inspect", "distill.stages.inspection:InspectConfig")
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
-@click.option("--verify", is_flag=True, help="Check every shard's checksums; exit 1 if any is damaged.")
-@click.option("--sample", type=int, help="Shards read for a store's top-k mass and entropy figures: N evenly spaced, "
-                                         "0 every shard [default: every shard up to 1 GiB of payload, else a sample].")
-def inspect(path: str, as_json: bool, verify: bool, sample: int | None) -> None:
+@_json_option("the summary")
+@click.pass_context
+def inspect(ctx: click.Context, as_json: bool, **params) -> None:
     """Summarise a soft-label store (a path or fsspec URL) or a training run directory.
 
     A store: its settings, size, shard completeness, and the teacher's distributions (top-k
     mass percentiles and histogram, entropy over the k+1 buckets), read shard by shard. A run
     directory: its key settings, steps done, last training and held-out metrics, final model.
     """
-    from distill.stages.inspection import InspectConfig, format_run, inspect_path
+    from distill.stages.inspection import format_run, inspect_path
 
-    result = inspect_path(InspectConfig(path, verify=verify, sample=sample))
+    result = inspect_path(_stage_config(ctx, params))
     summary = result["summary"]
     if as_json:
         click.echo(json.dumps(summary, default=str))
@@ -81,72 +150,6 @@ def inspect(path: str, as_json: bool, verify: bool, sample: int | None) -> None:
         click.echo(format_run(summary) if result["kind"] == "run" else _format_summary(summary))
     if summary.get("damaged_shards") or summary.get("figures_skipped_shards"):
         sys.exit(1)
-
-
-def _flags(ctx: click.Context, params: dict) -> dict:
-    """The flags the user gave (not click's defaults), so they override --config values only when given."""
-    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    return {k: v for k, v in params.items() if k != "config" and ctx.get_parameter_source(k) in given}
-
-
-def _stage_config(ctx: click.Context, cls, command: str, params: dict, aliases: dict | None = None):
-    from distill.pipeline.config import build_config, load_toml
-
-    path = params.get("config")
-    file_values = load_toml(path, command) if path else {}
-    return build_config(cls, file_values, _flags(ctx, params), source=path or "", aliases=aliases)
-
-
-def _data_options(f):
-    """The flags that say how a data spec is read (shared by every stage that reads data)."""
-    for decorator in reversed([
-        click.option("--split", help="Data split [default: train]."),
-        click.option("--tokenizer", help="Tokenizer for text data: a Hugging Face directory or `bytes`."),
-        click.option("--seq-len", type=int, help="Tokens per sequence cut from text files; max length for text columns [default: 256]."),
-        click.option("--text-column", help="Column of text [default: text]."),
-        click.option("--ids-column", help="Column of token ids [default: input_ids]."),
-        click.option("--label-column", help="Column of class labels [default: label]."),
-        click.option("--limit", type=int, help="Use only the first N examples."),
-    ]):
-        f = decorator(f)
-    return f
-
-
-def _training_options(f):
-    """The flags train-student and train-teacher share."""
-    for decorator in reversed([
-        click.option("--data", help="Data spec, as for generate-labels."),
-        click.option("--out", help="Run directory: config, metrics.jsonl, checkpoints, the final model."),
-        click.option("--epochs", type=int, help="Passes over the data [default: 1]."),
-        click.option("--steps", type=int, help="Optimiser steps (instead of --epochs)."),
-        click.option("--batch-size", type=int, help="Examples per batch [default: 32]."),
-        click.option("--grad-accum", type=int, help="Batches per optimiser step [default: 1]."),
-        click.option("--lr", type=float, help="Peak learning rate of AdamW [default: 1e-3]."),
-        click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01]."),
-        click.option("--warmup-steps", type=int, help="Linear warm-up steps [default: 5% of the steps]."),
-        click.option("--min-lr-ratio", type=float, help="Cosine decay ends at lr times this [default: 0.1]."),
-        click.option("--clip-grad", type=float, help="Gradient-norm clipping [default: 1.0]."),
-        click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto]."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto: bf16 autocast on CUDA [default: auto]."),
-        click.option("--seed", type=int, help="Seed of the data order and dropout [default: 0]."),
-        click.option("--eval-every", type=int, help="Evaluate on --eval-split every N steps (and at the end)."),
-        click.option("--eval-split", help="Held-out split to evaluate, e.g. test."),
-        click.option("--eval-data", help="Data spec of the held-out split [default: --data]."),
-        click.option("--checkpoint-every", type=int, help="Checkpoint every N steps (and at the end) [default: 500]."),
-        click.option("--log-every", type=int, help="Metrics line every N steps [default: 10]."),
-        click.option("--workers", type=int, help="DataLoader worker processes [default: 1]."),
-        click.option("--shuffle-buffer", type=int, help="Examples per shuffled block of shards [default: about 65,536 positions' worth]."),
-        click.option("--overwrite", is_flag=True, default=None, help="Start over in a run directory holding another run."),
-        click.option("--weights", help="Initial weights: .safetensors, or a state dict (weights_only)."),
-        click.option("--trust-remote-code", is_flag=True, default=None, help="Let a Hugging Face model run code from its directory."),
-        click.option("--task", type=click.Choice(["classification", "causal-lm"]), help="The task [default: inferred]."),
-        _data_options,
-        click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar or log lines."),
-        click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line."),
-        click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it."),
-    ]):
-        f = decorator(f)
-    return f
 
 
 def _print_summary(summary: dict, as_json: bool) -> None:
@@ -160,112 +163,55 @@ def _print_summary(summary: dict, as_json: bool) -> None:
                + (f"; held-out {', '.join(parts)}" if parts else ""))
 
 
-@cli.command("train-student")
-@click.option("--labels", help="The soft-label store written by generate-labels.")
-@click.option("--student", "model", help="Student: a built-in (mlp, cnn, gpt), a Hugging Face directory, or package.module:factory.")
-@click.option("--loss", type=click.Choice(["kl", "reverse-kl", "jsd", "skew-kl", "argmax"]),
-              help="Divergence to the teacher's top-k + tail; argmax: cross-entropy on the teacher's top-1 id (hard pseudo-labels) [default: kl].")
-@click.option("--temperature", type=float, help="Softening temperature; the store must hold it [default: 2].")
-@click.option("--alpha", type=float, help="Weight of the hard-label cross-entropy: alpha*CE + (1-alpha)*T^2*soft [default: 0.5].")
-@click.option("--beta", type=float, help="Beta of the generalised JSD [default: 0.5].")
-@click.option("--skew", type=float, help="Skew of skew-kl (DistiLLM's alpha) [default: 0.1].")
-@click.option("--no-tail", "tail", flag_value=False, default=None,
-              help="Drop the tail bucket and renormalise over the k stored ids (what most offline tools do; for comparison).")
-@_training_options
+@_stage_command("train-student", "distill.stages.train:StudentConfig")
+@_json_option("the summary")
+@_config_option
 @click.pass_context
 def train_student(ctx: click.Context, as_json: bool, **params) -> None:
     """Train a student from the soft-label store (the teacher is never loaded).
 
     Rerunning the same command resumes from the newest checkpoint.
     """
-    from distill.stages.train import StudentConfig, train_student as run
+    from distill.stages.train import train_student as run
 
-    _print_summary(run(_stage_config(ctx, StudentConfig, "train-student", params, {"student": "model"})), as_json)
+    _print_summary(run(_stage_config(ctx, params)), as_json)
 
 
-@cli.command("train-teacher")
-@click.option("--model", help="The model to train: a built-in (mlp, cnn, gpt), a Hugging Face directory, or package.module:factory.")
-@_training_options
+@_stage_command("train-teacher", "distill.stages.train:TrainConfig")
+@_json_option("the summary")
+@_config_option
 @click.pass_context
 def train_teacher(ctx: click.Context, as_json: bool, **params) -> None:
     """Train a model on hard labels alone: a teacher, or the from-scratch baseline.
 
     Rerunning the same command resumes from the newest checkpoint.
     """
-    from distill.stages.train import TrainConfig, train_teacher as run
+    from distill.stages.train import train_teacher as run
 
-    _print_summary(run(_stage_config(ctx, TrainConfig, "train-teacher", params)), as_json)
+    _print_summary(run(_stage_config(ctx, params)), as_json)
 
 
-@cli.command("generate-labels")
-@click.option("--teacher", help="Teacher: a Hugging Face directory, package.module:factory, a TorchScript file, or a built-in (mlp, cnn, gpt).")
-@click.option("--data", help="Data: mnist1d, a .parquet/.jsonl/.txt file or directory, a saved `datasets` dataset, or package.module:function.")
-@click.option("--out", help="The store to write: a directory path or fsspec URL.")
-@click.option("--task", type=click.Choice(["classification", "causal-lm"]), help="The teacher's task [default: inferred from the teacher].")
-@click.option("--method", type=click.Choice(["topk", "sample"]), help="Top-k ids with exact log-probs and tail, or sampled ids [default: topk].")
-@click.option("--k", type=int, help="Top-k size [default: 64, or every class when fewer].")
-@click.option("--samples", type=int, help="Draws per position for --method sample [default: 12].")
-@click.option("--temperature", "temperatures", type=float, multiple=True, help="Store the exact normaliser for this temperature; repeat for several [default: 1 and 2].")
-@click.option("--sample-temperature", type=float, help="Temperature of the distribution draws come from [default: 1].")
-@click.option("--batch-size", type=int, help="Examples per teacher forward pass [default: 32].")
-@click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto].")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="auto: bfloat16 autocast on CUDA, float32 on CPU [default: auto].")
-@click.option("--backend", type=click.Choice(["zarr", "parquet"]), help="Store backend [default: zarr].")
-@click.option("--value-encoding", type=click.Choice(["sqrt", "lossless"]), help="How log-probs are stored [default: sqrt].")
-@click.option("--examples-per-shard", type=int, help="Shard size [default: about 65,536 positions].")
-@click.option("--shard", help="I/N: do only this job-array task's shards; seal with --finalize afterwards.")
-@click.option("--finalize", is_flag=True, default=None, help="Only check that every shard is complete and seal the store.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace a store made with other settings.")
-@click.option("--repair", is_flag=True, default=None, help="First check every complete shard's checksums and redo the damaged ones.")
-@click.option("--weights", help="Teacher weights: .safetensors, or a state dict (loaded with weights_only=True).")
-@click.option("--trust-remote-code", is_flag=True, default=None, help="Let a Hugging Face teacher run code from its directory.")
-@_data_options
-@click.option("--seed", type=int, help="Seed of the draws for --method sample [default: 0].")
-@click.option("--queue-size", type=int, help="Labelled batches that may wait for the writer thread [default: 8].")
-@click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress bar or log lines.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON line.")
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it.")
+@_stage_command("generate-labels", "distill.stages.generate:GenerateConfig")
+@_json_option("the result")
+@_config_option
 @click.pass_context
 def generate_labels(ctx: click.Context, as_json: bool, **params) -> None:
     """Run the teacher once over the data and write its soft labels to a store.
 
     Rerunning the same command resumes: complete shards are kept, the rest redone.
     """
-    from distill.stages.generate import GenerateConfig, generate_labels as run
+    from distill.stages.generate import generate_labels as run
 
-    result = run(_stage_config(ctx, GenerateConfig, "generate-labels", params))
+    result = run(_stage_config(ctx, params))
     if as_json:
         click.echo(json.dumps(result))
     elif "store" in result:
         click.echo(_format_summary(result["store"]))
 
 
-def _evaluate_data_options(f):
-    """``_data_options`` with evaluate's own default split, test."""
-    f = _data_options(f)
-    for param in f.__click_params__:
-        if param.name == "split":
-            param.help = "Data split to evaluate [default: test]."
-    return f
-
-
-@cli.command()
-@click.option("--model", help="The model to evaluate: a run directory, Hugging Face directory, TorchScript file, built-in or package.module:factory.")
-@click.option("--data", help="Data spec, as for generate-labels.")
-@click.option("--teacher", help="A teacher model spec: agreement with it, its own figures and the retention line.")
-@click.option("--labels", help="A soft-label store of this data (instead of --teacher): agreement with the stored teacher.")
-@click.option("--device", help="auto, cpu, cuda or cuda:N [default: auto; the CPU for a dynamic-int8 model].")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), help="auto: bf16 autocast on CUDA [default: auto].")
-@click.option("--batch-size", type=int, help="Examples per batch for the metric and agreement [default: 64].")
-@click.option("--throughput-batch", type=int, help="Examples per batch for throughput [default: 256, or 16 sequences for causal LMs].")
-@click.option("--warmup", type=int, help="Untimed passes before timing [default: 3].")
-@click.option("--repeats", type=int, help="Timed passes; latency and throughput are their median [default: 10].")
-@click.option("--weights", help="Weights for --model: .safetensors, or a state dict (weights_only).")
-@click.option("--trust-remote-code", is_flag=True, default=None, help="Let Hugging Face models run code from their directories.")
-@click.option("--task", type=click.Choice(["classification", "causal-lm"]), help="The task [default: inferred].")
-@_evaluate_data_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it.")
+@_stage_command("evaluate", "distill.stages.evaluate:EvaluateConfig")
+@_json_option("the report")
+@_config_option
 @click.pass_context
 def evaluate(ctx: click.Context, as_json: bool, **params) -> None:
     """Report a model's metric (accuracy, or perplexity for causal LMs), size, latency and throughput.
@@ -273,30 +219,21 @@ def evaluate(ctx: click.Context, as_json: bool, **params) -> None:
     With --teacher also the teacher's figures, top-1 agreement and KL with it, and how much
     of the teacher the model keeps; with --labels, agreement with the stored teacher.
     """
-    from distill.stages.evaluate import EvaluateConfig, evaluate_model, format_report
+    from distill.stages.evaluate import evaluate_model, format_report
 
-    report = evaluate_model(_stage_config(ctx, EvaluateConfig, "evaluate", params))
+    report = evaluate_model(_stage_config(ctx, params))
     click.echo(json.dumps(report) if as_json else format_report(report))
 
 
-@cli.command()
-@click.option("--model", help="The model to quantize: a run directory, a Hugging Face causal LM, a built-in or package.module:factory.")
-@click.option("--out", help="Output run directory: model/model.pt (TorchScript), model/model.json, summary.json.")
-@click.option("--method", help="dynamic-int8 (CPU) or weight-only-int8 (GPU target) [default: dynamic-int8].")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace another quantized model in --out.")
-@click.option("--weights", help="Weights for --model: .safetensors, or a state dict (weights_only).")
-@click.option("--trust-remote-code", is_flag=True, default=None, help="Let a Hugging Face model run code from its directory.")
-@click.option("--task", type=click.Choice(["classification", "causal-lm"]), help="The task [default: inferred].")
-@click.option("--data", help="Examples to trace a model that TorchScript cannot compile [default: the run directory's data].")
-@_data_options
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it.")
+@_stage_command("quantize", "distill.stages.quantize:QuantizeConfig")
+@_json_option("the summary")
+@_config_option
 @click.pass_context
 def quantize(ctx: click.Context, as_json: bool, **params) -> None:
     """Quantize a trained model's Linear layers to int8; evaluate accepts the output directory."""
-    from distill.stages.quantize import QuantizeConfig, quantize_model
+    from distill.stages.quantize import quantize_model
 
-    summary = quantize_model(_stage_config(ctx, QuantizeConfig, "quantize", params))
+    summary = quantize_model(_stage_config(ctx, params))
     if as_json:
         click.echo(json.dumps(summary, default=str))
     else:
@@ -306,14 +243,9 @@ def quantize(ctx: click.Context, as_json: bool, **params) -> None:
             click.echo(f"note: {summary['note']}")
 
 
-@cli.command()
+@_stage_command("report", "distill.stages.report:ReportConfig")
 @click.argument("runs", nargs=-1)
-@click.option("--out", help="The HTML file to write [default: report.html].")
-@click.option("--labels", help="A soft-label store for the top-k mass histogram [default: the stores the student runs name].")
-@click.option("--evaluation", multiple=True, help="JSON from `distill evaluate --json` for the comparison; repeat for several files.")
-@click.option("--title", help="The page's title [default: distill report].")
-@click.option("--sample", type=int, help="Shards read for each store's histogram, as for inspect --sample.")
-@click.option("--config", type=click.Path(dir_okay=False), help="TOML file with these settings; flags override it.")
+@_config_option
 @click.pass_context
 def report(ctx: click.Context, **params) -> None:
     """Write one self-contained HTML page about RUNS: training curves, comparison bars, the store's top-k mass.
@@ -321,9 +253,9 @@ def report(ctx: click.Context, **params) -> None:
     RUNS are run directories of train-teacher and train-student (and quantize output
     directories); the page embeds its PNG plots, so it can be sent on its own.
     """
-    from distill.stages.report import ReportConfig, write_report
+    from distill.stages.report import write_report
 
-    click.echo(f"report written to {write_report(_stage_config(ctx, ReportConfig, 'report', params))}")
+    click.echo(f"report written to {write_report(_stage_config(ctx, params))}")
 
 
 @cli.command()
@@ -347,19 +279,11 @@ def main(argv: list[str] | None = None) -> None:
 
 # --- human-readable summary -------------------------------------------------------------
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def _format_value(key: str, value: object) -> str:
     if value is None:
         return "-"
     if key == "payload_bytes" and isinstance(value, (int, float)):
-        return f"{_human_bytes(value)} ({value:,} bytes)"
+        return f"{human_bytes(value)} ({value:,} bytes)"
     if key.startswith("bytes_per_") and isinstance(value, (int, float)):
         return f"{value:,.2f} B"
     if isinstance(value, bool):

@@ -3,7 +3,7 @@
 import errno
 
 __all__ = ["DistillError", "ConfigError", "StoreError", "CorruptStoreError", "IncompatibleStoreError", "WriteError",
-           "write_error"]
+           "write_error", "is_write_failure", "first_line", "listed"]
 
 
 class DistillError(Exception):
@@ -44,3 +44,27 @@ def write_error(err: BaseException, what: str) -> WriteError:
     reason = getattr(err, "strerror", None) or " ".join(str(err).split())[:160] or type(err).__name__
     return WriteError(f"cannot write {what} ({reason}): check that the path is a writable directory with free space, "
                       "or choose another")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """True when a library reports a failed write (a full disk) as something other than OSError:
+    torch.save, torch.jit.save and safetensors raise RuntimeError or SafetensorError."""
+    text = str(err)
+    return isinstance(err, OSError) or any(s in text for s in ("No space left", "file write failed", "unexpected pos",
+                                                               "I/O error"))
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of ``err``'s message (at most ``limit`` characters), or its type's name when it has none.
+
+    Third-party errors (torch, transformers, pyarrow) often carry a whole traceback or a
+    paragraph; a one-line user error quotes only this.
+    """
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line[:limit] if limit is not None else line
+
+
+def listed(names: list[str], n: int = 4) -> str:
+    """The first ``n`` of ``names`` joined by commas, then how many more: ``a, b, c, d and 7 more``."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -44,8 +44,8 @@ import torch
 
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, load_model
-from distill.pipeline.runtime import resolve_device
-from distill.stages.generate import GenerateConfig, _autocast, _weight_dtype, generate_labels
+from distill.pipeline.runtime import autocast, resolve_device, weight_dtype
+from distill.stages.generate import GenerateConfig, generate_labels
 
 WORKLOADS = {
     # name: teacher spec, examples (full, quick), sequence length, k, batch size
@@ -73,11 +73,11 @@ def write_data(name: str, n: int, seq_len: int | None, tmp: str) -> str:
 
 def teacher_only(config: GenerateConfig, device: torch.device) -> tuple[float, int]:
     """Forward passes over the batches generate-labels would run; returns (seconds, positions)."""
-    teacher = load_model(ModelConfig(config.teacher), device=device, dtype=_weight_dtype(config.dtype))
+    teacher = load_model(ModelConfig(config.teacher), device=device, dtype=weight_dtype(config.precision))
     data = load_data(DataConfig(config.data, task=teacher.task, tokenizer=config.tokenizer))
     positions = 0
     start = time.perf_counter()
-    with torch.inference_mode(), _autocast(config, device):
+    with torch.inference_mode(), autocast(config.precision, device):
         for a in range(0, len(data), config.batch_size):
             batch = data.collate([data[i] for i in range(a, min(a + config.batch_size, len(data)))])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

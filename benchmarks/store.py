@@ -25,7 +25,7 @@ import time
 import numcodecs
 import torch
 
-from distill.storage import StoreSpec, create_store, open_store, topk_labels
+from distill.storage import BACKENDS, StoreSpec, create_store, open_store, topk_labels
 from distill.storage.labels import concat_labels
 from distill.storage.synthetic import zipf_logits
 
@@ -106,7 +106,7 @@ def run_one(vocab, k, positions, repeats, backend, encoding, shard, tmp):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small run (under a minute on 2 cores)")
-    ap.add_argument("--backend", default="zarr", choices=["zarr", "parquet"])
+    ap.add_argument("--backend", default="zarr", choices=BACKENDS)
     ap.add_argument("--positions", type=int, default=0, help="override the number of distinct positions")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -61,7 +61,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from itertools import islice
 from unittest import mock
 
@@ -74,10 +73,11 @@ import torch.nn.functional as F
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.losses import make_loss
 from distill.pipeline.models import ModelConfig, load_model
-from distill.pipeline.runtime import Workers, resolve_device
-from distill.pipeline.trainer import Schedule, _optimizer, fit
+from distill.pipeline.runtime import Workers, autocast, resolve_device
+from distill.pipeline.tasks import IGNORE_INDEX, position_logits
+from distill.pipeline.trainer import RunPlace, Schedule, fit, make_optimizer
 from distill.stages.generate import GenerateConfig, generate_labels
-from distill.stages.train import StudentConfig, TrainConfig, _positions, train_student, train_teacher
+from distill.stages.train import StudentConfig, TrainConfig, train_student, train_teacher
 from distill.storage import open_store
 from distill.storage.stream import LabelStream, labels_from_batch
 
@@ -184,7 +184,7 @@ def offline_rate(w: dict, data: str, store: str, out: str, warmup: int, steps: i
 
 def _autocast(device: torch.device):
     """What the training stages' --precision auto does: bf16 autocast on CUDA, none elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return autocast("auto", device)
 
 
 def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,7 @@ def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard: t
     s = F.log_softmax(student_logits.float() / TEMPERATURE, -1)  # (P, V)
     t = F.log_softmax(teacher_logits.float() / TEMPERATURE, -1)  # (P, V)
     kl = F.kl_div(s, t, log_target=True, reduction="batchmean")
-    ce = F.cross_entropy(student_logits.float(), hard, ignore_index=-100)
+    ce = F.cross_entropy(student_logits.float(), hard, ignore_index=IGNORE_INDEX)
     return ALPHA * ce + (1 - ALPHA) * TEMPERATURE**2 * kl
 
 
@@ -206,16 +206,16 @@ def online_rate(w: dict, data_spec: str, out: str, warmup: int, steps: int, devi
 
     def loss(model, batch):
         with torch.no_grad():
-            target, _ = _positions(teacher, teacher.module, batch, teacher.task)  # (P, V)
-        logits, hard = _positions(student, model, batch, student.task)  # (P, V), (P,)
+            target, _ = position_logits(teacher, batch, teacher.task)  # (P, V)
+        logits, hard = position_logits(student, batch, student.task, module=model)  # (P, V), (P,)
         value = dense_kd(logits, target, hard)
         return {"loss": value, "positions": len(logits)}
 
     stamps: list[float] = []
     os.makedirs(out, exist_ok=True)
     schedule = Schedule(steps=warmup + steps + 1, workers=WORKERS)
-    _timed_fit(stamps)(student.module, stream, loss, schedule, out, Workers(), device, lambda: _autocast(device),
-                       progress=False)
+    place = RunPlace(out, Workers(), device, lambda: _autocast(device), progress=False)
+    _timed_fit(stamps)(student.module, stream, loss, schedule, place)
     return _rate(stamps, warmup, steps)
 
 
@@ -228,7 +228,7 @@ class Ideal:
         self.teacher = load_model(ModelConfig(w["teacher"]), device=device)
         self.student = load_model(ModelConfig(w["student"]), device=device)
         self.student.module.train()
-        self.optimizer = _optimizer(self.student.module, Schedule())
+        self.optimizer = make_optimizer(self.student.module, Schedule())
         data = load_data(DataConfig(data_spec, task=self.student.task))
         reader = open_store(store)
         self.spec = reader.spec
@@ -239,7 +239,7 @@ class Ideal:
 
     def teacher_forward_s(self, warmup: int) -> float:
         with torch.no_grad(), _autocast(self.device):
-            return self._seconds(lambda b: _positions(self.teacher, self.teacher.module, b, self.teacher.task), warmup)
+            return self._seconds(lambda b: position_logits(self.teacher, b, self.teacher.task), warmup)
 
     def student_step_s(self, warmup: int, soft: bool = False) -> float:
         """Forward, loss (cross-entropy; or train-student's, on the batch's soft labels), backward, clip, AdamW."""
@@ -247,11 +247,11 @@ class Ideal:
         def step(batch):
             self.optimizer.zero_grad(set_to_none=True)
             with _autocast(self.device):
-                logits, hard = _positions(self.student, self.student.module, batch, self.student.task)
+                logits, hard = position_logits(self.student, batch, self.student.task)
                 if soft:
                     loss = self.loss(logits, labels_from_batch(batch, self.spec.stored_temperatures), hard)["loss"]
                 else:
-                    loss = F.cross_entropy(logits.float(), hard, ignore_index=-100)
+                    loss = F.cross_entropy(logits.float(), hard, ignore_index=IGNORE_INDEX)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.student.module.parameters(), 1.0)
             self.optimizer.step()

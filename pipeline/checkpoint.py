@@ -16,26 +16,17 @@ import uuid
 
 import torch
 
-from distill.errors import ConfigError, write_error
-from distill.storage.fs import _fsync_dir
+from distill.errors import ConfigError, first_line, is_write_failure, write_error
+from distill.pipeline.modelfiles import save_weights
+from distill.storage.fs import fsync_dir, fsync_file
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state"]
 
 KEEP = 2  # the newest checkpoints kept; older ones are removed once a newer one is in place
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_state: dict) -> str:
     """Write checkpoint ``step`` atomically; returns its directory."""
-    from distill.pipeline.models import save_weights
-
     root = os.path.join(run_dir, "checkpoints")
     name = f"step-{step:08d}"
     final = os.path.join(root, name)
@@ -46,12 +37,12 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_sta
         save_weights(model, os.path.join(tmp, "model.safetensors"))
         torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
         for f in os.listdir(tmp):
-            _fsync_file(os.path.join(tmp, f))
-        _fsync_dir(tmp)
+            fsync_file(os.path.join(tmp, f))
+        fsync_dir(tmp)
         if os.path.exists(final):  # a rerun redid this step: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         with open(pointer, "w") as f:
             f.write(name + "\n")
             f.flush()
@@ -60,10 +51,10 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_sta
     except Exception as e:  # a full disk surfaces as OSError, torch's RuntimeError or a SafetensorError
         for leftover in (tmp, pointer):
             shutil.rmtree(leftover, ignore_errors=True) if os.path.isdir(leftover) else _unlink(leftover)
-        if isinstance(e, OSError) or _write_failure(e):
+        if is_write_failure(e):
             raise write_error(e, f"checkpoint {final}") from None
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in _complete(root)[:-KEEP]:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     for entry in os.listdir(root):  # leftovers of a crash mid-write
@@ -78,12 +69,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
-
-
-def _write_failure(e: Exception) -> bool:
-    """torch.save and safetensors report a failed write (full disk) as RuntimeError / SafetensorError."""
-    text = str(e)
-    return any(s in text for s in ("No space left", "file write failed", "unexpected pos", "I/O error"))
 
 
 def _complete(root: str) -> list[str]:
@@ -110,5 +95,5 @@ def load_trainer_state(checkpoint: str) -> dict:
     try:
         return torch.load(os.path.join(checkpoint, "trainer.pt"), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any damage is the same user-facing problem
-        raise ConfigError(f"checkpoint {checkpoint} is unreadable ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        raise ConfigError(f"checkpoint {checkpoint} is unreadable ({type(e).__name__}: {first_line(e)}); "
                           "delete it to resume from the one before, or use a new --out") from None

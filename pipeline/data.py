@@ -61,14 +61,15 @@ import pyarrow as pa
 import torch
 
 from distill.errors import ConfigError
+from distill.pipeline.config import check_settings, setting
 from distill.pipeline.fingerprint import Fingerprint
 from distill.pipeline.specs import resolve_callable, split_builtin
-from distill.pipeline.tables import IGNORE_INDEX, read_saved_dataset, read_table, table_arrays, table_from_python
+from distill.pipeline.tasks import TASKS
+from distill.pipeline.tables import read_saved_dataset, read_table, table_arrays, table_from_python
 from distill.pipeline.tokenize import load_tokenizer, require_tokenizer, tokenize_text_files
 
-__all__ = ["DataFlags", "TASKS", "IGNORE_INDEX", "DataConfig", "ExampleSet", "load_data", "load_tokenizer"]
+__all__ = ["DataFlags", "DataConfig", "ExampleSet", "load_data", "load_tokenizer"]
 
-TASKS = ("classification", "causal-lm")
 _CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
@@ -80,20 +81,16 @@ class DataFlags:
     `--text-column`, `--ids-column`, `--label-column` and `--limit` mean the same everywhere.
     """
 
-    split: str = "train"
-    """Which split: "train"/"test" for mnist1d; a file is the "train" split."""
-    tokenizer: str | None = None
-    """A local Hugging Face tokenizer directory, or "bytes"; needed for text only."""
-    seq_len: int = 256
-    """Tokens per sequence cut from text files; longest tokenised text column entry."""
-    text_column: str | None = None
-    """Column of strings to tokenise; default "text" when present."""
-    ids_column: str | None = None
-    """Column of token id lists; default "input_ids" when present."""
-    label_column: str | None = None
-    """Column of integer class labels (classification); default "label", else "labels", when present."""
-    limit: int | None = None
-    """Keep only the first N examples (quick runs); None keeps all."""
+    split: str = setting("train", "Data split: train or test for mnist1d; a single file is the train split.")
+    tokenizer: str | None = setting(None, "Tokenizer for text data: a local Hugging Face directory or `bytes`.",
+                                    default_help="the model's own, when it is a Hugging Face directory")
+    seq_len: int = setting(256, "Tokens per sequence cut from text files; longest tokenised entry of a text column.",
+                           minimum=2)
+    text_column: str | None = setting(None, "Column of text to tokenise.", default_help="text, when present")
+    ids_column: str | None = setting(None, "Column of token id lists.", default_help="input_ids, when present")
+    label_column: str | None = setting(None, "Column of integer class labels.",
+                                       default_help="label, else labels, when present")
+    limit: int | None = setting(None, "Use only the first N examples.", minimum=1)
 
     def data_config(self, spec: str, *, task: str | None = None, **changes) -> "DataConfig":
         """A DataConfig for ``spec`` with these flags (``changes`` override them, e.g. split=)."""
@@ -118,10 +115,10 @@ class DataConfig(DataFlags):
             raise ConfigError(f"task {self.task!r} is unknown: pass --task classification|causal-lm")
         if not self.split:
             raise ConfigError("split is empty: pass --split NAME, e.g. --split train")
-        if not _is_int(self.seq_len) or self.seq_len < 2:
-            raise ConfigError(f"seq_len must be an integer >= 2, got {self.seq_len!r}: pass --seq-len N")
-        if self.limit is not None and (not _is_int(self.limit) or self.limit < 1):
-            raise ConfigError(f"limit must be an integer >= 1, got {self.limit!r}: pass --limit N or leave it out")
+        for name in ("seq_len", "limit"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer, got {getattr(self, name)!r}")
+        check_settings(self)
 
 
 def _is_int(x: Any) -> bool:

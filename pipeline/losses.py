@@ -21,10 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
+from distill.pipeline.models import LoadedModel
+from distill.pipeline.runtime import to_device
+from distill.pipeline.tasks import IGNORE_INDEX, position_logits
+from distill.storage import METHODS
 from distill.storage.labels import SoftLabels
 
 __all__ = [
     "LOSSES",
+    "LOSS_NAMES",
+    "OnlineDistillationLoss",
+    "PseudoLabelLoss",
     "SampledDistillationLoss",
     "TopKDistillationLoss",
     "bucket_divergence",
@@ -33,8 +40,8 @@ __all__ = [
     "student_buckets",
 ]
 
-LOSSES = ("kl", "reverse-kl", "jsd", "skew-kl")
-METHODS = ("topk", "sample")
+LOSSES = ("kl", "reverse-kl", "jsd", "skew-kl")  # divergences over the buckets
+LOSS_NAMES = (*LOSSES, "argmax")  # what train-student --loss takes: argmax is the hard pseudo-label baseline
 
 # A float32 store cannot tell a mass below ~1e-38 from 0 (the teacher's tail underflows there):
 # the divergences read such a bucket as this log-mass rather than as an infinite penalty.
@@ -216,7 +223,7 @@ class TopKDistillationLoss(_HintonMix):
     """
 
     def __init__(self, kind: str = "kl", temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5,
-                 skew: float = 0.1, ignore_index: int = -100, tail: bool = True):
+                 skew: float = 0.1, ignore_index: int = IGNORE_INDEX, tail: bool = True):
         super().__init__(temperature, alpha, ignore_index)
         self.tail = bool(tail)
         if kind not in LOSSES:
@@ -259,7 +266,7 @@ class SampledDistillationLoss(_HintonMix):
     """
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, sample_temperature: float = 1.0,
-                 ignore_index: int = -100):
+                 ignore_index: int = IGNORE_INDEX):
         super().__init__(temperature, alpha, ignore_index)
         if not sample_temperature > 0:
             raise ConfigError(f"sample_temperature must be > 0, got {sample_temperature}")
@@ -294,7 +301,7 @@ class PseudoLabelLoss(_HintonMix):
     No temperature (T = 1): a one-hot target has no dark knowledge to soften.
     """
 
-    def __init__(self, alpha: float = 0.5, ignore_index: int = -100):
+    def __init__(self, alpha: float = 0.5, ignore_index: int = IGNORE_INDEX):
         super().__init__(1.0, alpha, ignore_index)
 
     def forward(self, student_logits: Tensor, labels: SoftLabels, hard_labels: Tensor | None = None):
@@ -304,8 +311,39 @@ class PseudoLabelLoss(_HintonMix):
         return self._mix(student_logits, soft, hard_labels)
 
 
+class OnlineDistillationLoss(_HintonMix):
+    """Online distillation, the reference the store is measured against: the teacher runs on every
+    batch and the student matches its full-vocabulary distribution,
+
+        loss = alpha * CE(student, hard) + (1 - alpha) * T^2 * mean_P KL(p_teacher,T || q_student,T)
+
+    the top-k loss with k = V (an empty tail).
+
+    forward(student_logits (P, V), batch (the collated examples the student ran on), hard_labels (P,) or None)
+        -> {"loss", "soft", "ce"} as for ``TopKDistillationLoss``.
+    """
+
+    def __init__(self, teacher: LoadedModel, task: str, temperature: float = 1.0, alpha: float = 0.5,
+                 ignore_index: int = IGNORE_INDEX):
+        super().__init__(temperature, alpha, ignore_index)
+        self.teacher, self.task = teacher, task  # a plain attribute: the teacher's weights are not the loss's
+        teacher.module.eval()
+
+    def forward(self, student_logits: Tensor, batch: dict, hard_labels: Tensor | None = None):
+        with torch.no_grad():
+            target = position_logits(self.teacher, to_device(batch, student_logits.device), self.task)[0]  # (P, V)
+        if target.shape != student_logits.shape:
+            raise ConfigError(f"the teacher gives logits {tuple(target.shape)} but the student "
+                              f"{tuple(student_logits.shape)}: use models of one vocabulary")
+        t = self.temperature
+        p_log = (target.float() / t).log_softmax(-1)  # (P, V)
+        q_log = (student_logits.float() / t).log_softmax(-1)  # (P, V)
+        soft = F.kl_div(q_log, p_log, log_target=True, reduction="sum") / max(1, len(q_log))
+        return self._mix(student_logits, soft, hard_labels)
+
+
 def make_loss(method: str, kind: str, temperature: float, alpha: float, *, beta: float = 0.5, skew: float = 0.1,
-              sample_temperature: float = 1.0, ignore_index: int = -100, tail: bool = True) -> nn.Module:
+              sample_temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, tail: bool = True) -> nn.Module:
     """The loss for a store's label method: "topk" -> TopKDistillationLoss, "sample" -> SampledDistillationLoss;
     kind "argmax" -> PseudoLabelLoss (either method). ``tail=False`` (top-k only): renormalise over the k ids."""
     if kind == "argmax":

@@ -19,12 +19,10 @@ attribute. ``LoadedModel.logits`` checks every result's shape against it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
 import os
-import pickle
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -33,21 +31,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, first_line
 from distill.pipeline.architectures import BUILTINS, build_builtin, resolve_options
+from distill.pipeline.config import setting
 from distill.pipeline.fingerprint import Fingerprint
+from distill.pipeline.hf import hf_logits, hf_output_size, load_hf
+from distill.pipeline.modelfiles import load_weights, read_state_dict
+from distill.pipeline.runtime import module_device
 from distill.pipeline.specs import resolve_callable, split_builtin
+from distill.pipeline.tasks import TASKS
 
-__all__ = ["TASKS", "BUILTINS", "ModelConfig", "LoadedModel", "load_model", "model_fingerprint",
-           "build_builtin", "save_weights"]
-
-TASKS = ("classification", "causal-lm")
+__all__ = ["BUILTINS", "ModelFlags", "ModelConfig", "LoadedModel", "load_model", "model_fingerprint",
+           "build_builtin"]
 
 # describe() keys that say where a model was read from, not what it is: left out of the fingerprint
 _LOCATION_KEYS = ("spec", "weights")
-# HF config keys that vary with the path, the library version or the load dtype, not the model
-_HF_VOLATILE_KEYS = ("transformers_version", "dtype", "torch_dtype")
-_HF_TASKS = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification": "classification"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelFlags:
+    """How a model spec is loaded: the flags every stage that loads a model shares (keyword-only)."""
+
+    weights: str | None = setting(None, "Weights for the model: .safetensors, or a state dict (loaded with "
+                                        "weights_only=True, never unpickling code).")
+    trust_remote_code: bool = setting(False, "Let a Hugging Face model run Python code from its directory.")
+    task: str | None = setting(None, "The task.", choices=TASKS, default_help="inferred from the model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +109,7 @@ class LoadedModel:
         module's device; float features are cast to its dtype.
         """
         if self.describe.get("kind") == "hf":
-            out = _hf_logits(self.module, batch, self.task)
+            out = hf_logits(self.module, batch, self.task)
         else:
             out = self.module(_model_input(self.module, batch))
         if hasattr(out, "logits"):
@@ -125,17 +133,17 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: t
         raise ConfigError(f"--weights applies to built-ins and package.module:factory models; the "
                           f"{'Hugging Face directory' if kind == 'hf' else 'TorchScript file'} {config.spec!r} "
                           "carries its own weights: drop --weights")
-    state = _read_state_dict(config.weights) if config.weights is not None else None  # fail before building
-    loader = {"hf": _load_hf, "torchscript": _load_torchscript, "builtin": _load_builtin, "factory": _load_factory}[kind]
+    state = read_state_dict(config.weights) if config.weights is not None else None  # fail before building
+    loader = {"hf": load_hf, "torchscript": _load_torchscript, "builtin": _load_builtin, "factory": _load_factory}[kind]
     module, task, describe = loader(target, config, dtype)
     spec = target if kind in ("hf", "torchscript") else config.spec  # an absolute path rebuilds from anywhere
     describe = {"kind": kind, "spec": spec, "task": task,
                 "weights": os.path.abspath(config.weights) if config.weights else None, **describe}
     if state is not None:
-        _load_weights(module, state, config.weights)
+        load_weights(module, state, config.weights)
     if dtype is not None and kind != "hf":  # transformers loads straight into the dtype
         module.to(dtype)
-    output_size = _hf_output_size(module, task) if kind == "hf" else _output_size(module, config.spec)
+    output_size = hf_output_size(module, task) if kind == "hf" else _output_size(module, config.spec)
     fingerprint = model_fingerprint(module, describe)
     module.to(device)
     module.eval()
@@ -199,13 +207,6 @@ def model_fingerprint(module: nn.Module, describe: dict) -> str:
     for name in sorted(tensors):
         fp.tensor(name, tensors[name])
     return fp.hexdigest()
-
-
-def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``module``'s state dict as safetensors, storing tied weights once (loads back with ``weights=``)."""
-    from safetensors.torch import save_model
-
-    save_model(module, os.fspath(path))
 
 
 # --- resolving a spec: the one place that decides what a string means ---------------------------
@@ -283,170 +284,11 @@ def _load_torchscript(path: str, config: ModelConfig, dtype: torch.dtype | None)
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(path, map_location="cpu")
     except Exception as e:  # torch raises RuntimeError and others for damaged archives
-        raise ConfigError(f"cannot load TorchScript file {config.spec!r} ({_first_line(e)}); re-export it with torch.jit.save") from None
+        raise ConfigError(f"cannot load TorchScript file {config.spec!r} ({first_line(e)}); re-export it with torch.jit.save") from None
     return module, _task(config.task, getattr(module, "task", None), config.spec), {}
 
 
-def _load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    kwargs = {"local_files_only": True, "trust_remote_code": config.trust_remote_code}
-    hf_config = _hf_call(AutoConfig.from_pretrained, config.spec, path, **kwargs)
-    task = config.task or _hf_task(hf_config, config.spec)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    if not any(name.endswith((".safetensors", ".bin", ".pt", ".pth")) for name in os.listdir(path)):
-        # a config without weights: a fresh model of that architecture (a student to train), seeded
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            module = auto.from_config(hf_config, trust_remote_code=config.trust_remote_code)
-        if dtype is not None:
-            module.to(dtype)
-        describe = {"trust_remote_code": config.trust_remote_code, "config": _stable_config(module.config.to_dict()),
-                    "initialised": "from config, seed 0"}
-        return module, task, describe
-    module, info = _hf_call(auto.from_pretrained, config.spec, path, config=hf_config, dtype=dtype or torch.float32,
-                            output_loading_info=True, **kwargs)
-    absent = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
-    if absent:
-        raise ConfigError(f"Hugging Face directory {config.spec!r} has no {task} weights for {_few(absent)} "
-                          f"(it holds {', '.join(hf_config.architectures or ['an unnamed architecture'])}); "
-                          "check --task, or point at a checkpoint trained for the task")
-    describe = {"trust_remote_code": config.trust_remote_code, "config": _stable_config(module.config.to_dict())}
-    return module, task, describe
-
-
-# --- Hugging Face helpers ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def quiet_hf():
-    """No transformers progress bars ("Loading weights", "Writing model shards") inside: noise in
-    batch-job logs. The setting is restored afterwards."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _hf_call(fn, spec: str, path: str, **kwargs):
-    try:
-        with quiet_hf():
-            return fn(path, **kwargs)
-    except (OSError, ValueError) as e:
-        message = str(e)
-        if "trust_remote_code" in message:
-            raise ConfigError(f"Hugging Face directory {spec!r} needs Python code shipped inside it to load; "
-                              "pass --trust-remote-code if you trust that directory's code") from None
-        raise ConfigError(f"cannot load Hugging Face model {spec!r}: {_first_line(e)}") from None
-
-
-def _hf_task(hf_config: Any, spec: str) -> str:
-    for arch in hf_config.architectures or ():
-        for suffix, task in _HF_TASKS.items():
-            if arch.endswith(suffix):
-                return task
-    raise ConfigError(f"cannot tell the task of Hugging Face model {spec!r} from its architectures "
-                      f"{hf_config.architectures}; pass --task {' or --task '.join(TASKS)}")
-
-
-def _hf_output_size(module: nn.Module, task: str) -> int:
-    if task == "classification":
-        return int(module.config.num_labels)
-    head = module.get_output_embeddings()
-    if isinstance(head, nn.Linear):
-        return int(head.out_features)  # may exceed config.vocab_size when the vocabulary is padded
-    return int(module.config.get_text_config().vocab_size)
-
-
-def _stable_config(d: dict) -> dict:
-    """The config without what varies with the load path, library version or load dtype."""
-    return {k: _stable_config(v) if isinstance(v, dict) else v
-            for k, v in d.items() if not str(k).startswith("_") and k not in _HF_VOLATILE_KEYS}
-
-
-def _hf_logits(module: nn.Module, batch: dict, task: str) -> torch.Tensor:
-    if "input_ids" not in batch:
-        raise ConfigError("Hugging Face models read token ids, but the data gives float features; "
-                          "use a tokenized dataset or a built-in/factory model for features")
-    inner = getattr(module, "module", module)  # under DistributedDataParallel: the model it wraps
-    device = _device(inner)
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    pad = getattr(inner.config, "pad_token_id", None)
-    if pad is not None:
-        # The data pads with 0; classifiers that pool the last token find it by the model's own pad id.
-        ids = ids.masked_fill(mask == 0, pad)
-    kwargs = {"use_cache": False} if task == "causal-lm" else {}
-    try:
-        return module(input_ids=ids, attention_mask=mask, **kwargs).logits
-    except ValueError as e:
-        if "padding token" in str(e):
-            raise ConfigError("this Hugging Face classifier has no pad_token_id and cannot find where each "
-                              "sequence ends; set pad_token_id in its config.json") from None
-        raise
-
-
 # --- weights, inputs, outputs ---------------------------------------------------------------------
-
-
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from ``path``, without running any pickled code."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"weights file {path!r} does not exist; check --weights")
-    if path.endswith(".safetensors") or _looks_like_safetensors(path):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # SafetensorError, or OSError
-            raise ConfigError(f"cannot read safetensors weights {path!r} ({_first_line(e)}); re-save the state dict") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), _first_line(e))
-        raise ConfigError(f"weights file {path!r} holds pickled Python objects, and distill refuses to unpickle code "
-                          f"({reason[:160]}); convert it to safetensors: only if you trust the file, opt in yourself with "
-                          "safetensors.torch.save_file(torch.load(path, weights_only=False), 'weights.safetensors') "
-                          "and pass that file") from None
-    except Exception as e:  # a damaged or foreign file: RuntimeError, KeyError, EOFError, ...
-        raise ConfigError(f"cannot read weights file {path!r} ({_first_line(e)}); save model.state_dict() "
-                          "with safetensors or torch.save") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        keys = list(state)[:5] if isinstance(state, Mapping) else []
-        raise ConfigError(f"weights file {path!r} holds a {type(state).__name__}{f' with keys {keys}' if keys else ''}, "
-                          "not a state dict of tensors; save model.state_dict() itself")
-    return dict(state)
-
-
-def _looks_like_safetensors(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then the JSON header
-
-
-def _load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    """Copy ``state`` into ``module``; every weight must be there once (tied weights: under one name)."""
-    expected = module.state_dict().keys()
-    tied: dict[int, set[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        tied.setdefault(id(p), set()).add(name)
-    aliases = {name: names for names in tied.values() for name in names}
-    missing = [k for k in expected if k not in state and not (aliases.get(k, set()) & state.keys())]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = ([f"missing {_few(missing)}"] if missing else []) + ([f"unexpected {_few(unexpected)}"] if unexpected else [])
-        raise ConfigError(f"weights file {path!r} does not fit the model ({'; '.join(parts)}); "
-                          "check the model spec and its options match the weights")
-    try:
-        module.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), _first_line(e))
-        raise ConfigError(f"weights file {path!r} does not fit the model ({detail}); "
-                          "check the model spec and its options match the weights") from None
 
 
 def _output_size(module: nn.Module, spec: str) -> int:
@@ -464,20 +306,13 @@ def _output_size(module: nn.Module, spec: str) -> int:
                       "(the number of classes, or the vocabulary size)")
 
 
-def _device(module: nn.Module) -> torch.device:
-    first = next(iter(module.parameters()), None)
-    if first is None:
-        first = next(iter(module.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 def _model_input(module: nn.Module, batch: dict) -> torch.Tensor:
     """The one tensor a built-in, factory or TorchScript module takes: features or token ids."""
     if "inputs" in batch:
         floating = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
-        return batch["inputs"].to(_device(module), dtype=floating)
+        return batch["inputs"].to(module_device(module), dtype=floating)
     if "input_ids" in batch:
-        return batch["input_ids"].to(_device(module))
+        return batch["input_ids"].to(module_device(module))
     raise ConfigError(f"a batch holds neither 'inputs' nor 'input_ids' (it has {sorted(batch)}); check the data spec")
 
 
@@ -490,10 +325,3 @@ def _check_logits(out: Any, batch: dict, task: str, output_size: int, spec: Any)
                           "check --task, and the module's output_size attribute")
 
 
-def _few(names: list[str], n: int = 4) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -1,16 +1,41 @@
-"""Where a stage runs: the device, and its place among torchrun ranks or job-array tasks."""
+"""Where a stage runs: the device, its numeric precision, and its place among torchrun ranks or job-array tasks.
+
+One precision vocabulary for every command (``--precision``):
+
+    auto   bfloat16 autocast on CUDA, float32 on the CPU
+    fp32   float32 everywhere
+    bf16   bfloat16 autocast (and, for a teacher in generate-labels, bfloat16 weights)
+    fp16   float16 likewise (inference only: training would need loss scaling)
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import os
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from distill.errors import ConfigError
+from distill.pipeline.config import setting
 
-__all__ = ["resolve_device", "Workers", "workers", "parse_shard"]
+__all__ = ["DeviceFlags", "PRECISIONS", "TRAINING_PRECISIONS", "PRECISION_ALIASES", "resolve_device", "module_device", "precision_name",
+           "compute_dtype", "weight_dtype", "autocast", "to_device", "Workers", "workers", "parse_shard"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # fp16 training needs loss scaling, which the trainer does not do
+PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # generate-labels' old --dtype names
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeviceFlags:
+    """Where and in what precision a stage runs: the flags every stage that runs a model shares (keyword-only)."""
+
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N; auto is this rank's CUDA device when there is one.")
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU.", choices=PRECISIONS,
+                             value_aliases=PRECISION_ALIASES)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,6 +51,45 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for but no CUDA device is available: use --device cpu or auto")
     return device
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (or buffer); the CPU for a module with neither."""
+    first = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def precision_name(name: str, allowed: tuple[str, ...] = PRECISIONS, flag: str = "--precision") -> str:
+    """``name`` in the one vocabulary (old dtype names map onto it); a name not in ``allowed`` is a ConfigError."""
+    name = PRECISION_ALIASES.get(name, name)
+    if name not in allowed:
+        raise ConfigError(f"unknown {flag} {name!r}: use {', '.join(allowed)}")
+    return name
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype matrix products run in: ``auto`` is bfloat16 on CUDA and float32 elsewhere."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[precision]
+
+
+def weight_dtype(precision: str) -> torch.dtype | None:
+    """The dtype an inference model's weights are cast to: None (kept in float32) for auto and fp32."""
+    return None if precision in ("auto", "fp32") else _DTYPES[precision]
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager:
+    """A fresh context that runs ``precision``'s compute dtype on ``device`` (none for float32)."""
+    dtype = compute_dtype(precision, device)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of ``batch`` on ``device`` (copies overlap with compute where the memory is pinned)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -22,15 +22,14 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import torch
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, first_line
+from distill.pipeline.tasks import IGNORE_INDEX
 from distill.pipeline.tokenize import flatten, load_tokenizer, require_tokenizer
 
 if TYPE_CHECKING:  # data.py imports this module
     from distill.pipeline.data import DataConfig
 
-__all__ = ["IGNORE_INDEX", "Arrays", "read_table", "read_saved_dataset", "table_from_python", "table_arrays"]
-
-IGNORE_INDEX = -100  # Hugging Face "not a target" label
+__all__ = ["Arrays", "read_table", "read_saved_dataset", "table_from_python", "table_arrays"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +51,6 @@ class Arrays:
     vocab_size: int | None = None
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 # --- reading ----------------------------------------------------------------------------
 
 
@@ -63,7 +58,7 @@ def _concat(tables: list[pa.Table], origin: str) -> pa.Table:
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise ConfigError(f"{origin}: files have different columns or types ({_first_line(e)}); "
+        raise ConfigError(f"{origin}: files have different columns or types ({first_line(e)}); "
                           "make them agree") from None
 
 
@@ -77,7 +72,7 @@ def _read_parquet(path: Path) -> pa.Table:
     try:
         return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(f"cannot read parquet file {str(path)!r} ({_first_line(e)}); "
+        raise ConfigError(f"cannot read parquet file {str(path)!r} ({first_line(e)}); "
                           "check that it is parquet") from None
 
 
@@ -106,7 +101,7 @@ def _table_from_rows(rows: list[dict], origin: str) -> pa.Table:
     try:
         return pa.Table.from_pylist(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
-        raise ConfigError(f"{origin}: items cannot be read as one table ({_first_line(e)}); "
+        raise ConfigError(f"{origin}: items cannot be read as one table ({first_line(e)}); "
                           "give every item the same keys and types") from None
 
 
@@ -161,7 +156,7 @@ def _table_from_columns(columns: Mapping, origin: str) -> pa.Table:
     try:
         return pa.table(arrays)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
-        raise ConfigError(f"{origin}: columns cannot be read as one table ({_first_line(e)}); "
+        raise ConfigError(f"{origin}: columns cannot be read as one table ({first_line(e)}); "
                           "give every column one value per row") from None
 
 
@@ -288,7 +283,7 @@ def _labels(column: pa.ChunkedArray, name: str, origin: str) -> np.ndarray:
 
 
 def _position_mask(table: pa.Table, lengths: np.ndarray, origin: str) -> np.ndarray:
-    """Flat (T,) bool: a position_mask column, else Hugging Face labels (keep t iff labels[t+1] != -100)."""
+    """Flat (T,) bool: a position_mask column, else Hugging Face labels (keep t iff labels[t+1] != IGNORE_INDEX)."""
     name = "position_mask" if "position_mask" in table.column_names else "labels"
     ok = pa.types.is_integer if name == "labels" else (lambda t: pa.types.is_boolean(t) or pa.types.is_integer(t))
     values, value_lengths = _ragged(table.column(name), name, origin, ok)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, first_line
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "require_tokenizer", "flatten",
+__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "require_tokenizer", "tokenizer_beside", "flatten",
            "cut_lengths", "tokenize_text_files"]
 
 
@@ -55,8 +56,7 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"tokenizer {str(path)!r} cannot be loaded ({first_line}); "
+            raise ConfigError(f"tokenizer {str(path)!r} cannot be loaded ({first_line(e)}); "
                               "pass a directory written by save_pretrained, or 'bytes'") from None
         # len() counts added special tokens, which tokenizer.vocab_size leaves out
         self.vocab_size = len(self._tok)
@@ -88,6 +88,18 @@ def require_tokenizer(spec: str | None, what: str) -> Tokenizer:
     if spec is None:
         raise ConfigError(f"{what} must be tokenised: pass --tokenizer DIR (or bytes)")
     return load_tokenizer(spec)
+
+
+def tokenizer_beside(model_spec: str | None) -> str | None:
+    """``model_spec`` itself when it is a directory holding a Hugging Face tokenizer, else None.
+
+    A Hugging Face teacher or student brings its own tokenizer: stages use it for text data
+    when no --tokenizer is given.
+    """
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if model_spec and os.path.isdir(model_spec) and any(os.path.exists(os.path.join(model_spec, n)) for n in names):
+        return model_spec
+    return None
 
 
 def flatten(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 import torch
@@ -25,30 +26,51 @@ from torch.utils.data import DataLoader
 
 from distill.errors import ConfigError, DistillError, write_error
 from distill.pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from distill.pipeline.config import setting
 from distill.pipeline.progress import Progress
 from distill.pipeline.runtime import Workers
 from distill.storage.stream import LabelStream
 
-__all__ = ["Schedule", "fit", "steps_per_epoch", "total_steps"]
+__all__ = ["Schedule", "RunPlace", "fit", "make_optimizer", "steps_per_epoch", "total_steps"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """How long and how a model trains: the optimiser and loop settings (keyword-only).
+
+    The training configs (train-teacher, train-student) inherit these fields, so their flags
+    and defaults are these.
+    """
+
+    epochs: int | None = setting(None, "Passes over the data.", minimum=1, default_help="1")
+    steps: int | None = setting(None, "Optimiser steps (instead of --epochs).", minimum=1)
+    grad_accum: int = setting(1, "Batches per optimiser step.", minimum=1)
+    lr: float = setting(1e-3, "Peak learning rate of AdamW.")
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and norms).")
+    warmup_steps: int | None = setting(None, "Linear warm-up steps.", minimum=0, default_help="5% of the steps")
+    min_lr_ratio: float = setting(0.1, "Cosine decay ends at lr times this.")
+    clip_grad: float | None = setting(1.0, "Gradient-norm clipping.")
+    seed: int = setting(0, "Seed of the data order and dropout.")
+    eval_every: int | None = setting(None, "Evaluate on --eval-split every N steps (and at the end).", minimum=1)
+    checkpoint_every: int = setting(500, "Checkpoint every N steps (and at the end).", minimum=1)
+    log_every: int = setting(10, "Metrics line every N steps.", minimum=1)
+    workers: int = setting(1, "DataLoader worker processes (0: load in the training process).", minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
-class Schedule:
-    """Optimiser and loop settings (a subset of the stage configs, same names)."""
+class RunPlace:
+    """Where and how a run executes, as opposed to what it does (the ``Schedule``)."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int | None = None  # None: 5% of the steps
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_accum: int = 1
-    clip_grad: float | None = 1.0
-    epochs: int | None = None
-    steps: int | None = None
-    checkpoint_every: int = 500
-    log_every: int = 10
-    eval_every: int | None = None
-    seed: int = 0
-    workers: int = 1
+    run_dir: str
+    """The run directory: checkpoints go to ``run_dir/checkpoints``, metrics to ``run_dir/metrics.jsonl``."""
+    team: Workers
+    """This process's rank among the processes training together (``Workers()``: alone)."""
+    device: torch.device
+    """Where the model is; batches are pinned for it when it is a CUDA device."""
+    autocast: Callable[[], AbstractContextManager]
+    """A new context to run each micro-batch's forward pass and loss under (bf16 autocast, or a null context)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
 
 
 def steps_per_epoch(stream: LabelStream, epoch: int, world: int, accum: int) -> int:
@@ -63,9 +85,10 @@ def total_steps(stream: LabelStream, schedule: Schedule, world: int) -> int:
     return sum(steps_per_epoch(stream, e, world, schedule.grad_accum) for e in range(schedule.epochs or 1))
 
 
-def _optimizer(model: torch.nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms: no decay
+def make_optimizer(module: torch.nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
+    """AdamW over ``module``'s trainable parameters at ``schedule.lr``; weight decay on matrices only."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]  # biases, norms: no decay
     groups = [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=schedule.lr)
 
@@ -91,79 +114,167 @@ class _Position:
     positions: int = 0
 
 
+@dataclasses.dataclass
+class _Window:
+    """What happened since the last metrics line: for its rates and mean scalars."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    examples: int = 0
+    positions: int = 0
+    steps: int = 0
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)  # per-step means, summed over the steps
+
+    def add_step(self, sums: dict[str, float]) -> None:
+        self.steps += 1
+        for key, value in sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def record(self, pos: _Position, lr: float, grad_norm: float | None) -> dict:
+        """The metrics line for the window ending at ``pos``."""
+        seconds = time.perf_counter() - self.start
+        steps = max(1, self.steps)
+        return {"step": pos.step, "epoch": pos.epoch, **{k: v / steps for k, v in self.sums.items()}, "lr": lr,
+                "grad_norm": grad_norm, "steps_per_s": self.steps / seconds if seconds else None,
+                "examples_per_s": self.examples / seconds if seconds else None,
+                "positions_per_s": self.positions / seconds if seconds else None}
+
+
 def fit(module: torch.nn.Module, stream: LabelStream, batch_loss: Callable[[torch.nn.Module, dict], dict],
-        schedule: Schedule, run_dir: str, team: Workers, device: torch.device, autocast,
-        evaluate: Callable[[], dict] | None = None, progress: bool = True) -> dict:
-    """Train ``module`` (on ``device``) for the schedule's steps; returns the last metrics.
+        schedule: Schedule, place: RunPlace, evaluate: Callable[[], dict] | None = None) -> dict:
+    """Train ``module`` (on ``place.device``) for the schedule's steps; returns the last metrics.
 
     batch_loss(model, batch) -> {"loss": tensor, "positions": int, other scalars...}; it runs
-    under ``autocast``. Checkpoints go to ``run_dir/checkpoints``, metrics (rank 0) to
-    ``run_dir/metrics.jsonl``.
+    under ``place.autocast()``. evaluate() -> dict runs every ``schedule.eval_every`` steps and
+    at the end. Checkpoints go to ``place.run_dir/checkpoints``, metrics (rank 0) to
+    ``place.run_dir/metrics.jsonl``; a run directory with a checkpoint is resumed from it.
     """
     torch.manual_seed(schedule.seed)
-    optimizer = _optimizer(module, schedule)
-    total = total_steps(stream, schedule, team.world)
-    if total < 1:
-        raise ConfigError("the data gives no full optimiser step per rank: use a smaller --batch-size or --grad-accum")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(total, schedule))
-    pos = _resume(run_dir, module, optimizer, scheduler, device)
-    model = module
-    if team.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics = _Metrics(run_dir, pos.step, enabled=team.rank == 0)
-    bar = Progress(total, unit="steps", rate_unit="examples", enabled=progress and team.rank == 0)
-    bar.done = pos.step
-    last: dict = {}
-    window = {"start": time.perf_counter(), "examples": 0, "positions": 0, "steps": 0, "sums": {}}
+    loop = _Loop(module, stream, batch_loss, schedule, place, evaluate)  # resumes from the newest checkpoint
+    while loop.pos.step < loop.total:
+        loop.run_epoch()
+    loop.bar.close()
+    return loop.last
 
-    while pos.step < total:
-        per_epoch = steps_per_epoch(stream, pos.epoch, team.world, schedule.grad_accum)
-        batches = stream.batches(pos.epoch)
-        done_steps = -(-pos.batches_in_epoch // schedule.grad_accum)
-        stream.set_epoch(pos.epoch, skip=pos.batches_in_epoch)
-        loader = DataLoader(stream, batch_size=None, num_workers=schedule.workers,
-                            pin_memory=device.type == "cuda", prefetch_factor=2 if schedule.workers else None,
-                            generator=torch.Generator().manual_seed(schedule.seed))  # leaves the global RNG alone
-        it = iter(loader)
-        while pos.step < total and done_steps < per_epoch:
-            n_micro = min(schedule.grad_accum, batches - pos.batches_in_epoch)
-            optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            for micro in range(n_micro):
-                batch = _next_batch(it)
-                sync = micro == n_micro - 1 or not team.distributed
-                with (model.no_sync() if not sync else _null()), autocast():
-                    out = batch_loss(model, batch)
-                (out["loss"] / n_micro).backward()
-                for key, value in out.items():
-                    if key != "positions" and value is not None:
-                        sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / n_micro
-                window["positions"] += int(out["positions"])
-                window["examples"] += int(batch["example_index"].numel())
-                pos.batches_in_epoch += 1
-            grad_norm = None
-            if schedule.clip_grad:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), schedule.clip_grad))
-            optimizer.step()
-            scheduler.step()
-            pos.step += 1
+
+class _Loop:
+    """One call of ``fit``: its optimiser, LR schedule, position in the data, metrics and progress bar."""
+
+    def __init__(self, module: torch.nn.Module, stream: LabelStream,
+                 batch_loss: Callable[[torch.nn.Module, dict], dict], schedule: Schedule, place: RunPlace,
+                 evaluate: Callable[[], dict] | None):
+        self.module, self.stream, self.batch_loss = module, stream, batch_loss
+        self.schedule, self.place, self.evaluate = schedule, place, evaluate
+        self.optimizer = make_optimizer(module, schedule)
+        self.total = total_steps(stream, schedule, place.team.world)
+        if self.total < 1:
+            raise ConfigError("the data gives no full optimiser step per rank: "
+                              "use a smaller --batch-size or --grad-accum")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(self.total, schedule))
+        self.pos = _resume(place.run_dir, module, self.optimizer, self.scheduler, place.device)
+        self.model = self._wrapped()
+        self.metrics = _Metrics(place.run_dir, self.pos.step, enabled=place.team.rank == 0)
+        self.bar = Progress(self.total, unit="steps", rate_unit="examples",
+                            enabled=place.progress and place.team.rank == 0)
+        self.bar.done = self.pos.step
+        self.last: dict = {}
+        self.window = _Window()
+
+    def _wrapped(self) -> torch.nn.Module:
+        """The module the loss calls: DDP around it when several processes train together."""
+        if not self.place.team.distributed:
+            return self.module
+        device = self.place.device
+        device_ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
+
+    def run_epoch(self) -> None:
+        """The optimiser steps left in the position's epoch (up to the total), then on to the next epoch."""
+        accum = self.schedule.grad_accum
+        per_epoch = steps_per_epoch(self.stream, self.pos.epoch, self.place.team.world, accum)
+        batches = self.stream.batches(self.pos.epoch)
+        done_steps = -(-self.pos.batches_in_epoch // accum)
+        it = iter(self._epoch_loader())  # its workers stop when this method returns
+        while self.pos.step < self.total and done_steps < per_epoch:
+            n_micro = min(accum, batches - self.pos.batches_in_epoch)  # an epoch's last step may have fewer
+            sums, examples = self._accumulate(it, n_micro)
+            grad_norm = self._optimiser_step()
             done_steps += 1
-            bar.update(1, int(batch["example_index"].numel()) * n_micro)
-            window["steps"] += 1
-            for key, value in sums.items():
-                window["sums"][key] = window["sums"].get(key, 0.0) + value
-            end_of_epoch = done_steps >= per_epoch
-            if pos.step % schedule.log_every == 0 or pos.step == total:
-                last = _log(metrics, window, pos, scheduler.get_last_lr()[0], grad_norm)
-            if evaluate is not None and schedule.eval_every and (pos.step % schedule.eval_every == 0 or pos.step == total):
-                last = {**last, **_eval(metrics, evaluate, pos, module)}
-            if pos.step % schedule.checkpoint_every == 0 or pos.step == total:
-                _checkpoint(run_dir, module, optimizer, scheduler, pos, team, end_of_epoch)
-        del it, loader
-        pos.epoch += 1
-        pos.batches_in_epoch = 0
-    bar.close()
-    return last
+            self._after_step(sums, examples, grad_norm, end_of_epoch=done_steps >= per_epoch)
+        self.pos.epoch += 1
+        self.pos.batches_in_epoch = 0
+
+    def _epoch_loader(self) -> DataLoader:
+        """The position's epoch, from its next batch on (the batches before it are skipped, not loaded)."""
+        schedule = self.schedule
+        self.stream.set_epoch(self.pos.epoch, skip=self.pos.batches_in_epoch)
+        return DataLoader(self.stream, batch_size=None, num_workers=schedule.workers,
+                          pin_memory=self.place.device.type == "cuda", prefetch_factor=2 if schedule.workers else None,
+                          generator=torch.Generator().manual_seed(schedule.seed))  # leaves the global RNG alone
+
+    def _accumulate(self, it, n_micro: int) -> tuple[dict[str, float], int]:
+        """Gradients of one optimiser step's ``n_micro`` batches -> (their mean scalars, examples for the bar)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in range(n_micro):
+            batch = _next_batch(it)
+            sync = micro == n_micro - 1 or not self.place.team.distributed  # DDP all-reduces on the last only
+            with (self.model.no_sync() if not sync else nullcontext()), self.place.autocast():
+                out = self.batch_loss(self.model, batch)
+            (out["loss"] / n_micro).backward()
+            _add_scalars(sums, out, n_micro)
+            self.window.positions += int(out["positions"])
+            self.window.examples += int(batch["example_index"].numel())
+            self.pos.batches_in_epoch += 1
+        return sums, int(batch["example_index"].numel()) * n_micro
+
+    def _optimiser_step(self) -> float | None:
+        """Clip, step the optimiser and the LR schedule; returns the gradient norm before clipping, if clipped."""
+        grad_norm = None
+        if self.schedule.clip_grad:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.schedule.clip_grad))
+        self.optimizer.step()
+        self.scheduler.step()
+        return grad_norm
+
+    def _after_step(self, sums: dict[str, float], examples: int, grad_norm: float | None, end_of_epoch: bool) -> None:
+        """Count the step; log, evaluate and checkpoint when it is their turn (and always at the last step)."""
+        self.pos.step += 1
+        self.bar.update(1, examples)
+        self.window.add_step(sums)
+        if self._due(self.schedule.log_every):
+            self.last = self._log(grad_norm)
+        if self.evaluate is not None and self.schedule.eval_every and self._due(self.schedule.eval_every):
+            self.last = {**self.last, **_eval(self.metrics, self.evaluate, self.pos, self.module)}
+        if self._due(self.schedule.checkpoint_every):
+            self._checkpoint(end_of_epoch)
+
+    def _due(self, every: int) -> bool:
+        return self.pos.step % every == 0 or self.pos.step == self.total
+
+    def _log(self, grad_norm: float | None) -> dict:
+        record = self.window.record(self.pos, self.scheduler.get_last_lr()[0], grad_norm)
+        self.metrics.write(record)
+        self.window = _Window()
+        return record
+
+    def _checkpoint(self, end_of_epoch: bool) -> None:
+        saved = dataclasses.replace(self.pos)
+        if end_of_epoch:  # resume at the next epoch's start, not at an exhausted one
+            saved.epoch, saved.batches_in_epoch = self.pos.epoch + 1, 0
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": torch.get_rng_state(), "position": dataclasses.asdict(saved)}
+        if torch.cuda.is_available() and next(self.module.parameters()).is_cuda:
+            state["cuda_rng"] = torch.cuda.get_rng_state(next(self.module.parameters()).device)
+        if self.place.team.rank == 0:
+            save_checkpoint(self.place.run_dir, self.pos.step, self.module, state)
+        self.place.team.barrier()
+
+
+def _add_scalars(sums: dict[str, float], out: dict, n_micro: int) -> None:
+    """Adds ``out``'s scalars (all but ``positions``), each divided by ``n_micro``, to ``sums``."""
+    for key, value in out.items():
+        if key != "positions" and value is not None:
+            sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / n_micro
 
 
 def _next_batch(it):
@@ -183,14 +294,6 @@ def _next_batch(it):
         raise type(e)(last[len(name):] if last.startswith(name) else last) from None
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _resume(run_dir, module, optimizer, scheduler, device) -> _Position:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -205,31 +308,6 @@ def _resume(run_dir, module, optimizer, scheduler, device) -> _Position:
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
     return _Position(**state["position"])
-
-
-def _checkpoint(run_dir, module, optimizer, scheduler, pos: _Position, team: Workers, end_of_epoch: bool) -> None:
-    saved = dataclasses.replace(pos)
-    if end_of_epoch:  # resume at the next epoch's start, not at an exhausted one
-        saved.epoch, saved.batches_in_epoch = pos.epoch + 1, 0
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-             "position": dataclasses.asdict(saved)}
-    if torch.cuda.is_available() and next(module.parameters()).is_cuda:
-        state["cuda_rng"] = torch.cuda.get_rng_state(next(module.parameters()).device)
-    if team.rank == 0:
-        save_checkpoint(run_dir, pos.step, module, state)
-    team.barrier()
-
-
-def _log(metrics: "_Metrics", window: dict, pos: _Position, lr: float, grad_norm: float | None) -> dict:
-    seconds = time.perf_counter() - window["start"]
-    steps = max(1, window["steps"])
-    record = {"step": pos.step, "epoch": pos.epoch, **{k: v / steps for k, v in window["sums"].items()}, "lr": lr,
-              "grad_norm": grad_norm, "steps_per_s": window["steps"] / seconds if seconds else None,
-              "examples_per_s": window["examples"] / seconds if seconds else None,
-              "positions_per_s": window["positions"] / seconds if seconds else None}
-    metrics.write(record)
-    window.update(start=time.perf_counter(), examples=0, positions=0, steps=0, sums={})
-    return record
 
 
 def _eval(metrics: "_Metrics", evaluate, pos: _Position, module: torch.nn.Module) -> dict:

@@ -20,10 +20,13 @@ finished steps are not redone.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
+
+from distill.errors import write_error
+from distill.pipeline.files import write_json
+from distill.pipeline.formatting import human_bytes
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -61,7 +64,10 @@ def run_demo(out_dir: str, settings: DemoSettings = DemoSettings(), progress: bo
     transfer_epochs = max(1, round(s.student_epochs * s.labelled / transfer))
     common = dict(data=data, lr=s.lr, batch_size=s.batch_size, eval_split="test", workers=0, progress=False)
     clock = _Clock(progress)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, f"the demo directory {out_dir}") from None
 
     clock.step(f"teacher {s.teacher} on {s.labelled:,} labelled examples, {s.teacher_epochs} epochs")
     train_teacher(TrainConfig(out=path("teacher"), model=s.teacher, epochs=s.teacher_epochs, limit=s.labelled, **common))
@@ -84,7 +90,7 @@ def run_demo(out_dir: str, settings: DemoSettings = DemoSettings(), progress: bo
     for name in names:
         teacher = None if name == "teacher" else path("teacher")
         results[name] = evaluate_model(EvaluateConfig(model=path(name), data=data, teacher=teacher, split="test"))
-    _write_json(path("evaluation.json"), [{"name": name, **r} for name, r in results.items()])
+    write_json(path("evaluation.json"), [{"name": name, **r} for name, r in results.items()])
     clock.step("report")
     report = _report(out_dir, names, path)
     clock.done()
@@ -102,15 +108,11 @@ def _table(results: dict) -> str:
     for name, r in results.items():
         agreement = r.get("agreement")
         rows.append((name, f"{r['value']:.1%}", "-" if agreement is None else f"{agreement:.1%}", f"{r['params']:,}",
-                     _kib(r["bytes"]), f"{r['latency_ms']:.3f} ms", f"{r['throughput']:,.0f}/s"))
+                     human_bytes(r["bytes"], decimals=1), f"{r['latency_ms']:.3f} ms", f"{r['throughput']:,.0f}/s"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def _kib(n: int) -> str:
-    return f"{n / 1024:.1f} KiB"
 
 
 def _report(out_dir: str, names: list[str], path) -> str:
@@ -119,12 +121,6 @@ def _report(out_dir: str, names: list[str], path) -> str:
     runs = tuple(path(n) for n in names if os.path.isfile(os.path.join(path(n), "metrics.jsonl")))
     return write_report(ReportConfig(runs=runs, out=path("report.html"), labels=path("labels.zarr"),
                                      evaluation=(path("evaluation.json"),), title="distill demo: mnist1d"))
-
-
-def _write_json(file: str, obj) -> None:
-    with open(file + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(file + ".tmp", file)
 
 
 class _Clock:

@@ -36,7 +36,6 @@ perplexity keeps 100% and a worse one less); ``size_ratio`` is bytes/teacher_byt
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import time
 
@@ -45,62 +44,48 @@ import torch.nn.functional as F
 
 from distill.errors import ConfigError, StoreError
 from distill.pipeline.data import DataFlags, ExampleSet, load_data
+from distill.pipeline.formatting import human_bytes
+from distill.pipeline.labelstore import check_store_matches, open_complete_store
 from distill.pipeline.losses import bucket_divergence, student_buckets
-from distill.pipeline.models import LoadedModel, ModelConfig, load_model
-from distill.pipeline.runtime import resolve_device
-from distill.stages.train import PRECISIONS, Score, _autocast, _positions, _to, check_store_matches, open_complete_store
+from distill.pipeline.modelfiles import cpu_only, model_bytes
+from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
+from distill.pipeline.config import check_settings, setting
+from distill.pipeline.runtime import DeviceFlags, autocast, resolve_device, to_device
+from distill.pipeline.scoring import Score
+from distill.pipeline.tasks import position_logits
+from distill.pipeline.tokenize import tokenizer_beside
 
-__all__ = ["EvaluateConfig", "evaluate_model", "format_report", "retention_line", "model_bytes"]
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ts", ".jit")
+__all__ = ["EvaluateConfig", "evaluate_model", "format_report", "retention_line"]
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig(DataFlags):
-    """Settings of `distill evaluate`.
+class EvaluateConfig(DataFlags, ModelFlags, DeviceFlags):
+    """Settings of `distill evaluate` (each field's help is its flag's).
 
-    model:            the model to evaluate: a run directory, a Hugging Face directory, a TorchScript file,
-                      a built-in or package.module:factory (with ``weights``).
-    data:             data spec, as for generate-labels; ``split`` defaults to "test" here.
-    teacher:          a teacher model spec: run it for agreement, and report its own figures and the retention line.
-    labels:           a soft-label store of this data (instead of ``teacher``): agreement with the stored teacher.
-    device:           auto, cpu, cuda, cuda:N (auto picks the CPU when a model is dynamic-int8, whose kernels run there only).
-    precision:        auto (bf16 autocast on CUDA), fp32, bf16.
-    batch_size:       examples per batch while computing the metric and agreement.
-    throughput_batch: examples per batch for throughput; None: 256 for classifiers, 16 sequences for causal LMs.
-    warmup, repeats:  untimed passes, then timed passes (median) for latency and throughput.
-    weights, task:    for ``model``, as for train-student; trust_remote_code: for ``model`` and ``teacher``.
-    split, tokenizer, seq_len, text_column, ids_column, label_column, limit: how the data is read.
+    ``weights`` and ``task`` apply to ``model``; ``trust_remote_code`` to ``model`` and ``teacher``.
+    With ``device`` auto, a dynamic-int8 model runs on the CPU, where its kernels are.
     """
 
-    model: str | None = None
-    data: str | None = None
-    teacher: str | None = None
-    labels: str | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 64
-    throughput_batch: int | None = None
-    warmup: int = 10  # TorchScript (quantised models) re-optimises over its first calls
-    repeats: int = 10
-    weights: str | None = None
-    trust_remote_code: bool = False
-    task: str | None = None
-    split: str = dataclasses.field(default="test", kw_only=True)  # evaluation reads the held-out split by default
+    model: str | None = setting(None, "The model to evaluate: a run directory, Hugging Face directory, TorchScript "
+                                      "file, built-in or package.module:factory.")
+    data: str | None = setting(None, "Data spec, as for generate-labels.")
+    teacher: str | None = setting(None, "A teacher model spec: agreement with it, its own figures and the retention line.")
+    labels: str | None = setting(None, "A soft-label store of this data (instead of --teacher): agreement with the "
+                                       "stored teacher.")
+    batch_size: int = setting(64, "Examples per batch for the metric and agreement.", minimum=1)
+    throughput_batch: int | None = setting(None, "Examples per batch for throughput.", minimum=1,
+                                           default_help="256, or 16 sequences for causal LMs")
+    warmup: int = setting(10, "Untimed passes before timing (TorchScript re-optimises over its first calls).",
+                          minimum=0)
+    repeats: int = setting(10, "Timed passes; latency and throughput are their median.", minimum=1)
+    split: str = setting("test", "Data split to evaluate.", kw_only=True)
 
     def __post_init__(self):
+        check_settings(self)
         if not self.model or not self.data:
             raise ConfigError("missing --model or --data: evaluate needs both")
         if self.teacher and self.labels:
             raise ConfigError("pass --teacher or --labels, not both: agreement is measured against one of them")
-        for name in ("batch_size", "throughput_batch", "repeats"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown --precision {self.precision!r}: use {', '.join(PRECISIONS)}")
 
 
 def evaluate_model(config: EvaluateConfig) -> dict:
@@ -110,8 +95,6 @@ def evaluate_model(config: EvaluateConfig) -> dict:
     throughput, throughput_unit; with a teacher or a store also agreement, kl, agreement_with;
     with a teacher also teacher (the same figures for it), teacher_value, retention, size_ratio, speedup.
     """
-    from distill.stages.generate import tokenizer_beside
-
     device = _device(config)
     model = load_model(ModelConfig(config.model, weights=config.weights, task=config.task,
                                    trust_remote_code=config.trust_remote_code), device=device)
@@ -125,16 +108,16 @@ def evaluate_model(config: EvaluateConfig) -> dict:
     if teacher is not None:
         _check_teacher(config, model, teacher)
 
-    autocast = _autocast(config, device)
+    precision = lambda: autocast(config.precision, device)  # noqa: E731
     with torch.inference_mode():
-        quality = _quality(model, teacher, store, data, config.batch_size, device, autocast)
+        quality = _quality(model, teacher, store, data, config.batch_size, device, precision)
         report = {"model": config.model, "task": model.task, "device": str(device), "split": config.split,
-                  **quality["model"], **_footprint(model), **_speed(model, data, config, device, autocast)}
+                  **quality["model"], **_footprint(model), **_speed(model, data, config, device, precision)}
         if "agreement" in quality:
             report.update(agreement=quality["agreement"], kl=quality["kl"],
                           agreement_with="teacher" if teacher is not None else "labels")
         if teacher is not None:
-            theirs = {**quality["teacher"], **_footprint(teacher), **_speed(teacher, data, config, device, autocast)}
+            theirs = {**quality["teacher"], **_footprint(teacher), **_speed(teacher, data, config, device, precision)}
             report.update(teacher={"model": config.teacher, **theirs}, teacher_value=theirs["value"],
                           **_compare(report, theirs))
     return report
@@ -143,8 +126,6 @@ def evaluate_model(config: EvaluateConfig) -> dict:
 # --- setup ------------------------------------------------------------------------------------
 
 def _device(config: EvaluateConfig) -> torch.device:
-    from distill.stages.quantize import cpu_only
-
     pinned = next((spec for spec in (config.model, config.teacher) if spec and cpu_only(spec)), None)
     if pinned is not None and config.device == "auto":
         return torch.device("cpu")
@@ -173,14 +154,14 @@ def _open_labels(config: EvaluateConfig, model: LoadedModel, data: ExampleSet):
 # --- one pass over the data: the metric, and agreement with the teacher ------------------------
 
 def _quality(model: LoadedModel, teacher: LoadedModel | None, store, data: ExampleSet, batch_size: int,
-             device: torch.device, autocast) -> dict:
+             device: torch.device, precision) -> dict:
     mine, theirs = Score(), Score()
     agree, kl_sum, positions = 0, 0.0, 0
     for batch, labels in _batches(data, store, batch_size):
-        batch = _to(batch, device)
-        with autocast:
-            logits, hard = _positions(model, model.module, batch, model.task)  # (P, V), (P,)
-            teacher_logits = None if teacher is None else _positions(teacher, teacher.module, batch, model.task)[0]
+        batch = to_device(batch, device)
+        with precision():
+            logits, hard = position_logits(model, batch, model.task)  # (P, V), (P,)
+            teacher_logits = None if teacher is None else position_logits(teacher, batch, model.task)[0]
         mine.add(logits, hard)
         if teacher_logits is not None:
             theirs.add(teacher_logits, hard)
@@ -242,49 +223,25 @@ def _footprint(model: LoadedModel) -> dict:
     return {"params": int(count), "bytes": size, "bytes_source": source}
 
 
-def model_bytes(model: LoadedModel) -> tuple[int, str]:
-    """Bytes of the model's saved weights on disk, and where they were counted.
-
-    A Hugging Face directory: its weight files; a TorchScript file or a weights file (a run
-    directory's model.safetensors): that file; otherwise (a built-in or factory with no file)
-    the bytes its state dict would take in float32 (other dtypes at their own size), tied tensors once.
-    """
-    kind, spec, weights = model.describe.get("kind"), model.describe.get("spec"), model.describe.get("weights")
-    if kind == "hf" and os.path.isdir(spec):
-        files = sorted(f for f in os.listdir(spec) if f.endswith(WEIGHT_SUFFIXES))
-        if files:
-            return sum(os.path.getsize(os.path.join(spec, f)) for f in files), f"files: {', '.join(files)}"
-    for path in (weights, spec if kind == "torchscript" else None):
-        if path and os.path.isfile(path):
-            return os.path.getsize(path), f"file: {os.path.basename(path)}"
-    seen, size = set(), 0
-    for tensor in model.module.state_dict().values():
-        if not isinstance(tensor, torch.Tensor) or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        size += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
-    return size, "float32 state dict (no file)"
-
-
-def _speed(model: LoadedModel, data: ExampleSet, config: EvaluateConfig, device: torch.device, autocast) -> dict:
+def _speed(model: LoadedModel, data: ExampleSet, config: EvaluateConfig, device: torch.device, precision) -> dict:
     causal = model.task == "causal-lm"
-    one = _to(data.collate([data[0]]), device)
+    one = to_device(data.collate([data[0]]), device)
     n = config.throughput_batch or (16 if causal else 256)
-    many = _to(data.collate([data[i % len(data)] for i in range(n)]), device)
-    latency = _median_seconds(model, one, device, autocast, config.warmup, config.repeats)
-    seconds = _median_seconds(model, many, device, autocast, config.warmup, config.repeats)
+    many = to_device(data.collate([data[i % len(data)] for i in range(n)]), device)
+    latency = _median_seconds(model, one, device, precision, config.warmup, config.repeats)
+    seconds = _median_seconds(model, many, device, precision, config.warmup, config.repeats)
     work = int(many["attention_mask"].sum()) if causal else n
     return {"latency_ms": latency * 1e3, "throughput": work / seconds,
             "throughput_unit": "tokens/s" if causal else "examples/s", "throughput_batch": n}
 
 
-def _median_seconds(model: LoadedModel, batch: dict, device: torch.device, autocast, warmup: int, repeats: int) -> float:
+def _median_seconds(model: LoadedModel, batch: dict, device: torch.device, precision, warmup: int, repeats: int) -> float:
     """Median wall time of one forward pass over ``batch``, after ``warmup`` untimed passes."""
     times = []
     for i in range(warmup + repeats):
         _synchronize(device)
         start = time.perf_counter()
-        with autocast:
+        with precision():
             model.logits(batch)
         _synchronize(device)
         if i >= warmup:
@@ -343,13 +300,5 @@ def retention_line(report: dict) -> str:
 def _row(name: str, r: dict) -> tuple[str, ...]:
     value = "-" if r["value"] is None else f"{r['value']:.4f}"
     unit = "tok/s" if r["throughput_unit"] == "tokens/s" else "ex/s"
-    return (f"{name} {r['model']}", value, f"{r['params']:,}", _human_bytes(r["bytes"]),
+    return (f"{name} {r['model']}", value, f"{r['params']:,}", human_bytes(r["bytes"], decimals=1),
             f"{r['latency_ms']:.3f} ms", f"{r['throughput']:,.0f} {unit}")
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")

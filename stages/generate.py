@@ -18,106 +18,79 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import queue
 import sys
 import threading
 import time
-from contextlib import nullcontext
 
 import torch
 
 from distill.errors import ConfigError
 from distill.pipeline.data import DataFlags, ExampleSet, load_data
-from distill.pipeline.models import LoadedModel, ModelConfig, load_model
+from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
 from distill.pipeline.progress import Progress
-from distill.pipeline.runtime import Workers, parse_shard, resolve_device, workers
-from distill.storage import SoftLabels, StoreSpec, StoreWriter, concat_labels, create_store, open_store_writer
-from distill.storage import sampled_labels, topk_labels
+from distill.pipeline.config import check_settings, setting
+from distill.pipeline.runtime import (PRECISION_ALIASES, PRECISIONS, DeviceFlags, Workers, autocast, compute_dtype,
+                                      parse_shard, resolve_device, to_device, weight_dtype, workers)
+from distill.pipeline.tokenize import tokenizer_beside
+from distill.storage import BACKENDS, METHODS, VALUE_ENCODINGS, SoftLabels, StoreSpec, StoreWriter, concat_labels, create_store, open_store_writer
+from distill.storage import empty_labels, open_store, sampled_labels, topk_labels
 
 __all__ = ["GenerateConfig", "generate_labels"]
 
-METHODS = ("topk", "sample")
 DEFAULT_K = 64
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGET_SHARD_POSITIONS = 65536  # default shard size: about this many positions, a few MB encoded
 LOGITS_CHUNK_ELEMENTS = 1 << 25  # positions are reduced to top-k in chunks of at most 32M logits (128 MB float32)
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateConfig(DataFlags):
-    """Settings of one label-generation job (the flags of `distill generate-labels`).
+class GenerateConfig(DataFlags, ModelFlags, DeviceFlags):
+    """Settings of one label-generation job: the flags of `distill generate-labels` (each field's help is its flag's).
 
-    teacher:            model spec: a Hugging Face directory, package.module:factory, a TorchScript file or a built-in.
-    data:               data spec: mnist1d, a Parquet/JSONL/text file or directory, a saved `datasets` dataset, package.module:function.
-    out:                the store's path or fsspec URL.
-    task:               classification or causal-lm; None infers it from the teacher.
-    method:             "topk" (top-k ids, exact log-probs, tail) or "sample" (ids drawn from the teacher).
-    k:                  top-k size (method topk); None: 64, or the whole output when it is smaller.
-    samples:            draws per position (method sample).
-    temperatures:       temperatures whose exact normalisers are stored; stage two may train at any of them.
-    sample_temperature: temperature of the distribution draws come from (method sample).
-    batch_size:         examples per teacher forward pass.
-    device:             auto (CUDA when there is one), cpu, cuda, cuda:N.
-    dtype:              auto (bfloat16 autocast on CUDA, float32 on CPU), float32, bfloat16, float16 (weights cast too).
-    backend:            zarr or parquet.
-    value_encoding:     sqrt (default, lossy, error measured in docs/FORMAT.md) or lossless.
-    examples_per_shard: shard size; None picks about 65,536 positions per shard.
-    shard:              "I/N": this job-array task's share (shards i with i % N == I); seal with --finalize after.
-    finalize:           only check that every shard is complete and seal the store (after a job array).
-    overwrite:          replace an existing store made with other settings.
-    repair:             first check every complete shard's files against their checksums and redo the damaged ones.
-    weights:            weights for the teacher (.safetensors, or a state dict loaded with weights_only=True).
-    trust_remote_code:  let a Hugging Face teacher run code from its directory.
-    split, tokenizer, seq_len, text_column, ids_column, label_column, limit: how the data is read (see pipeline.data).
-    seed:               seeds the draws of method sample.
-    queue_size:         labelled batches that may wait for the writer thread (bounds host memory).
-    progress:           show a progress bar / periodic log lines on stderr.
+    With ``precision`` bf16 or fp16 the teacher's weights are cast too; ``dtype`` is the old
+    name of ``precision`` (float32, bfloat16, float16 are fp32, bf16, fp16).
     """
 
-    teacher: str | None = None
-    data: str | None = None
-    out: str = ""
-    task: str | None = None
-    method: str = "topk"
-    k: int | None = None
-    samples: int = 12
-    temperatures: tuple[float, ...] = (1.0, 2.0)
-    sample_temperature: float = 1.0
-    batch_size: int = 32
-    device: str = "auto"
-    dtype: str = "auto"
-    backend: str = "zarr"
-    value_encoding: str = "sqrt"
-    examples_per_shard: int | None = None
-    shard: str | None = None
-    finalize: bool = False
-    overwrite: bool = False
-    repair: bool = False
-    weights: str | None = None
-    trust_remote_code: bool = False
-    seed: int = 0
-    queue_size: int = 8
-    progress: bool = True
+    teacher: str | None = setting(None, "Teacher: a Hugging Face directory, package.module:factory, a TorchScript "
+                                        "file, or a built-in (mlp, cnn, gpt).")
+    data: str | None = setting(None, "Data: mnist1d, a .parquet/.jsonl/.txt file or directory, a saved `datasets` "
+                                     "dataset, or package.module:function.")
+    out: str = setting("", "The store to write: a directory path or fsspec URL.")
+    method: str = setting("topk", "Top-k ids with exact log-probs and tail, or sampled ids.", choices=METHODS)
+    k: int | None = setting(None, "Top-k size.", minimum=1, default_help=f"{DEFAULT_K}, or every class when fewer")
+    samples: int = setting(12, "Draws per position for --method sample.", minimum=1)
+    temperatures: tuple[float, ...] = setting((1.0, 2.0), "Store the exact normaliser for this temperature; repeat "
+                                                          "for several.", flag="--temperature")
+    sample_temperature: float = setting(1.0, "Temperature of the distribution draws come from.")
+    batch_size: int = setting(32, "Examples per teacher forward pass.", minimum=1)
+    backend: str = setting("zarr", "Store backend.", choices=BACKENDS)
+    value_encoding: str = setting("sqrt", "How log-probs are stored: sqrt (1 byte, error measured in "
+                                          "docs/FORMAT.md) or lossless.", choices=VALUE_ENCODINGS)
+    examples_per_shard: int | None = setting(None, "Shard size.", minimum=1, default_help="about 65,536 positions")
+    shard: str | None = setting(None, "I/N: do only this job-array task's shards; seal with --finalize afterwards.")
+    finalize: bool = setting(False, "Only check that every shard is complete and seal the store.")
+    overwrite: bool = setting(False, "Replace a store made with other settings.")
+    repair: bool = setting(False, "First check every complete shard's checksums and redo the damaged ones.")
+    seed: int = setting(0, "Seed of the draws for --method sample.")
+    queue_size: int = setting(8, "Labelled batches that may wait for the writer thread.", minimum=1)
+    progress: bool = setting(True, "No progress bar or log lines.")
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 and fp16 cast the "
+                                     "teacher's weights too.", choices=PRECISIONS, value_aliases=PRECISION_ALIASES,
+                             aliases=("--dtype",), kw_only=True)
+    dtype: dataclasses.InitVar[str | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, dtype: str | None = None):
+        if dtype is not None:
+            object.__setattr__(self, "precision", dtype)
+        check_settings(self)
         if not self.out:
             raise ConfigError("missing --out: pass the path of the store to write")
         if not self.finalize and (not self.teacher or not self.data):
             raise ConfigError("missing --teacher or --data: generate-labels needs both (or --finalize to seal a store)")
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown --method {self.method!r}: use topk or sample")
-        for name in ("k", "samples", "batch_size", "queue_size"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.examples_per_shard is not None and self.examples_per_shard < 1:
-            raise ConfigError(f"--examples-per-shard must be at least 1, got {self.examples_per_shard}")
         temps = tuple(float(t) for t in self.temperatures)
         if any(not (t > 0 and math.isfinite(t)) for t in (*temps, self.sample_temperature)):
             raise ConfigError(f"temperatures must be finite and > 0, got {list(temps)}: e.g. --temperature 2")
         object.__setattr__(self, "temperatures", temps)
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ConfigError(f"unknown --dtype {self.dtype!r}: use auto, {', '.join(DTYPES)}")
         parse_shard(self.shard)
         if self.shard is not None and self.overwrite:
             raise ConfigError("--overwrite with --shard would let array tasks delete each other's shards: "
@@ -144,8 +117,9 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
     say = _Say(team.rank == 0 or not team.distributed)
     teacher = load_model(ModelConfig(config.teacher, weights=config.weights, task=config.task,
                                      trust_remote_code=config.trust_remote_code),
-                         device=device, dtype=_weight_dtype(config.dtype))
-    data = load_data(config.data_config(config.data, task=teacher.task, tokenizer=_tokenizer(config)))
+                         device=device, dtype=weight_dtype(config.precision))
+    tokenizer = config.tokenizer if config.tokenizer is not None else tokenizer_beside(config.teacher)
+    data = load_data(config.data_config(config.data, task=teacher.task, tokenizer=tokenizer))
     _check_compatible(config, teacher, data)
     spec = _store_spec(config, teacher, data, device)
     writer = _open_store(config, spec, team, say)
@@ -164,8 +138,6 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
     team.barrier()  # every rank's shards are committed
     if team.world == 1 or (team.distributed and team.rank == 0):
         writer.finalize()
-        from distill.storage import open_store
-
         result["store"] = open_store(config.out).summary()
         say(f"generate-labels: store {config.out} complete")
     elif not team.distributed:
@@ -177,43 +149,10 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
 def _finalize_only(config: GenerateConfig) -> dict:
     writer = open_store_writer(config.out)
     writer.finalize()
-    from distill.storage import open_store
-
     return {"store": open_store(config.out).summary()}
 
 
 # --- setup -------------------------------------------------------------------------------
-
-def _weight_dtype(name: str) -> torch.dtype | None:
-    return None if name in ("auto", "float32") else DTYPES[name]
-
-
-def _autocast(config: GenerateConfig, device: torch.device):
-    """bfloat16 autocast on CUDA by default; none on the CPU (exact float32 labels)."""
-    if config.dtype == "auto" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if config.dtype in ("bfloat16", "float16"):
-        return torch.autocast(device.type, dtype=DTYPES[config.dtype])
-    return nullcontext()
-
-
-def _compute_dtype(config: GenerateConfig, device: torch.device) -> str:
-    return "bfloat16" if config.dtype == "auto" and device.type == "cuda" else (
-        "float32" if config.dtype == "auto" else config.dtype)
-
-
-def _tokenizer(config: GenerateConfig) -> str | None:
-    """--tokenizer, else the teacher's own when the teacher is a Hugging Face directory that has one."""
-    return config.tokenizer if config.tokenizer is not None else tokenizer_beside(config.teacher)
-
-
-def tokenizer_beside(model_spec: str | None) -> str | None:
-    """``model_spec`` itself when it is a directory holding a Hugging Face tokenizer, else None."""
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if model_spec and os.path.isdir(model_spec) and any(os.path.exists(os.path.join(model_spec, n)) for n in names):
-        return model_spec
-    return None
-
 
 def _check_compatible(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet) -> None:
     if len(data) == 0:
@@ -243,7 +182,7 @@ def _examples_per_shard(config: GenerateConfig, data: ExampleSet) -> int:
 
 
 def _store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, device: torch.device) -> StoreSpec:
-    extra = {"task": data.task, "compute_dtype": _compute_dtype(config, device)}
+    extra = {"compute_dtype": str(compute_dtype(config.precision, device)).removeprefix("torch.")}
     if config.method == "sample":
         extra["seed"] = config.seed
     return StoreSpec(
@@ -259,6 +198,7 @@ def _store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, 
         dataset_fingerprint=data.fingerprint(),
         sample_temperature=config.sample_temperature if config.method == "sample" else None,
         has_token_index=data.has_position_mask,
+        task=data.task,
         extra=extra,
     )
 
@@ -288,14 +228,14 @@ def _label_shards(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet
     examples = positions = written = 0
     sink = _ShardSink(writer, config.queue_size)
     try:
-        with torch.inference_mode(), _autocast(config, device):
+        with torch.inference_mode(), autocast(config.precision, device):
             for index in _claimed(writer, shards, say):
                 written += 1
                 generator = _shard_generator(config, index, device)
                 start, stop = spec.shard_range(index)
                 for a in range(start, stop, config.batch_size):
                     b = min(a + config.batch_size, stop)
-                    batch = _to_device(data.collate([data[i] for i in range(a, b)]), device)
+                    batch = to_device(data.collate([data[i] for i in range(a, b)]), device)
                     labels = _batch_labels(config, teacher, batch, spec, generator)
                     sink.append(index, labels)
                     examples += b - a
@@ -344,16 +284,12 @@ def _shard_generator(config: GenerateConfig, index: int, device: torch.device) -
     return generator
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def _batch_labels(config: GenerateConfig, teacher: LoadedModel, batch: dict, spec: StoreSpec,
                   generator: torch.Generator | None) -> SoftLabels:
     """Soft labels of one batch, reduced on the device; only (P, K + 1 + nT) numbers reach the host."""
     logits = teacher.logits(batch)
     token_index = None
-    if spec.extra["task"] == "causal-lm":
+    if spec.task == "causal-lm":
         mask = batch["position_mask"].bool()  # (B, L)
         lengths = mask.sum(1).cpu()  # (B,)
         if spec.has_token_index:
@@ -365,7 +301,7 @@ def _batch_labels(config: GenerateConfig, teacher: LoadedModel, batch: dict, spe
         lengths = torch.ones(len(logits), dtype=torch.int64)
     chunk = max(1, LOGITS_CHUNK_ELEMENTS // logits.shape[-1])
     parts = [_reduce(config, spec, logits[i : i + chunk], generator) for i in range(0, len(logits), chunk)]
-    labels = concat_labels(parts) if parts else _no_positions(spec, len(lengths))
+    labels = concat_labels(parts) if parts else empty_labels(spec, len(lengths))
     labels.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.to(torch.int64).cumsum(0)])
     labels.token_index = token_index
     return labels
@@ -377,14 +313,6 @@ def _reduce(config: GenerateConfig, spec: StoreSpec, logits: torch.Tensor, gener
         return topk_labels(logits, spec.k, temps, consume=True)
     return sampled_labels(logits, spec.k, temps, generator=generator, sample_temperature=spec.sample_temperature,
                           consume=True)
-
-
-def _no_positions(spec: StoreSpec, n_examples: int) -> SoftLabels:
-    from distill.storage.writer import _empty_labels
-
-    labels = _empty_labels(spec)
-    labels.offsets = torch.zeros(n_examples + 1, dtype=torch.int64)
-    return labels
 
 
 class _ShardSink:

@@ -12,12 +12,15 @@ model is saved.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
+from distill import storage
 from distill.errors import ConfigError, CorruptStoreError
+from distill.pipeline.config import check_settings, setting
+from distill.pipeline.files import read_json
+from distill.pipeline.rundir import RunDir, is_quantized_dir, is_run_dir, load_run
 
-__all__ = ["InspectConfig", "RunDir", "inspect_path", "is_run_dir", "load_run", "run_summary", "format_run", "eval_metric"]
+__all__ = ["InspectConfig", "inspect_path", "run_summary", "format_run"]
 
 # the settings a reader of a run wants first, in this order (student-only ones when present)
 KEY_SETTINGS = ("model", "data", "split", "eval_split", "labels", "loss", "temperature", "alpha", "lr",
@@ -26,34 +29,26 @@ KEY_SETTINGS = ("model", "data", "split", "eval_split", "labels", "loss", "tempe
 
 @dataclasses.dataclass(frozen=True)
 class InspectConfig:
-    """Settings of `distill inspect`.
+    """Settings of `distill inspect` (each field's help is its flag's)."""
 
-    path:   a store (path or fsspec URL) or a local run directory.
-    verify: read and check every shard of a store; damaged ones are listed.
-    sample: shards read for a store's distribution figures: None, every shard up to 1 GiB of
-            payload and an evenly spaced sample beyond; 0, every shard; N, at most N.
-    """
-
-    path: str
-    verify: bool = False
-    sample: int | None = None
+    path: str = setting(dataclasses.MISSING, "A store (path or fsspec URL), a run directory or a quantize output.",
+                        cli=False)
+    verify: bool = setting(False, "Check every shard's checksums; exit 1 if any is damaged.")
+    sample: int | None = setting(None, "Shards read for a store's top-k mass and entropy figures: N evenly spaced, "
+                                       "0 every shard.", minimum=0,
+                                 default_help="every shard up to 1 GiB of payload, else a sample")
 
     def __post_init__(self):
-        if self.sample is not None and self.sample < 0:
-            raise ConfigError(f"--sample must be >= 0 (0: every shard), got {self.sample}")
+        check_settings(self)
 
 
 def inspect_path(config: InspectConfig) -> dict:
-    """``{"kind": "store" | "run", "summary": dict}`` for the store or run directory at ``config.path``."""
-    from distill import storage
-
+    """``{"kind": "store" | "run" | "quantized", "summary": dict}`` for the store, run or quantize directory at ``config.path``."""
     path = config.path
     if is_run_dir(path):
         return {"kind": "run", "summary": run_summary(load_run(path))}
-    quantized = os.path.join(path, "summary.json")
-    if "://" not in path and os.path.isfile(quantized) and os.path.isfile(os.path.join(path, "model", "model.pt")):
-        with open(quantized) as f:  # a `distill quantize` output directory
-            return {"kind": "quantized", "summary": json.load(f)}
+    if "://" not in path and is_quantized_dir(path):
+        return {"kind": "quantized", "summary": read_json(os.path.join(path, "summary.json")) or {}}
     if "://" not in path and os.path.exists(path) and not os.path.exists(os.path.join(path, "manifest.json")):
         raise ConfigError(f"{path} is neither a soft-label store (no manifest.json) nor a run directory (no config.json "
                           "from train-student or train-teacher): pass one of those")
@@ -64,106 +59,11 @@ def inspect_path(config: InspectConfig) -> dict:
             raise
         reader = storage.open_store(path, damaged_records_ok=True)
     summary = reader.summary(verify=config.verify)
-    figures = getattr(reader, "label_figures", None)  # a reader that cannot read shards gives the record figures only
-    if figures is not None:
-        summary.update(figures(config.sample, skip=summary.get("shards_unreadable", ())))
+    summary.update(storage.label_figures(reader, config.sample, skip=summary.get("shards_unreadable", ())))
     return {"kind": "store", "summary": summary}
 
 
 # --- run directories --------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class RunDir:
-    """A run directory as read from disk.
-
-    config:     config.json (the run's settings).
-    train:      the training lines of metrics.jsonl ({"step", "loss", "soft", "ce", "lr", ...}), in order.
-    evals:      its held-out lines, each {"step", **eval} ({"accuracy" | "perplexity", "loss", ...}).
-    summary:    summary.json (written at the end), or None.
-    checkpoint: the newest complete checkpoint's directory, or None.
-    """
-
-    path: str
-    config: dict
-    train: list[dict]
-    evals: list[dict]
-    summary: dict | None
-    checkpoint: str | None
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(os.path.normpath(self.path)) or self.path
-
-    @property
-    def stage(self) -> str:
-        return "train-student" if self.config.get("labels") else "train-teacher"
-
-    @property
-    def final_model(self) -> bool:
-        model = os.path.join(self.path, "model")
-        return any(os.path.isfile(os.path.join(model, f)) for f in ("model.safetensors", "config.json"))
-
-    @property
-    def params(self) -> int | None:
-        return (self.summary or {}).get("params")
-
-
-def is_run_dir(path: str) -> bool:
-    """True for a local directory whose config.json is a training run's (it names the model and the data)."""
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model" in config and "data" in config and "out" in config
-
-
-def load_run(path: str) -> RunDir:
-    """Read the run directory at ``path``; a path that is not one is a ConfigError."""
-    from distill.pipeline.checkpoint import latest_checkpoint
-
-    if not os.path.exists(path):
-        raise ConfigError(f"no run directory at {path}: check the path (train-student and train-teacher write one with --out)")
-    if not is_run_dir(path):
-        raise ConfigError(f"{path} is not a run directory (no config.json from train-student or train-teacher): "
-                          "pass the --out of a training run")
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    train, evals = [], []
-    for line in _metric_lines(os.path.join(path, "metrics.jsonl")):
-        if "eval" in line:
-            evals.append({"step": line.get("step"), **line["eval"]})
-        else:
-            train.append(line)
-    summary = None
-    if os.path.isfile(os.path.join(path, "summary.json")):
-        with open(os.path.join(path, "summary.json")) as f:
-            summary = json.load(f)
-    return RunDir(path, config, train, evals, summary, latest_checkpoint(path))
-
-
-def _metric_lines(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    lines = []
-    with open(path) as f:
-        for raw in f:
-            try:
-                line = json.loads(raw)
-            except ValueError:  # a torn last line from a crash
-                continue
-            if isinstance(line, dict):
-                lines.append(line)
-    return lines
-
-
-def eval_metric(evaluation: dict) -> tuple[str, float] | None:
-    """The headline held-out metric of an eval record: accuracy or perplexity (else None)."""
-    for name in ("accuracy", "perplexity"):
-        if isinstance(evaluation.get(name), (int, float)):
-            return name, float(evaluation[name])
-    return None
-
 
 def run_summary(run: RunDir) -> dict:
     """The figures `distill inspect RUN_DIR` prints (one JSON-able dict)."""

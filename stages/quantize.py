@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import shutil
 import warnings
@@ -54,45 +53,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, WriteError, first_line, is_write_failure, write_error
 from distill.pipeline.data import DataConfig, DataFlags, load_data
-from distill.pipeline.models import LoadedModel, ModelConfig, load_model
+from distill.pipeline.files import read_json, write_json
+from distill.pipeline.modelfiles import model_bytes
+from distill.pipeline.config import check_settings, setting
+from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
 
-__all__ = ["METHODS", "QuantizeConfig", "quantize_model", "Int8WeightOnlyLinear", "cpu_only"]
+__all__ = ["METHODS", "QuantizeConfig", "quantize_model", "Int8WeightOnlyLinear"]
 
 METHODS = ("dynamic-int8", "weight-only-int8")
-_OUTPUT_ENTRIES = frozenset({"model", "model.tmp", "summary.json", "summary.json.tmp"})
-_DATA_KEYS = ("data", "split", "tokenizer", "seq_len", "text_column", "ids_column", "label_column")
+_OUTPUT_ENTRIES = frozenset({"model", "model.tmp", "summary.json"})
+_DATA_KEYS = ("data", *(f.name for f in dataclasses.fields(DataFlags) if f.name != "limit"))  # a run's config.json keys
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeConfig(DataFlags):
-    """Settings of `distill quantize`.
+class QuantizeConfig(DataFlags, ModelFlags):
+    """Settings of `distill quantize` (each field's help is its flag's).
 
-    model:     the model to quantize: a run directory (what train-student writes), a Hugging Face causal LM
-               directory, a built-in or package.module:factory (with ``weights``).
-    out:       the output run directory (model/model.pt, model/model.json, summary.json).
-    method:    dynamic-int8 (CPU) or weight-only-int8 (GPU target; runs anywhere).
-    overwrite: replace another quantize output in ``out`` (the same model and method is redone without it).
-    weights, trust_remote_code, task: as for train-student.
-    data, split, tokenizer, seq_len, text_column, ids_column, label_column: examples to trace a model that
-               does not script; default: the run directory's own data settings (its config.json).
+    The data flags say which examples trace a model that does not script; by default the
+    run directory's own data settings (its config.json).
     """
 
-    model: str | None = None
-    out: str = ""
-    method: str = "dynamic-int8"
-    overwrite: bool = False
-    weights: str | None = None
-    trust_remote_code: bool = False
-    task: str | None = None
-    data: str | None = None
+    model: str | None = setting(None, "The model to quantize: a run directory, a Hugging Face causal LM, a built-in "
+                                      "or package.module:factory.")
+    out: str = setting("", "Output run directory: model/model.pt (TorchScript), model/model.json, summary.json.")
+    method: str = setting("dynamic-int8", "dynamic-int8 (CPU kernels) or weight-only-int8 (for a GPU; runs anywhere).",
+                          choices=METHODS)
+    overwrite: bool = setting(False, "Replace another quantized model in --out (the same model and method is redone "
+                                     "without it).")
+    data: str | None = setting(None, "Examples to trace a model that TorchScript cannot compile.",
+                               default_help="the run directory's data")
 
     def __post_init__(self):
+        check_settings(self)
         if not self.model or not self.out:
             raise ConfigError("missing --model or --out: quantize needs the model and an output directory")
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown --method {self.method!r}: use {' or '.join(METHODS)}")
 
 
 def quantize_model(config: QuantizeConfig) -> dict:
@@ -101,8 +97,6 @@ def quantize_model(config: QuantizeConfig) -> dict:
     Summary: out, method, source, task, params, quantized_linears, bytes_before (the source's
     saved weights, as evaluate counts them), bytes_after (model.pt), size_ratio, export (script or trace).
     """
-    from distill.stages.evaluate import model_bytes
-
     if not os.path.exists(config.model) and os.sep in config.model:
         raise ConfigError(f"model {config.model!r}: no such run directory or file; check the path")
     source = load_model(ModelConfig(config.model, weights=config.weights, task=config.task,
@@ -121,30 +115,8 @@ def quantize_model(config: QuantizeConfig) -> dict:
         summary["note"] = ("the quantized model is not smaller on disk: its TorchScript code and the layers left "
                            "in float (embeddings, convolutions, a tied output layer stored twice) outweigh the "
                            "int8 Linear weights")
-    _write_json(os.path.join(config.out, "summary.json"), summary)
+    write_json(os.path.join(config.out, "summary.json"), summary)
     return summary
-
-
-def cpu_only(spec: str) -> bool:
-    """True when ``spec`` (an output directory, its model/, or its model.pt) is dynamic-int8: CPU kernels only."""
-    if os.path.isfile(spec):
-        saved = _read_json(os.path.join(os.path.dirname(spec), "model.json"))
-        named = os.path.join(os.path.dirname(spec), os.path.basename(str(saved.get("file", ""))))
-        if not (os.path.isfile(named) and os.path.samefile(named, spec)):
-            return False
-    else:
-        saved = _read_json(os.path.join(spec, "model", "model.json")) or _read_json(os.path.join(spec, "model.json"))
-    return saved.get("method") == "dynamic-int8"
-
-
-def _read_json(path: str) -> dict:
-    """The JSON object in ``path``, or {} when there is none."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 # --- checks and the output directory -------------------------------------------------------------
@@ -173,10 +145,10 @@ def _prepare_out(config: QuantizeConfig, source: LoadedModel) -> None:
         return
     if not os.path.isdir(out):
         raise ConfigError(f"--out {config.out} is a file: choose a directory")
-    if not set(os.listdir(out)) <= _OUTPUT_ENTRIES:
+    if not all(e in _OUTPUT_ENTRIES or e.startswith("summary.json.tmp") for e in os.listdir(out)):  # .tmp: a crash
         raise ConfigError(f"{config.out} exists and is not a quantize output: choose a new --out")
-    saved = _read_json(os.path.join(out, "model", "model.json"))
-    if not saved:
+    saved = read_json(os.path.join(out, "model", "model.json"))
+    if not isinstance(saved, dict):
         return  # interrupted before its model was in place
     same = saved.get("source_fingerprint") == source.fingerprint and saved.get("method") == config.method
     if not same and not config.overwrite:
@@ -304,7 +276,7 @@ def _trace(config: QuantizeConfig, source: LoadedModel, module: nn.Module) -> to
             traced = torch.jit.trace(module, example, check_trace=False, strict=False)
             same = _close(traced(check), module(check))
     except Exception as e:  # tracing runs the user's code: anything may fail
-        raise ConfigError(f"model {config.model!r} cannot be exported to TorchScript ({_first_line(e)}): it cannot be "
+        raise ConfigError(f"model {config.model!r} cannot be exported to TorchScript ({first_line(e, 200)}): it cannot be "
                           "quantized; quantize a built-in or a scriptable model") from None
     if not same:
         raise ConfigError(f"model {config.model!r} traces to TorchScript only for the shapes it was traced with "
@@ -336,8 +308,8 @@ def _data_settings(config: QuantizeConfig) -> dict:
     """--data and its flags, else the data settings the run directory was trained with."""
     if config.data:
         return {("spec" if k == "data" else k): getattr(config, k) for k in _DATA_KEYS}
-    saved = _read_json(os.path.join(config.model, "config.json"))  # a training run's settings
-    if not saved.get("data") or "out" not in saved:
+    saved = read_json(os.path.join(config.model, "config.json"))  # a training run's settings
+    if not isinstance(saved, dict) or not saved.get("data") or "out" not in saved:
         raise ConfigError(f"model {config.model!r} does not compile with TorchScript and has to be traced on examples: "
                           "pass --data (and its --tokenizer, --seq-len) to trace it with")
     settings = {k: saved.get(k) for k in _DATA_KEYS}
@@ -349,30 +321,32 @@ def _data_settings(config: QuantizeConfig) -> dict:
 # --- saving --------------------------------------------------------------------------------------
 
 def _save(config: QuantizeConfig, source: LoadedModel, exported: torch.jit.ScriptModule, summary: dict) -> int:
-    """Write OUT/model/ (model.pt, model.json) in a temporary directory, then move it in place; returns model.pt's bytes."""
+    """Write OUT/model/ (model.pt, model.json) in a temporary directory, then move it in place; returns model.pt's bytes.
+
+    A full disk or a read-only --out is a one-line WriteError; no half-written model/ is left in place.
+    """
     directory = os.path.join(config.out, "model")
     tmp = directory + ".tmp"
+    try:
+        _save_files(config, source, exported, summary, tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    except Exception as e:  # torch.jit.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, WriteError) or not is_write_failure(e):
+            raise
+        raise write_error(e, f"the quantized model in {directory}") from None
+    return os.path.getsize(os.path.join(directory, "model.pt"))
+
+
+def _save_files(config: QuantizeConfig, source: LoadedModel, exported: torch.jit.ScriptModule, summary: dict,
+                tmp: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.jit.save(exported, os.path.join(tmp, "model.pt"))
-    _write_json(os.path.join(tmp, "model.json"), {
+    write_json(os.path.join(tmp, "model.json"), {
         "kind": "torchscript", "file": "model.pt", "method": config.method, "task": source.task,
         "output_size": source.output_size, "source": os.path.abspath(config.model) if os.path.exists(config.model)
         else config.model, "source_fingerprint": source.fingerprint, "export": summary["export"]})
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    return os.path.getsize(os.path.join(directory, "model.pt"))
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__

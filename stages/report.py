@@ -26,46 +26,46 @@ import os
 
 from distill import __version__
 from distill.errors import ConfigError, DistillError
-from distill.stages.inspection import RunDir, eval_metric, is_run_dir, load_run
+from distill.pipeline.config import check_settings, setting
+from distill.pipeline.files import read_json, write_text
+from distill.pipeline.formatting import byte_unit, human_bytes
+from distill.pipeline.modelfiles import weight_files_bytes
+from distill.pipeline.rundir import RunDir, eval_metric, is_quantized_dir, is_run_dir, load_run
 
 __all__ = ["ReportConfig", "write_report"]
 
 HISTOGRAM_BINS = 50
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 ROLE_COLOURS = {"teacher": "#1f77b4", "student": "#ff7f0e", "quantized": "#2ca02c", "model": "#7f7f7f"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ReportConfig:
-    """Settings of `distill report`.
+    """Settings of `distill report` (each field's help is its flag's).
 
-    runs:       run directories (train-teacher, train-student) and quantize output directories.
-    out:        the HTML file to write (replaced atomically).
-    labels:     a soft-label store for the histogram [default: the stores the student runs name].
-    evaluation: JSON files of `distill evaluate --json` reports (one object, a list, or one object
-                per line) for the comparison; a list of {"name", "metric", "value", "params", "bytes",
-                "latency_ms", "throughput"} is read the same way.
-    title:      the page's title.
-    sample:     shards read for each store's histogram, as `distill inspect --sample`.
+    ``evaluation`` files hold `distill evaluate --json` reports (one object, a list, or one
+    object per line); a list of {"name", "metric", "value", "params", "bytes", "latency_ms",
+    "throughput"} is read the same way.
     """
 
-    runs: tuple[str, ...] = ()
-    out: str = "report.html"
-    labels: str | None = None
-    evaluation: tuple[str, ...] = ()
-    title: str = "distill report"
-    sample: int | None = None
+    runs: tuple[str, ...] = setting((), "Run directories (train-teacher, train-student) and quantize output "
+                                        "directories.", cli=False)
+    out: str = setting("report.html", "The HTML file to write (replaced atomically).")
+    labels: str | None = setting(None, "A soft-label store for the top-k mass histogram.",
+                                 default_help="the stores the student runs name")
+    evaluation: tuple[str, ...] = setting((), "JSON from `distill evaluate --json` for the comparison; repeat for "
+                                              "several files.")
+    title: str = setting("distill report", "The page's title.")
+    sample: int | None = setting(None, "Shards read for each store's histogram, as for inspect --sample.", minimum=0)
 
     def __post_init__(self):
         for name in ("runs", "evaluation"):  # a TOML file may give one path as a string
             if isinstance(getattr(self, name), str):
                 object.__setattr__(self, name, (getattr(self, name),))
+        check_settings(self)
         if not self.runs:
             raise ConfigError("no run directories: pass one or more RUN_DIR (the --out of train-teacher or train-student)")
         if not self.out:
             raise ConfigError("missing --out: pass the HTML file to write")
-        if self.sample is not None and self.sample < 0:
-            raise ConfigError(f"--sample must be >= 0 (0: every shard), got {self.sample}")
 
 
 @dataclasses.dataclass
@@ -95,7 +95,8 @@ def write_report(config: ReportConfig) -> str:
     stores = _stores(config, runs, names)
     sections = [_runs_section(runs, quantized, names), _curves_section(runs, names),
                 _comparison_section(models, measured=bool(evaluations)), _labels_section(stores, config.sample)]
-    return _write_atomic(config.out, _page(config.title, len(config.runs), sections))
+    write_text(config.out, _page(config.title, len(config.runs), sections))
+    return config.out
 
 
 # --- reading the inputs ----------------------------------------------------------------------------
@@ -103,20 +104,11 @@ def write_report(config: ReportConfig) -> str:
 def _load_dirs(paths: tuple[str, ...]) -> tuple[list[RunDir], list[dict]]:
     runs, quantized = [], []
     for path in paths:
-        summary = _json_file(os.path.join(path, "summary.json"))
-        if not is_run_dir(path) and isinstance(summary, dict) and "quantized_linears" in summary:
-            quantized.append({**summary, "path": path})
+        if not is_run_dir(path) and is_quantized_dir(path):
+            quantized.append({**read_json(os.path.join(path, "summary.json")), "path": path})
         else:
             runs.append(load_run(path))  # a missing or foreign directory is a one-line ConfigError
     return runs, quantized
-
-
-def _json_file(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _unique_names(paths: list[str]) -> list[str]:
@@ -170,13 +162,6 @@ def _stores(config: ReportConfig, runs: list[RunDir], names: list[str]) -> list[
 
 # --- the comparison's entries -----------------------------------------------------------------------
 
-def _weights_bytes(model_dir: str) -> int | None:
-    if not os.path.isdir(model_dir):
-        return None
-    files = [f for f in os.listdir(model_dir) if f.endswith(WEIGHT_SUFFIXES)]
-    return sum(os.path.getsize(os.path.join(model_dir, f)) for f in files) if files else None
-
-
 def _run_role(run: RunDir) -> str:
     return "student" if run.stage == "train-student" else "teacher"
 
@@ -186,7 +171,7 @@ def _models_from_dirs(runs: list[RunDir], quantized: list[dict], names: list[str
     for run, name in zip(runs, names):
         metric = eval_metric(run.evals[-1]) if run.evals else None
         models.append(_Model(name, _run_role(run), *(metric or (None, None)), params=run.params,
-                             bytes=_weights_bytes(os.path.join(run.path, "model"))))
+                             bytes=(weight_files_bytes(os.path.join(run.path, "model")) or (None,))[0]))
     for q, name in zip(quantized, names[len(runs):]):
         models.append(_Model(name, "quantized", params=q.get("params"), bytes=q.get("bytes_after")))
     return models
@@ -219,7 +204,7 @@ def _role_of_spec(spec: str | None) -> str:
     """quantized for a `distill quantize` directory, a run's role for a run directory, else model."""
     if not spec or not os.path.isdir(spec):
         return "model"
-    if "quantized_linears" in (_json_file(os.path.join(spec, "summary.json")) or {}):
+    if is_quantized_dir(spec):
         return "quantized"
     if is_run_dir(spec):
         return _run_role(load_run(spec))
@@ -267,14 +252,14 @@ def _comparison_section(models: list[_Model], measured: bool) -> tuple:
                 "model and pass the output with --evaluation.")
     text += " Bar colours: blue teacher, orange student, green quantized, grey other models."
     rows = [[m.name, m.role, f"{m.metric} {m.value:.4g}" if m.metric and m.value is not None else "-", _fmt(m.params),
-             _size(m.bytes), f"{m.latency_ms:.3g} ms" if m.latency_ms is not None else "not measured",
+             "-" if m.bytes is None else human_bytes(m.bytes, decimals=1), f"{m.latency_ms:.3g} ms" if m.latency_ms is not None else "not measured",
              f"{m.throughput:,.0f} {m.throughput_unit}".strip() if m.throughput is not None else "-"] for m in models]
     table = _table(["model", "role", "held-out metric", "parameters", "size on disk", "latency (batch 1)", "throughput"], rows)
     return "Teacher, students and quantized models", text, _comparison_png(models), table
 
 
 def _labels_section(stores: list[tuple[str, str | None]], sample: int | None) -> tuple:
-    from distill.storage import open_store
+    from distill.storage import label_figures, open_store
 
     title = "Soft labels: top-k mass per position"
     if not stores:
@@ -286,7 +271,7 @@ def _labels_section(stores: list[tuple[str, str | None]], sample: int | None) ->
     for store, named_by in stores:
         try:
             reader = open_store(store)
-            f = reader.label_figures(sample, bins=HISTOGRAM_BINS)
+            f = label_figures(reader, sample, bins=HISTOGRAM_BINS)
         except DistillError as e:
             if named_by is None:
                 raise
@@ -351,7 +336,7 @@ def _comparison_png(models: list[_Model]) -> str:
     metrics = sorted({m.metric for m in models if m.metric and m.value is not None})
     panels = [(f"held-out {metric}", lambda m, metric=metric: m.value if m.metric == metric else None)
               for metric in metrics]
-    scale, unit = _size_unit(max((m.bytes or 0) for m in models))
+    scale, unit = byte_unit(max((m.bytes or 0) for m in models))
     panels += [(f"size on disk ({unit})", lambda m: m.bytes / scale if m.bytes is not None else None),
                ("parameters", lambda m: m.params)]
     if any(m.latency_ms is not None for m in models):
@@ -415,28 +400,3 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
-
-
-def _size_unit(n: float) -> tuple[float, str]:
-    return next((scale, unit) for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B")) if n >= scale or unit == "B")
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    scale, unit = _size_unit(n)
-    return f"{n / scale:.3g} {unit}"
-
-
-def _write_atomic(path: str, text: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

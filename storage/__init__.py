@@ -1,13 +1,17 @@
 """The soft-label store: writer, reader, manifest, codecs and the zarr / parquet backends."""
 
-from distill.storage.codecs import ValueEncoding
+from distill.storage.backend import BACKENDS
+from distill.storage.codecs import VALUE_ENCODINGS, ValueEncoding
 from distill.storage.labels import SoftLabels, concat_labels, sampled_labels, topk_labels
-from distill.storage.manifest import FORMAT_VERSION, Manifest, ShardRecord, StoreSpec
+from distill.storage.manifest import FORMAT_VERSION, METHODS, Manifest, ShardRecord, StoreSpec
 from distill.storage.reader import StoreReader, open_store
-from distill.storage.writer import ShardWriter, StoreWriter, create_store, open_store_writer
+from distill.storage.stats import figure_shards, label_figures
+from distill.storage.writer import ShardWriter, StoreWriter, create_store, empty_labels, open_store_writer
 
 __all__ = [
+    "BACKENDS",
     "FORMAT_VERSION",
+    "METHODS",
     "Manifest",
     "ShardRecord",
     "ShardWriter",
@@ -15,9 +19,13 @@ __all__ = [
     "StoreReader",
     "StoreSpec",
     "StoreWriter",
+    "VALUE_ENCODINGS",
     "ValueEncoding",
     "concat_labels",
     "create_store",
+    "empty_labels",
+    "figure_shards",
+    "label_figures",
     "open_store",
     "open_store_writer",
     "sampled_labels",

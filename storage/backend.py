@@ -35,14 +35,24 @@ class Backend(abc.ABC):
         """
 
 
+def _zarr() -> Backend:
+    from distill.storage.zarr_backend import ZarrBackend  # here: the backends import this module
+
+    return ZarrBackend()
+
+
+def _parquet() -> Backend:
+    from distill.storage.parquet_backend import ParquetBackend  # here: pyarrow is slow to load
+
+    return ParquetBackend()
+
+
+_REGISTRY = {"zarr": _zarr, "parquet": _parquet}
+BACKENDS = tuple(_REGISTRY)  # the names a StoreSpec's backend may take, default first
+
+
 def get_backend(name: str) -> Backend:
-    from distill.storage.parquet_backend import ParquetBackend
-    from distill.storage.zarr_backend import ZarrBackend
-
-    backends = {"zarr": ZarrBackend, "parquet": ParquetBackend}
-    if name not in backends:
-        raise ValueError(f"unknown backend {name!r}: use one of {', '.join(backends)}")
-    return backends[name]()
-
-
-BACKENDS = ("zarr", "parquet")
+    """A new instance of the backend called ``name`` (one of BACKENDS); others raise ValueError."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    return _REGISTRY[name]()

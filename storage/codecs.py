@@ -25,11 +25,13 @@ import torch
 
 from distill.storage.labels import SoftLabels
 
-__all__ = ["ValueEncoding", "encode_labels", "decode_labels", "DEFAULT_LEVELS"]
+__all__ = ["ValueEncoding", "encode_labels", "decode_labels", "DEFAULT_LEVELS", "VALUE_ENCODINGS"]
 
 # One byte per code: zstd's entropy stage works on bytes, so 255 levels cost about the
 # information they carry; more levels (uint16 codes) compress markedly worse.
 DEFAULT_LEVELS = 255
+_NAMED_LEVELS = {"sqrt": DEFAULT_LEVELS, "lossless": 0}  # what ValueEncoding.named(name) gets, default first
+VALUE_ENCODINGS = tuple(_NAMED_LEVELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class ValueEncoding:
     levels: int = 0
 
     def __post_init__(self):
-        if self.name not in ("lossless", "sqrt"):
+        if self.name not in VALUE_ENCODINGS:
             raise ValueError(f"unknown value encoding {self.name!r}: use 'sqrt' (default, lossy) or 'lossless'")
         if self.name == "sqrt" and not 1 <= self.levels <= 65535:
             raise ValueError(f"sqrt encoding needs 1 <= levels <= 65535, got {self.levels}")
@@ -58,7 +60,8 @@ class ValueEncoding:
 
     @classmethod
     def named(cls, name: str) -> "ValueEncoding":
-        return cls(name, DEFAULT_LEVELS if name == "sqrt" else 0)
+        """The encoding called ``name`` (one of VALUE_ENCODINGS) with its default levels; others raise ValueError."""
+        return cls(name, _NAMED_LEVELS.get(name, 0))
 
 
 def ids_dtype(vocab_size: int):

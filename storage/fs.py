@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from distill.errors import CorruptStoreError, StoreError, write_error
 
-__all__ = ["StoreFS", "FileLock"]
+__all__ = ["StoreFS", "FileLock", "write_atomic", "fsync_file", "fsync_dir"]
 
 
 class StoreFS:
@@ -60,6 +60,7 @@ class StoreFS:
 
         Non-atomic writes suit files that nothing reads until a later atomic write (a
         commit record) vouches for them; their directories need ``sync_dirs`` before it.
+        A failure raises a one-line WriteError naming ``rel`` and the store.
         """
         path = self.path(rel)
         try:
@@ -68,25 +69,15 @@ class StoreFS:
             raise write_error(e, f"{rel} in the store {self.url}") from None
 
     def _write(self, path: str, data: bytes, atomic: bool) -> None:
+        """The write itself; OSError propagates (tests/reliability/faults.py wraps this to tear files)."""
         if not self.local:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             self.fs.pipe_file(path, data)  # one PUT: object stores make it visible whole
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}" if atomic else path
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if atomic:
-                os.replace(tmp, path)
-        except BaseException:
-            if atomic and os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        if atomic:
-            _fsync_dir(os.path.dirname(path))
+        elif atomic:
+            _replace_durably(path, data)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _write_synced(path, data)
 
     def sync_dirs(self, rels) -> None:
         """Make the directory entries of files written with ``atomic=False`` durable."""
@@ -97,7 +88,7 @@ class StoreFS:
             parts = rel.split("/")[:-1]
             dirs.update("/".join(parts[:i]) for i in range(len(parts) + 1))
         for d in sorted(dirs, key=len, reverse=True):  # children before parents
-            _fsync_dir(self.path(d))
+            fsync_dir(self.path(d))
 
     def remove(self, rel: str) -> None:
         """Remove a file or a directory tree; missing is fine."""
@@ -167,7 +158,53 @@ class FileLock:
         self.fd = None
 
 
-def _fsync_dir(path: str) -> None:
+def write_atomic(path: str, data: bytes | str, what: str | None = None) -> None:
+    """Replace the local file ``path`` with ``data`` (str is written as UTF-8), durably and atomically.
+
+    Readers see the old file or the whole new one: the bytes go to a temporary file in the
+    same directory (created if missing), are fsynced, renamed over ``path``, and the
+    directory is fsynced. Any OSError becomes the one-line WriteError naming ``what``
+    (default: ``path``); the temporary file is removed on any failure.
+    """
+    try:
+        _replace_durably(path, data.encode("utf-8") if isinstance(data, str) else data)
+    except OSError as e:
+        raise write_error(e, what or path) from None
+
+
+def _replace_durably(path: str, data: bytes) -> None:
+    """``write_atomic`` without the error translation: OSError propagates, the temporary file is removed."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        _write_synced(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_file(path: str) -> None:
+    """Make the local file ``path``'s bytes durable; OSError propagates."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of the local directory ``path`` durable, best effort (errors are ignored)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

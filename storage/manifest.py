@@ -14,14 +14,15 @@ import json
 import zlib
 
 from distill.errors import CorruptStoreError, IncompatibleStoreError, StoreError
+from distill.storage.backend import BACKENDS
 from distill.storage.codecs import ValueEncoding
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "StoreSpec", "ShardRecord", "Manifest", "dumps_checked", "loads_checked"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METHODS", "StoreSpec", "ShardRecord", "Manifest", "dumps_checked",
+           "loads_checked"]
 
 FORMAT_NAME = "distill-soft-labels"
 FORMAT_VERSION = 1
-METHODS = ("topk", "sample")
-BACKENDS = ("zarr", "parquet")
+METHODS = ("topk", "sample")  # the label methods a store may hold, default first
 
 
 def dumps_checked(obj: dict) -> bytes:
@@ -67,7 +68,8 @@ class StoreSpec:
     dataset_fingerprint: identifies the data, so stage two never joins labels to the wrong data.
     sample_temperature:  temperature of the distribution draws come from ("sample" only).
     has_token_index:     positions carry their token index within the example.
-    extra:               free-form JSON metadata (task, generation settings, ...).
+    extra:               free-form JSON metadata (generation settings, ...).
+    task:                "classification" or "causal-lm" when known (on disk: ``extra["task"]``).
     """
 
     method: str
@@ -83,8 +85,10 @@ class StoreSpec:
     sample_temperature: float | None = None
     has_token_index: bool = False
     extra: dict = dataclasses.field(default_factory=dict)
+    task: str | None = None
 
     def __post_init__(self):
+        self._take_task_from_extra()
         if self.method not in METHODS:
             raise StoreError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.backend not in BACKENDS:
@@ -109,6 +113,17 @@ class StoreSpec:
         if self.method == "sample" and self.sample_temperature is None:
             object.__setattr__(self, "sample_temperature", 1.0)
 
+    def _take_task_from_extra(self) -> None:
+        """Move ``extra["task"]`` (how callers and manifests give it) into ``task``; both given must agree."""
+        if "task" not in self.extra:
+            return
+        extra = dict(self.extra)  # the caller's dict stays as it was
+        task = extra.pop("task")
+        if self.task is not None and self.task != task:
+            raise StoreError(f"task {self.task!r} and extra['task'] {task!r} disagree: give the task once")
+        object.__setattr__(self, "task", task)
+        object.__setattr__(self, "extra", extra)
+
     @property
     def stored_temperatures(self) -> tuple[float, ...]:
         """Temperatures with a stored normaliser column (all but 1)."""
@@ -123,14 +138,18 @@ class StoreSpec:
         return start, min(start + self.examples_per_shard, self.num_examples)
 
     def to_json(self) -> dict:
+        """The spec as the manifest holds it: the task inside ``extra`` (format version 1 has no top-level task)."""
         d = dataclasses.asdict(self)
         d["temperatures"] = list(self.temperatures)
         d["value_encoding"] = self.value_encoding.to_json()
+        task = d.pop("task")
+        if task is not None:
+            d["extra"] = {**d["extra"], "task": task}
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> "StoreSpec":
-        """The spec a manifest describes; wrong types raise TypeError (the manifest's reader says it is malformed)."""
+        """The spec ``to_json`` describes (the task read from ``extra``); wrong types raise TypeError."""
         d = dict(d)
         for key, types in _FIELD_TYPES.items():
             if not isinstance(d[key], types) or (isinstance(d[key], bool) and bool not in types):
@@ -159,6 +178,7 @@ class StoreSpec:
                 )
 
 
+# The spec's keys in manifest.json and their JSON types (the task travels inside extra).
 _FIELD_TYPES = {"method": (str,), "k": (int,), "vocab_size": (int,), "num_examples": (int,),
                 "examples_per_shard": (int,), "temperatures": (list,), "value_encoding": (dict,), "backend": (str,),
                 "teacher_fingerprint": (str,), "dataset_fingerprint": (str,), "sample_temperature": (int, float, type(None)),
@@ -252,7 +272,7 @@ class Manifest:
                 f"the store has format version {version}, newer than this distill reads ({FORMAT_VERSION}): upgrade distill"
             )
         try:
-            spec = StoreSpec.from_json({f.name: d[f.name] for f in dataclasses.fields(StoreSpec)})
+            spec = StoreSpec.from_json({key: d[key] for key in _FIELD_TYPES})
             table = d["shards"]
             if not isinstance(table, list) or len(table) != spec.num_shards or not all(isinstance(s, dict) for s in table):
                 raise ValueError(f"the shard table does not list the {spec.num_shards} shards of the plan")

@@ -10,28 +10,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 
-import numpy as np
-
 from distill.errors import CorruptStoreError, StoreError
 from distill.storage.backend import get_backend
 from distill.storage.codecs import decode_labels
 from distill.storage.fs import StoreFS
 from distill.storage.labels import SoftLabels, concat_labels
+from distill.storage.layout import (REDO, commit_name, load_manifest, read_commit_record, read_commit_records,
+                                    read_shard_files)
 from distill.storage.manifest import FORMAT_VERSION, Manifest, ShardRecord
-from distill.storage.writer import MANIFEST, read_commit_record, read_commit_records, read_shard_files
+from distill.storage.stats import topk_mass_sum
 
-__all__ = ["StoreReader", "open_store", "load_manifest"]
-
-MASS_BINS = 100_000  # fine bins of the top-k mass: label_figures' percentiles are exact to 1e-5
-FIGURES_BYTES = 1 << 30  # label_figures reads stores up to this payload whole, larger ones a sample
-
-
-def load_manifest(sfs: StoreFS) -> Manifest:
-    try:
-        data = sfs.read(MANIFEST)
-    except FileNotFoundError:
-        raise StoreError(f"{sfs.url} has no manifest.json: it is not a distill store (or was never created)") from None
-    return Manifest.from_bytes(data)
+__all__ = ["StoreReader", "open_store"]
 
 
 def open_store(url: str, damaged_records_ok: bool = False) -> "StoreReader":
@@ -153,13 +142,11 @@ class StoreReader:
     def _check_sealed_record(self, index: int) -> None:
         """In a finalized store the commit record is a second copy of the manifest's entry: it must agree."""
         try:
-            record = read_commit_record(self.sfs, self.spec, f"{index:06d}.commit.json")
+            record = read_commit_record(self.sfs, self.spec, commit_name(index))
         except FileNotFoundError:
-            raise CorruptStoreError(f"shard {index} has lost its commit record; rerun generate-labels with "
-                                    "--repair to redo it", index) from None
+            raise CorruptStoreError(f"shard {index} has lost its commit record; {REDO}", index) from None
         if record != self.records[index]:
-            raise CorruptStoreError(f"shard {index}'s commit record disagrees with manifest.json; rerun "
-                                    "generate-labels with --repair to redo it", index)
+            raise CorruptStoreError(f"shard {index}'s commit record disagrees with manifest.json; {REDO}", index)
 
     def summary(self, verify: bool = False) -> dict:
         """Figures about the store, from the commit records (cheap at any size).
@@ -181,7 +168,7 @@ class StoreReader:
                 count += record.positions
             elif index not in unreadable:
                 labels = self.read_shard(index)
-                mass_sum += float(-np.expm1(labels.tail_logprob.double().numpy()).sum())
+                mass_sum += topk_mass_sum(labels)
                 count += labels.num_positions
         return {
             "url": self.url,
@@ -207,70 +194,6 @@ class StoreReader:
             "dataset_fingerprint": spec.dataset_fingerprint,
         }
 
-    def figure_shards(self, max_shards: int | None = None) -> list[int]:
-        """The complete shards ``label_figures`` reads: all, or an evenly spaced, deterministic sample.
-
-        max_shards: None reads every shard of a store with at most ``FIGURES_BYTES`` of payload
-        and about that many bytes' worth of shards of a larger one; 0 every shard; N at most N.
-        """
-        if max_shards is not None and max_shards < 0:
-            raise ValueError(f"max_shards must be >= 0, got {max_shards}")
-        shards = self.complete_shards()
-        if max_shards is None:
-            payload = sum(r.payload_bytes for r in self.records.values())
-            max_shards = len(shards) if payload <= FIGURES_BYTES else max(1, len(shards) * FIGURES_BYTES // payload)
-        if max_shards == 0 or max_shards >= len(shards):
-            return shards
-        picks = np.linspace(0, len(shards) - 1, max_shards).round().astype(int)  # distinct for max_shards < len
-        return [shards[i] for i in picks]
-
-    def label_figures(self, max_shards: int | None = None, bins: int = 10, skip: Iterable[int] = ()) -> dict:
-        """What the teacher's distributions look like, read shard by shard (one decoded shard in memory).
-
-        Returns ``topk_mass_percentiles`` ({p1, p10, p50, p90, p99, mean} of the mass the stored
-        ids hold per position), ``topk_mass_histogram`` (position counts in ``bins`` equal bins
-        over [0, 1], the last one closed), ``teacher_entropy_buckets_mean`` (nats: the entropy
-        over the k+1 buckets, ids plus tail, a lower bound of the teacher's entropy over the whole
-        vocabulary), ``unique_ids_mean`` (sampled stores) and which shards were read
-        (``figures_*``; see ``figure_shards`` for ``max_shards``). Shards in ``skip`` are left
-        out; damaged ones are left out and listed in ``figures_skipped_shards``.
-        """
-        if MASS_BINS % bins:
-            raise ValueError(f"bins must divide {MASS_BINS}, got {bins}")
-        planned = self.figure_shards(max_shards)
-        skip = set(skip)
-        chosen = [i for i in planned if i not in skip]
-        fine = np.zeros(MASS_BINS, np.int64)
-        sums = {"mass": 0.0, "entropy": 0.0, "unique": 0.0}
-        low, high, damaged = math.inf, -math.inf, []
-        for index in chosen:
-            try:
-                labels = self.read_shard(index)
-            except CorruptStoreError:
-                damaged.append(index)
-                continue
-            mass, entropy = _mass_and_entropy(labels)  # (P,), (P,)
-            fine += np.bincount(np.minimum((mass * MASS_BINS).astype(np.int64), MASS_BINS - 1), minlength=MASS_BINS)
-            if len(mass):
-                low, high = min(low, float(mass.min())), max(high, float(mass.max()))
-            sums["mass"] += float(mass.sum())
-            sums["entropy"] += float(entropy.sum())
-            if labels.counts is not None:
-                sums["unique"] += float((labels.counts > 0).sum())
-        n = int(fine.sum())
-        mean = (lambda key: sums[key] / n if n else math.nan)  # noqa: E731
-        read = [i for i in chosen if i not in damaged]
-        return {
-            "topk_mass_percentiles": {**_percentiles(fine, n, low, high), "mean": mean("mass")},
-            "topk_mass_histogram": fine.reshape(bins, -1).sum(1).tolist(),
-            "teacher_entropy_buckets_mean": mean("entropy"),
-            **({"unique_ids_mean": mean("unique")} if self.spec.method == "sample" else {}),
-            "figures_positions": n,
-            "figures_shards_read": len(read),
-            "figures_sampled": len(planned) < len(self.records),
-            "figures_skipped_shards": sorted(damaged),
-        }
-
     # --- internals --------------------------------------------------------------------
     def _record(self, index: int) -> ShardRecord:
         if index in self.damaged_records:
@@ -290,24 +213,3 @@ class StoreReader:
             shapes["tempered_lse"] = (p, len(spec.stored_temperatures))
         return shapes
 
-
-def _mass_and_entropy(labels: SoftLabels) -> tuple[np.ndarray, np.ndarray]:
-    """Per position (P,): the mass of the stored ids, and the entropy (nats) over ids plus tail."""
-    tail = labels.tail_logprob.double().numpy()  # (P,)
-    mass = np.clip(-np.expm1(tail), 0.0, 1.0)
-    buckets = np.concatenate([labels.topk_logprobs.double().numpy(), tail[:, None]], axis=1)  # (P, K+1)
-    finite = np.isfinite(buckets)  # -inf: padding slots, or no tail; they hold no mass
-    plogp = np.exp(buckets) * np.where(finite, buckets, 0.0)
-    return mass, -plogp.sum(1)
-
-
-def _percentiles(fine: np.ndarray, n: int, low: float, high: float) -> dict:
-    """p1..p99 from the fine histogram: the midpoint of the bin holding each rank, kept within [min, max]."""
-    if not n:
-        return {f"p{q}": math.nan for q in (1, 10, 50, 90, 99)}
-    cdf = np.cumsum(fine)
-    out = {}
-    for q in (1, 10, 50, 90, 99):
-        b = int(np.searchsorted(cdf, q / 100 * n, side="left"))
-        out[f"p{q}"] = min(max((b + 0.5) / len(fine), low), high)
-    return out

@@ -13,8 +13,6 @@ the shards between them instead of writing the same files.
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
 from distill import __version__
@@ -23,79 +21,13 @@ from distill.storage.backend import get_backend
 from distill.storage.codecs import encode_labels
 from distill.storage.fs import FileLock, StoreFS
 from distill.storage.labels import SoftLabels, concat_labels
-from distill.storage.manifest import Manifest, ShardRecord, StoreSpec, dumps_checked, loads_checked
+from distill.storage.layout import (MANIFEST, SHARDS, commit_index, commit_names, commit_path, load_manifest, lock_path,
+                                    read_commit_record, read_commit_records, read_shard_files, remove_commit_record,
+                                    shard_dir, write_commit_record, write_manifest, write_shard_files)
+from distill.storage.manifest import Manifest, ShardRecord, StoreSpec
+from distill.storage.stats import topk_mass_sum
 
-__all__ = ["StoreWriter", "ShardWriter", "create_store", "shard_dir", "commit_path", "read_commit_records",
-           "read_commit_record", "read_shard_files"]
-
-MANIFEST = "manifest.json"
-
-
-def shard_dir(index: int) -> str:
-    return f"shards/{index:06d}"
-
-
-def commit_path(index: int) -> str:
-    return f"shards/{index:06d}.commit.json"
-
-
-def lock_path(index: int) -> str:
-    return f"shards/{index:06d}.lock"
-
-
-REDO = "rerun generate-labels with --repair to redo it"
-
-
-def read_commit_record(sfs: StoreFS, spec: StoreSpec, name: str) -> ShardRecord:
-    """The record in ``shards/<name>``, checked against the shard plan; damage raises CorruptStoreError."""
-    stem = name.split(".")[0]
-    index = int(stem) if stem.isdigit() else -1
-    what = f"commit record of shard {index}" if index >= 0 else f"commit record {name}"
-    record = ShardRecord.from_json(loads_checked(sfs.read(f"shards/{name}"), what, index, fix=REDO), index)
-    if record.index != index or not 0 <= index < spec.num_shards:
-        raise CorruptStoreError(f"commit record {name} names shard {record.index}; remove it and rerun", index)
-    if (record.example_start, record.example_stop) != spec.shard_range(index):
-        raise CorruptStoreError(f"commit record of shard {index} holds examples {record.example_start}.."
-                                f"{record.example_stop}, not the shard's {spec.shard_range(index)}; {REDO}", index)
-    return record
-
-
-def read_commit_records(sfs: StoreFS, spec: StoreSpec, damaged: dict | None = None) -> dict[int, ShardRecord]:
-    """Valid commit records found under ``shards/``; damaged ones raise CorruptStoreError.
-
-    With a ``damaged`` dict, damaged records are collected there ({index: message}) instead.
-    """
-    records = {}
-    for name in sfs.listdir("shards"):
-        if not name.endswith(".commit.json"):
-            continue
-        try:
-            record = read_commit_record(sfs, spec, name)
-        except CorruptStoreError as e:
-            if damaged is None:
-                raise
-            damaged[e.shard] = str(e)
-            continue
-        except FileNotFoundError:  # removed by a writer redoing the shard while we listed
-            continue
-        records[record.index] = record
-    return records
-
-
-def read_shard_files(sfs: StoreFS, record: ShardRecord) -> dict[str, bytes]:
-    """Exactly the files ``record`` lists, each checked against its size and CRC-32."""
-    index, files = record.index, {}
-    for rel, meta in record.files.items():
-        try:
-            data = sfs.read(f"{shard_dir(index)}/{rel}")
-        except FileNotFoundError:
-            raise CorruptStoreError(f"shard {index} is missing its file {rel}; regenerate the shard "
-                                    f"({REDO})", index) from None
-        if len(data) != meta["bytes"] or f"{zlib.crc32(data):08x}" != meta["crc32"]:
-            raise CorruptStoreError(f"shard {index} is damaged: {rel} fails its checksum; regenerate the shard "
-                                    f"({REDO})", index)
-        files[rel] = data
-    return files
+__all__ = ["StoreWriter", "ShardWriter", "create_store", "open_store_writer", "empty_labels"]
 
 
 class StoreWriter:
@@ -137,18 +69,15 @@ class StoreWriter:
         are left alone. Returns the shards that will be redone; unseals the manifest if any.
         """
         damaged = []
-        for name in self.sfs.listdir("shards"):
-            if not name.endswith(".commit.json"):
-                continue
-            stem = name.split(".")[0]
-            index = int(stem) if stem.isdigit() else -1
+        for name in commit_names(self.sfs):
+            index = commit_index(name)
             lock = self.sfs.try_lock(lock_path(index)) if 0 <= index < self.spec.num_shards else None
             if lock is None and 0 <= index < self.spec.num_shards:
                 continue  # being written by another process
             try:
                 read_shard_files(self.sfs, read_commit_record(self.sfs, self.spec, name))
             except CorruptStoreError:
-                self.sfs.remove(f"shards/{name}")
+                remove_commit_record(self.sfs, name)
                 damaged.append(index)
             finally:
                 if lock is not None:
@@ -157,8 +86,7 @@ class StoreWriter:
             sealed = {r.index: r for r in self.manifest.shards}
             damaged += [i for i in sealed if not self.sfs.isfile(commit_path(i)) and i not in damaged]
         if damaged and self.manifest.finalized:
-            self.manifest = Manifest(self.spec, __version__)
-            self.sfs.write(MANIFEST, self.manifest.to_bytes())
+            self._unseal()
         return sorted(i for i in damaged if i >= 0)
 
     def complete_shards(self) -> set[int]:
@@ -181,18 +109,12 @@ class StoreWriter:
         columns = encode_labels(labels, self.spec.vocab_size, self.spec.value_encoding)
         files = self.backend.serialize(columns)
         if self.manifest.finalized:  # redoing a shard: the sealed shard table is about to go stale
-            self.manifest = Manifest(self.spec, __version__)
-            self.sfs.write(MANIFEST, self.manifest.to_bytes())
+            self._unseal()
         self.sfs.remove(commit_path(index))
         self.sfs.remove(shard_dir(index))
-        table = {}
-        for rel, data in sorted(files.items()):  # unread until the commit record vouches for them
-            self.sfs.write(f"{shard_dir(index)}/{rel}", data, atomic=False)
-            table[rel] = {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
-        self.sfs.sync_dirs([f"{shard_dir(index)}/{rel}" for rel in files])
-        mass = -torch.expm1(torch.as_tensor(labels.tail_logprob).double())  # top-k mass per position
-        record = ShardRecord(index, start, stop, labels.num_positions, table, {"topk_mass_sum": float(mass.sum())})
-        self.sfs.write(commit_path(index), dumps_checked(record.to_json()))
+        table = write_shard_files(self.sfs, index, files)
+        record = ShardRecord(index, start, stop, labels.num_positions, table, {"topk_mass_sum": topk_mass_sum(labels)})
+        write_commit_record(self.sfs, record)
         self.release(index, remove=True)  # lockers after us see the commit record and skip the shard
         return record
 
@@ -204,8 +126,13 @@ class StoreWriter:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
             raise StoreError(f"cannot finalize: {len(missing)} shard(s) not complete ({shown}); rerun generation first")
         self.manifest = Manifest(self.spec, __version__, finalized=True, shards=[records[i] for i in sorted(records)])
-        self.sfs.write(MANIFEST, self.manifest.to_bytes())
+        write_manifest(self.sfs, self.manifest)
         return self.manifest
+
+    def _unseal(self) -> None:
+        """Back to an unfinalized manifest: the commit records, not the manifest's table, say what is complete."""
+        self.manifest = Manifest(self.spec, __version__)
+        write_manifest(self.sfs, self.manifest)
 
     def _check(self, labels: SoftLabels, index: int, n_examples: int) -> None:
         spec, where = self.spec, f"shard {index}"
@@ -243,13 +170,18 @@ class ShardWriter:
 
     def commit(self) -> ShardRecord:
         spec = self.writer.spec
-        labels = concat_labels(self.parts) if self.parts else _empty_labels(spec)
+        labels = concat_labels(self.parts) if self.parts else empty_labels(spec)
         return self.writer.write_shard(self.index, labels)
 
 
-def _empty_labels(spec: StoreSpec) -> SoftLabels:
+def empty_labels(spec: StoreSpec, num_examples: int = 0) -> SoftLabels:
+    """Labels with no positions for ``num_examples`` examples, shaped for a store of ``spec``.
+
+    offsets: (num_examples + 1,) zeros; every other array has 0 positions, with the store's
+    k slots, stored temperatures, and counts / token_index exactly when the store has them.
+    """
     return SoftLabels(
-        offsets=torch.zeros(1, dtype=torch.int64),
+        offsets=torch.zeros(num_examples + 1, dtype=torch.int64),
         topk_ids=torch.zeros(0, spec.k, dtype=torch.int64),
         topk_logprobs=torch.zeros(0, spec.k),
         tail_logprob=torch.zeros(0),
@@ -270,8 +202,6 @@ def create_store(url: str, spec: StoreSpec, overwrite: bool = False) -> StoreWri
     if sfs.isfile():
         raise StoreError(f"{url} is a file, not a store directory: pass a directory path for the store")
     if sfs.isfile(MANIFEST) and not overwrite:
-        from distill.storage.reader import load_manifest
-
         existing = load_manifest(sfs)
         spec.check_same(existing.spec)
         return StoreWriter(sfs, existing)
@@ -279,19 +209,17 @@ def create_store(url: str, spec: StoreSpec, overwrite: bool = False) -> StoreWri
         if sfs.isdir() and _entries(sfs) and not sfs.isfile(MANIFEST):
             raise StoreError(f"{url} exists and is not a distill store; refusing to overwrite it: choose another path")
         sfs.remove(MANIFEST)
-        sfs.remove("shards")
+        sfs.remove(SHARDS)
     elif sfs.isdir() and _entries(sfs):
         raise StoreError(f"{url} exists and is not empty (no manifest.json): choose a new path for the store")
     sfs.makedirs()
     manifest = Manifest(spec, __version__)
-    sfs.write(MANIFEST, manifest.to_bytes())  # same bytes from every worker that races here
+    write_manifest(sfs, manifest)  # same bytes from every worker that races here
     return StoreWriter(sfs, manifest)
 
 
 def open_store_writer(url: str) -> StoreWriter:
     """Reopen an existing store for writing (to finalize it, or redo shards) with its own spec."""
-    from distill.storage.reader import load_manifest
-
     sfs = StoreFS(url)
     if not sfs.isdir():
         raise StoreError(f"no store at {url}: check the path")

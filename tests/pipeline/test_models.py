@@ -10,8 +10,9 @@ from modelhelp import (make_hf_causal_lm, make_hf_classifier, make_hf_remote_cod
                        make_torchscript, tiny_feature_net, token_batch)
 
 from distill.errors import ConfigError
-from distill.pipeline.models import (BUILTINS, LoadedModel, ModelConfig, build_builtin, load_model,
-                                     model_fingerprint, quiet_hf, save_weights)
+from distill.pipeline.hf import quiet_hf
+from distill.pipeline.modelfiles import save_weights
+from distill.pipeline.models import BUILTINS, LoadedModel, ModelConfig, build_builtin, load_model, model_fingerprint
 
 
 def features(n=3, width=40):

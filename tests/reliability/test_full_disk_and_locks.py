@@ -91,12 +91,12 @@ def _train(labels, out, *extra):
 
 @pytest.mark.parametrize("fails", ["torch.save", "safetensors"])
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_rerun_completes(fails, reference, tmp_path, monkeypatch):
-    import distill.pipeline.models as models
+    import distill.pipeline.checkpoint as checkpoint
 
     with one_thread():
         assert _train(reference, tmp_path / "whole").exit_code == 0
     calls = {"n": 0}
-    real_save, real_weights = torch.save, models.save_weights
+    real_save, real_weights = torch.save, checkpoint.save_weights
 
     def full_on_second(real, error):
         def write(*args, **kwargs):
@@ -110,7 +110,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_a_rerun_completes(fails, re
         monkeypatch.setattr(torch, "save", full_on_second(real_save, RuntimeError(
             "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed")))
     else:
-        monkeypatch.setattr(models, "save_weights", full_on_second(real_weights, OSError(errno.ENOSPC, "No space left on device")))
+        monkeypatch.setattr(checkpoint, "save_weights", full_on_second(real_weights, OSError(errno.ENOSPC, "No space left on device")))
     out = tmp_path / "run"
     with one_thread():
         line = one_line_error(_train(reference, out), "checkpoint", "step-00000008", "free", alone=False)

@@ -19,7 +19,7 @@ from distill.errors import StoreError
 from distill.storage import open_store
 from distill.storage.fs import StoreFS
 from distill.storage.manifest import Manifest, dumps_checked
-from distill.storage.writer import commit_path, read_commit_record
+from distill.storage.layout import commit_name, commit_path, read_commit_record
 
 from storehelp import make_labels, write_store
 
@@ -150,7 +150,7 @@ def _random_record(pristine, tmp_path, values, raw):
     except ValueError:
         return
     with bounded():
-        only_store_errors(lambda: read_commit_record(StoreFS(str(store)), open_store(str(pristine)).spec, "000000.commit.json"))
+        only_store_errors(lambda: read_commit_record(StoreFS(str(store)), open_store(str(pristine)).spec, commit_name(0)))
         only_store_errors(lambda: _read_everything(store))
 
 

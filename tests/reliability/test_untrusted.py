@@ -9,7 +9,7 @@ import pytest
 from distill.errors import CorruptStoreError
 from distill.storage import open_store
 from distill.storage.manifest import dumps_checked
-from distill.storage.writer import commit_path
+from distill.storage.layout import commit_path
 
 from killhelp import DATA, GENERATE, one_line_error, run
 from modelhelp import make_hf_remote_code_dir, make_malicious_pickle

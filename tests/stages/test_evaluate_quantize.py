@@ -200,7 +200,7 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path, test_modules):
     one_line_error(run("evaluate", "--model", missing, "--data", MNIST, ok=False), "no such file or directory")
     one_line_error(run("quantize", "--model", missing, "--out", tmp_path / "q", ok=False), "no such run directory")
     one_line_error(run("quantize", "--model", runs / "student", "--out", tmp_path / "q", "--method", "int4", ok=False),
-                   "unknown --method 'int4'")
+                   "Invalid value for '--method': 'int4' is not one of 'dynamic-int8', 'weight-only-int8'")
     one_line_error(run("quantize", "--model", "test_evaluate_quantize:no_linear", "--out", tmp_path / "q", ok=False),
                    "has no nn.Linear layers")
     one_line_error(run("quantize", "--model", runs / "student", "--out", runs / "teacher", ok=False),

@@ -88,7 +88,7 @@ def test_causal_lm_stores_one_position_per_token(tmp_path):
     reader = open_store(str(out))
     data = load_data(DataConfig(str(text), task="causal-lm", tokenizer="bytes", seq_len=48))
     lengths = [int(data[i]["input_ids"].numel()) for i in range(len(data))]
-    assert reader.complete and reader.spec.vocab_size == 256 and reader.spec.extra["task"] == "causal-lm"
+    assert reader.complete and reader.spec.vocab_size == 256 and reader.spec.task == "causal-lm"
     got = reader.read_all()
     assert torch.equal(got.offsets[1:] - got.offsets[:-1], torch.tensor(lengths))
 
@@ -267,7 +267,7 @@ def test_hugging_face_causal_lm_with_its_own_tokenizer(tmp_path):
     run("--teacher", teacher, "--data", data, "--out", out, "--k", 16, "--value-encoding", "lossless",
         "--seq-len", 32, "--batch-size", 3)
     reader = open_store(str(out))
-    assert reader.complete and reader.spec.vocab_size == 300 and reader.spec.extra["task"] == "causal-lm"
+    assert reader.complete and reader.spec.vocab_size == 300 and reader.spec.task == "causal-lm"
 
     model = load_model(ModelConfig(str(teacher)))
     examples = load_data(DataConfig(str(data), task="causal-lm", tokenizer=str(teacher), seq_len=32))
@@ -291,7 +291,7 @@ def test_hugging_face_classifier_on_token_ids(tmp_path):
     out = tmp_path / "store"
     run("--teacher", teacher, "--data", data, "--out", out, "--value-encoding", "lossless", "--batch-size", 7)
     reader = open_store(str(out))
-    assert reader.spec.k == 3 and reader.spec.extra["task"] == "classification" and reader.num_positions == 40
+    assert reader.spec.k == 3 and reader.spec.task == "classification" and reader.num_positions == 40
 
     model = load_model(ModelConfig(str(teacher)))
     with torch.inference_mode():

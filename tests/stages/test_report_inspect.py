@@ -10,8 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from distill.cli import cli
-from distill.stages.inspection import load_run, run_summary
-from distill.storage import StoreSpec, create_store, open_store, sampled_labels, topk_labels
+from distill.pipeline.rundir import load_run
+from distill.stages.inspection import run_summary
+from distill.storage import StoreSpec, create_store, figure_shards, open_store, sampled_labels, topk_labels
 from distill.storage.synthetic import zipf_logits
 
 MNIST = "mnist1d:num_samples=600"
@@ -97,7 +98,7 @@ def test_sampled_store_reports_unique_ids(tmp_path):
 def test_sample_reads_evenly_spaced_shards_and_says_so(tmp_path):
     url = write_store(tmp_path / "topk")
     reader = open_store(url)
-    assert reader.figure_shards(2) == [0, 4] and reader.figure_shards(0) == reader.figure_shards(99) == [0, 1, 2, 3, 4]
+    assert figure_shards(reader, 2) == [0, 4] and figure_shards(reader, 0) == figure_shards(reader, 99) == [0, 1, 2, 3, 4]
     summary = last_json(ok("inspect", url, "--json", "--sample", 2))
     positions = sum(reader.records[i].positions for i in (0, 4))
     assert summary["figures_sampled"] and summary["figures_shards_read"] == 2

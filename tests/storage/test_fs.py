@@ -9,9 +9,9 @@ from distill.storage import fs as store_fs
 
 def test_shard_files_and_all_their_directories_are_synced_before_the_commit_record(tmp_path, monkeypatch):
     events = []
-    real_fsync, real_fsync_dir = os.fsync, store_fs._fsync_dir
-    monkeypatch.setattr(store_fs._fsync_dir.__globals__["os"], "fsync", lambda fd: (events.append(("file", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
-    monkeypatch.setattr(store_fs, "_fsync_dir", lambda path: (events.append(("dir", path)), real_fsync_dir(path))[1])
+    real_fsync, real_fsync_dir = os.fsync, store_fs.fsync_dir
+    monkeypatch.setattr(store_fs.fsync_dir.__globals__["os"], "fsync", lambda fd: (events.append(("file", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(store_fs, "fsync_dir", lambda path: (events.append(("dir", path)), real_fsync_dir(path))[1])
     write_store(tmp_path / "s", make_labels("topk", n_examples=5), per_shard=5, finalize=False)
     root = str(tmp_path / "s")
     commit = next(i for i, (kind, p) in enumerate(events) if kind == "file" and ".commit.json" in p)

@@ -9,7 +9,7 @@ import torch
 from distill.errors import CorruptStoreError, IncompatibleStoreError, StoreError
 from distill.storage import StoreSpec, create_store, open_store
 from distill.storage.fs import StoreFS
-from distill.storage.writer import commit_path, shard_dir
+from distill.storage.layout import commit_path, shard_dir
 
 from storehelp import K, V, by_id, make_labels, write_store
 

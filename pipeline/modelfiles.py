@@ -1,0 +1,174 @@
+"""A model's files: weights in and out, a trained model saved whole, and its size on disk.
+
+Weights load without running pickled code: safetensors, or ``torch.load(weights_only=True)``.
+A trained model is saved to ``RUN/model/``: a Hugging Face model with ``save_pretrained``
+(transformers loads it as it is), any other as ``model.safetensors`` plus ``model.json``,
+which says how to rebuild it (``distill.pipeline.models`` reads it back). ``distill quantize``
+writes ``model.json`` beside a TorchScript archive instead.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from distill.errors import ConfigError, first_line, listed, write_error
+from distill.pipeline.files import read_json, write_json
+from distill.pipeline.hf import WEIGHT_SUFFIXES, quiet_hf
+
+if TYPE_CHECKING:  # models.py imports this module
+    from distill.pipeline.models import LoadedModel
+
+__all__ = ["read_state_dict", "load_weights", "save_weights", "save_model", "model_bytes", "weight_files_bytes", "cpu_only",
+           "looks_like_safetensors"]
+
+
+# --- weights in and out ---------------------------------------------------------------------------
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from ``path``, without running any pickled code."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"weights file {path!r} does not exist; check --weights")
+    if path.endswith(".safetensors") or looks_like_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # SafetensorError, or OSError
+            raise ConfigError(f"cannot read safetensors weights {path!r} ({first_line(e)}); re-save the state dict") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), first_line(e))
+        raise ConfigError(f"weights file {path!r} holds pickled Python objects, and distill refuses to unpickle code "
+                          f"({reason[:160]}); convert it to safetensors: only if you trust the file, opt in yourself with "
+                          "safetensors.torch.save_file(torch.load(path, weights_only=False), 'weights.safetensors') "
+                          "and pass that file") from None
+    except Exception as e:  # a damaged or foreign file: RuntimeError, KeyError, EOFError, ...
+        raise ConfigError(f"cannot read weights file {path!r} ({first_line(e)}); save model.state_dict() "
+                          "with safetensors or torch.save") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        keys = list(state)[:5] if isinstance(state, Mapping) else []
+        raise ConfigError(f"weights file {path!r} holds a {type(state).__name__}{f' with keys {keys}' if keys else ''}, "
+                          "not a state dict of tensors; save model.state_dict() itself")
+    return dict(state)
+
+
+def looks_like_safetensors(path: str) -> bool:
+    """True when ``path`` starts like a safetensors file, whatever its name."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"  # 8-byte header length, then the JSON header
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Copy ``state`` into ``module``; every weight must be there once (tied weights: under one name)."""
+    expected = module.state_dict().keys()
+    tied: dict[int, set[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(p), set()).add(name)
+    aliases = {name: names for names in tied.values() for name in names}
+    missing = [k for k in expected if k not in state and not (aliases.get(k, set()) & state.keys())]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {listed(missing)}"] if missing else []) + ([f"unexpected {listed(unexpected)}"] if unexpected else [])
+        raise ConfigError(f"weights file {path!r} does not fit the model ({'; '.join(parts)}); "
+                          "check the model spec and its options match the weights")
+    try:
+        module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), first_line(e))
+        raise ConfigError(f"weights file {path!r} does not fit the model ({detail}); "
+                          "check the model spec and its options match the weights") from None
+
+
+def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``module``'s state dict as safetensors, storing tied weights once (loads back with ``weights=``)."""
+    from safetensors.torch import save_model
+
+    save_model(module, os.fspath(path))
+
+
+# --- a trained model --------------------------------------------------------------------------------
+
+
+def save_model(model: LoadedModel, directory: str) -> None:
+    """Save ``model`` into ``directory`` (replaced whole: written beside it, then renamed into place).
+
+    A full disk or a read-only directory is a one-line WriteError, and no half-written
+    directory is left under the final name.
+    """
+    try:
+        _save_model_files(model, directory)
+    except OSError as e:
+        shutil.rmtree(directory + ".tmp", ignore_errors=True)
+        raise write_error(e, f"the model in {directory}") from None
+
+
+def _save_model_files(model: LoadedModel, directory: str) -> None:
+    tmp = directory + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if model.describe.get("kind") == "hf":
+        with quiet_hf():
+            model.module.save_pretrained(tmp)
+    else:
+        save_weights(model.module, os.path.join(tmp, "model.safetensors"))
+        write_json(os.path.join(tmp, "model.json"), model.describe)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def model_bytes(model: LoadedModel) -> tuple[int, str]:
+    """Bytes of the model's saved weights on disk, and where they were counted.
+
+    A Hugging Face directory: its weight files; a TorchScript file or a weights file (a run
+    directory's model.safetensors): that file; otherwise (a built-in or factory with no file)
+    the bytes its state dict would take in float32 (other dtypes at their own size), tied tensors once.
+    """
+    kind, spec, weights = model.describe.get("kind"), model.describe.get("spec"), model.describe.get("weights")
+    counted = weight_files_bytes(spec) if kind == "hf" else None
+    if counted is not None:
+        return counted[0], f"files: {', '.join(counted[1])}"
+    for path in (weights, spec if kind == "torchscript" else None):
+        if path and os.path.isfile(path):
+            return os.path.getsize(path), f"file: {os.path.basename(path)}"
+    seen, size = set(), 0
+    for tensor in model.module.state_dict().values():
+        if not isinstance(tensor, torch.Tensor) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        size += tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+    return size, "float32 state dict (no file)"
+
+
+def weight_files_bytes(directory: str) -> tuple[int, list[str]] | None:
+    """Total bytes of the weight files (WEIGHT_SUFFIXES) in ``directory`` and their names; None when it has none."""
+    if not os.path.isdir(directory):
+        return None
+    files = sorted(f for f in os.listdir(directory) if f.endswith(WEIGHT_SUFFIXES))
+    return (sum(os.path.getsize(os.path.join(directory, f)) for f in files), files) if files else None
+
+
+def cpu_only(spec: str) -> bool:
+    """True when ``spec`` (a quantize output directory, its model/, or its model.pt) is dynamic-int8: CPU kernels only."""
+    if os.path.isfile(spec):
+        saved = _json_object(os.path.join(os.path.dirname(spec), "model.json"))
+        named = os.path.join(os.path.dirname(spec), os.path.basename(str(saved.get("file", ""))))
+        if not (os.path.isfile(named) and os.path.samefile(named, spec)):
+            return False
+    else:
+        saved = _json_object(os.path.join(spec, "model", "model.json")) or _json_object(os.path.join(spec, "model.json"))
+    return saved.get("method") == "dynamic-int8"
+
+
+def _json_object(path: str) -> dict:
+    obj = read_json(path)
+    return obj if isinstance(obj, dict) else {}

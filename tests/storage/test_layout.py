@@ -1,0 +1,79 @@
+"""The store's layout module, the task field, the shared statistics, atomic writes and the choice lists."""
+
+import json
+import os
+
+import pytest
+
+from distill.errors import StoreError, WriteError
+from distill.storage import (BACKENDS, METHODS, VALUE_ENCODINGS, StoreSpec, ValueEncoding, create_store, empty_labels,
+                             open_store)
+from distill.storage.backend import get_backend
+from distill.storage.fs import write_atomic
+from distill.storage.layout import commit_index, commit_name, commit_path
+from distill.storage.manifest import dumps_checked
+
+from storehelp import K, V, make_labels, write_store
+
+
+def test_task_is_a_typed_field_kept_inside_extra_on_disk(tmp_path):
+    spec = StoreSpec("topk", k=K, vocab_size=V, num_examples=10, extra={"task": "causal-lm", "seed": 1})
+    assert spec.task == "causal-lm" and spec.extra == {"seed": 1}  # an old caller's extra["task"] moves to the field
+    assert spec == StoreSpec("topk", k=K, vocab_size=V, num_examples=10, extra={"seed": 1}, task="causal-lm")
+    create_store(str(tmp_path / "s"), spec)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert "task" not in manifest and manifest["extra"] == {"seed": 1, "task": "causal-lm"}  # format version 1
+    back = open_store(str(tmp_path / "s")).spec
+    assert back.task == "causal-lm" and back.extra == {"seed": 1} and back == spec
+    with pytest.raises(StoreError, match="disagree"):
+        StoreSpec("topk", k=K, vocab_size=V, num_examples=10, extra={"task": "causal-lm"}, task="classification")
+
+
+def test_commit_record_names_and_indices_invert_each_other():
+    for index in (0, 7, 123456):
+        assert commit_index(commit_name(index)) == index and commit_path(index) == f"shards/{commit_name(index)}"
+    assert commit_name(7) == "000007.commit.json" and commit_index("stray.commit.json") == -1
+
+
+def test_summary_reads_shards_for_records_without_statistics(tmp_path):
+    url = tmp_path / "s"
+    write_store(url, make_labels("topk", n_examples=10), finalize=False)  # lossless: the tail reads back exactly
+    with_stats = open_store(str(url)).summary()["topk_mass_mean"]
+    for index in (0, 1):  # the format allows records without stats
+        doc = json.loads((url / commit_path(index)).read_text())
+        doc.pop("stats")
+        (url / commit_path(index)).write_bytes(dumps_checked(doc))
+    assert open_store(str(url)).summary()["topk_mass_mean"] == with_stats  # the same function, the same bits
+
+
+def test_write_atomic_replaces_the_file_whole_or_raises_one_line(tmp_path):
+    path = tmp_path / "new" / "summary.json"
+    write_atomic(str(path), '{"a": 1}\n')
+    write_atomic(str(path), b"second")
+    assert path.read_bytes() == b"second" and os.listdir(path.parent) == ["summary.json"]
+    (tmp_path / "dir.json").mkdir()  # os.replace onto a directory fails
+    with pytest.raises(WriteError, match=r"^cannot write the report \(") as e:
+        write_atomic(str(tmp_path / "dir.json"), b"x", "the report")
+    assert "\n" not in str(e.value) and sorted(os.listdir(tmp_path)) == ["dir.json", "new"]  # no temporary left
+
+
+def test_choice_lists_are_what_the_store_accepts():
+    assert METHODS[0] == "topk" and BACKENDS[0] == "zarr" and VALUE_ENCODINGS == ("sqrt", "lossless")
+    for name in BACKENDS:
+        assert get_backend(name).name == name
+    for name in VALUE_ENCODINGS:
+        assert ValueEncoding.named(name).name == name
+    for method in METHODS:
+        StoreSpec(method, k=K, vocab_size=V, num_examples=1)
+    with pytest.raises(ValueError, match="zarr, parquet"):
+        get_backend("hdf5")
+
+
+@pytest.mark.parametrize("method", ["topk", "sample"])
+def test_empty_labels_fill_a_shard_of_examples_without_positions(tmp_path, method):
+    spec = StoreSpec(method, k=K, vocab_size=V, num_examples=3, temperatures=(1, 2), has_token_index=True)
+    labels = empty_labels(spec, 3)
+    assert labels.offsets.tolist() == [0, 0, 0, 0] and labels.num_positions == 0
+    create_store(str(tmp_path / "s"), spec).write_shard(0, labels)
+    back = open_store(str(tmp_path / "s")).read_shard(0)
+    assert back.num_examples == 3 and back.num_positions == 0 and back.temperatures == (2.0,)
