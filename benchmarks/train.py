@@ -7,7 +7,8 @@ same batches (same examples in the same order) and the same trainer loop
 - ``ce_steps_per_s``: `distill train-teacher` on the student, hard labels only (cross-entropy);
 - ``offline_kd_steps_per_s``: `distill train-student` (``distill.stages.train.train_student``)
   on a real store written by ``generate_labels`` to a temporary directory: the real
-  ``LabelStream``, the real loss (``make_loss``), alpha 0.5 and temperature 2;
+  ``LabelStream``, the real loss (``make_loss``), alpha 0.5 and temperature 2, top-k + tail
+  labels (``tail_samples=0``: causal-LM stores otherwise default to tail draws, issue 14);
 - ``stream_overhead_ratio = offline / ce`` (target: at least 0.90);
 - ``online_kd_steps_per_s``: what online distillation does: the teacher (about 10 times the
   student's parameters) in memory, one teacher forward pass per step, and the same Hinton
@@ -131,7 +132,9 @@ def write_data(name: str, n: int, w: dict, tmp: str) -> str:
 
 def write_store(name: str, w: dict, data: str, tmp: str, examples_per_shard: int, device: str) -> str:
     out = os.path.join(tmp, f"{name}-store")
-    generate_labels(GenerateConfig(teacher=w["teacher"], data=data, out=out, k=w["k"], temperatures=(1.0, TEMPERATURE),
+    # plain top-k + tail (no tail draws, whatever the task's default): the labels this benchmark has always timed
+    generate_labels(GenerateConfig(teacher=w["teacher"], data=data, out=out, k=w["k"], tail_samples=0,
+                                   temperatures=(1.0, TEMPERATURE),
                                    examples_per_shard=examples_per_shard, batch_size=64, device=device, progress=False,
                                    overwrite=True))
     return out

@@ -38,6 +38,7 @@ __all__ = [
     "make_loss",
     "renormalised",
     "student_buckets",
+    "tail_cross_entropy",
 ]
 
 LOSSES = ("kl", "reverse-kl", "jsd", "skew-kl")  # divergences over the buckets
@@ -72,8 +73,9 @@ def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
 
 
 def student_buckets(
-    student_logits: Tensor, ids: Tensor, temperature: float = 1.0, kept: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+    student_logits: Tensor, ids: Tensor, temperature: float = 1.0, kept: Tensor | None = None,
+    tail_ids: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """The student's tempered log-probabilities over the teacher's K+1 buckets.
 
     student_logits: (P, V) any float dtype; the softmax of ``logits / temperature`` over the
@@ -81,6 +83,8 @@ def student_buckets(
     ids: (P, K) int64 bucket ids. kept: (P, K) bool, False on padding slots (which repeat a
         kept id); None means all kept.
     Returns ``(log q of each id (P, K), log q of the tail (P,))``; padding slots get -inf.
+    With ``tail_ids`` (P, M) (ids outside ``ids``) also, third, the student's log-probabilities
+    of those ids *within its tail*, log s_j = log q_j - log q_tail (P, M).
 
     The tail is not ``log(1 - sum_k q_k)``: that cancels to -inf (and an infinite forward KL)
     whenever the student's mass outside the ids falls under float32's epsilon, which a peaked
@@ -98,7 +102,10 @@ def student_buckets(
         kept_x = torch.where(kept.to(x.device), kept_x, _NEG_INF)
     tail_x = _logsumexp(x.scatter(1, ids, _NEG_INF))  # (P,) padding slots repeat a kept id: harmless
     lse = _logaddexp(torch.logsumexp(kept_x, 1), tail_x)  # (P,) the full-vocabulary normaliser
-    return kept_x - lse[:, None], tail_x - lse
+    if tail_ids is None:
+        return kept_x - lse[:, None], tail_x - lse
+    within = x.gather(1, tail_ids.to(x.device)) - torch.where(torch.isfinite(tail_x), tail_x, 0.0)[:, None]  # (P, M)
+    return kept_x - lse[:, None], tail_x - lse, within
 
 
 def renormalised(lp: Tensor, tail: Tensor) -> tuple[Tensor, Tensor]:
@@ -213,37 +220,96 @@ class TopKDistillationLoss(_HintonMix):
     The divergence (one of ``LOSSES``) is taken over the K+1 buckets (stored ids + tail), with
     the teacher's exact tempered log-probs from the store. ``tail=False`` drops the tail bucket
     and renormalises both distributions over the K stored ids (what most offline tools do; kept
-    for comparison: the tail carries the teacher's mass outside the top k, and its calibration). Works on sampled labels too (their
-    padding slots are left out); their exact bucket distribution is as valid a target.
+    for comparison: the tail carries the teacher's mass outside the top k, and its calibration).
+    Works on sampled labels too (their padding slots are left out); their exact bucket
+    distribution is as valid a target.
+
+    **Tail draws.** When the labels also hold M ids drawn from the teacher's distribution
+    restricted to its tail (``tail_ids``, ``tail_counts``; a store with ``tail_samples``), the
+    forward KL gets the rest of the teacher. With p the teacher and q the student at
+    temperature T, H the K stored ids, p_t and q_t the masses outside them, and r = p / p_t,
+    s = q / q_t the two distributions *within* the tail, the full KL splits exactly into
+
+        KL(p || q) = KL_buckets(p, q) + p_t * KL(r || s)
+                   = KL_buckets(p, q) + p_t * (CE(r, s) - H(r)),   CE(r, s) = -sum_{j in tail} r_j log s_j.
+
+    H(r) does not depend on the student, and the draws estimate CE(r, s) without bias:
+    E[count_j] = M r_j for M draws from r (multinomial or systematic, see
+    ``distill.storage.labels.draw``), so
+
+        soft = KL_buckets(p, q) - p_t * sum_j (count_j / M) log s_j
+
+    has E[soft] = KL(p || q) + p_t H(r) and E[grad soft] = grad KL(p || q): the gradient is
+    unbiased over the whole vocabulary, while the head and the tail's total mass stay exact
+    (they carry no sampling noise at all). log s_j = x_j - logsumexp of the student's logits
+    outside H, so it costs a gather on top of the bucket loss. The draws estimate the
+    cross-entropy at the temperature they were drawn at (the store's ``sample_temperature``),
+    and only the forward KL decomposes this way: other temperatures and divergences are
+    refused unless ``tail_samples=False`` (use the K+1 buckets alone).
 
     forward(student_logits (P, V), labels (P positions), hard_labels (P,) int64 or None)
         -> {"loss": scalar, "soft": scalar mean divergence (unscaled), "ce": scalar or None}
-    ``ce`` is the untempered cross-entropy on the hard labels, mean over positions whose label is
-    not ``ignore_index``; it is None (and hard labels may be None) when alpha == 0.
+    ``soft`` with tail draws is the estimate above (a cross-entropy in the tail: it exceeds the
+    KL by p_t H(r) on average). ``ce`` is the untempered cross-entropy on the hard labels, mean
+    over positions whose label is not ``ignore_index``; it is None (and hard labels may be
+    None) when alpha == 0.
     """
 
     def __init__(self, kind: str = "kl", temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5,
-                 skew: float = 0.1, ignore_index: int = IGNORE_INDEX, tail: bool = True):
+                 skew: float = 0.1, ignore_index: int = IGNORE_INDEX, tail: bool = True, tail_samples: bool = True,
+                 sample_temperature: float = 1.0):
         super().__init__(temperature, alpha, ignore_index)
-        self.tail = bool(tail)
+        self.tail, self.tail_samples = bool(tail), bool(tail_samples)
         if kind not in LOSSES:
             raise ConfigError(f"unknown loss {kind!r}: pass --loss one of {', '.join(LOSSES)}")
         for name, value in (("beta", beta), ("skew", skew)):
             if not 0.0 < value < 1.0:
                 raise ConfigError(f"{name} must be strictly between 0 and 1, got {value}: pass --{name} 0.5 or 0.1")
         self.kind, self.beta, self.skew = kind, float(beta), float(skew)
+        self.sample_temperature = float(sample_temperature)
 
     def forward(self, student_logits: Tensor, labels: SoftLabels, hard_labels: Tensor | None = None):
         self._check_positions(student_logits, labels)
         teacher_lp, teacher_tail = _teacher_tempered(labels, self.temperature)  # (P, K), (P,)
         kept = None if labels.counts is None else labels.counts > 0
-        student_lp, student_tail = student_buckets(student_logits, labels.topk_ids, self.temperature, kept)
+        draws = self._tail_draws(labels)
+        student = student_buckets(student_logits, labels.topk_ids, self.temperature, kept,
+                                  None if draws is None else draws[0])
+        student_lp, student_tail = student[:2]
         if not self.tail:
             teacher_lp, teacher_tail = renormalised(teacher_lp, teacher_tail)
             student_lp, student_tail = renormalised(student_lp, student_tail)
         div = bucket_divergence(self.kind, teacher_lp, teacher_tail, student_lp, student_tail,
                                 beta=self.beta, skew=self.skew)  # (P,)
+        if draws is not None:
+            div = div + teacher_tail.exp() * tail_cross_entropy(student[2], draws[1])
         return self._mix(student_logits, div.mean(), hard_labels)
+
+    def _tail_draws(self, labels: SoftLabels) -> tuple[Tensor, Tensor] | None:
+        """(tail_ids, tail_counts) when the loss uses them, after checking that it can."""
+        if labels.tail_ids is None or not self.tail_samples or not self.tail:
+            return None
+        if self.kind != "kl":
+            raise ConfigError(f"the store's tail draws estimate the forward KL only, not {self.kind!r}: pass --loss kl, "
+                              "or --no-tail-samples to use its top-k and tail bucket alone")
+        if self.temperature != self.sample_temperature:
+            raise ConfigError(f"the store's tail draws were made at temperature {_fmt(self.sample_temperature)}: "
+                              f"train at --temperature {_fmt(self.sample_temperature)}, or pass --no-tail-samples "
+                              "to use its top-k and tail bucket alone")
+        return labels.tail_ids, labels.tail_counts
+
+
+def tail_cross_entropy(within: Tensor, counts: Tensor) -> Tensor:
+    """-sum_j (count_j / M) log s_j per position (P,): the draws' estimate of CE(r, s) in the tail.
+
+    within: (P, M) the student's log-probabilities of the drawn ids within its tail (finite);
+    counts: (P, M) how often each was drawn (0 on padding slots; all 0 where the tail is empty,
+    which gives 0).
+    """
+    counts = counts.to(within.device, within.dtype)
+    total = counts.sum(1, keepdim=True)
+    weights = counts / total.clamp_min(1.0)  # (P, M)
+    return -(weights * torch.where(counts > 0, within, 0.0)).sum(1)
 
 
 class SampledDistillationLoss(_HintonMix):
@@ -343,16 +409,20 @@ class OnlineDistillationLoss(_HintonMix):
 
 
 def make_loss(method: str, kind: str, temperature: float, alpha: float, *, beta: float = 0.5, skew: float = 0.1,
-              sample_temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, tail: bool = True) -> nn.Module:
+              sample_temperature: float = 1.0, ignore_index: int = IGNORE_INDEX, tail: bool = True,
+              tail_samples: bool = True) -> nn.Module:
     """The loss for a store's label method: "topk" -> TopKDistillationLoss, "sample" -> SampledDistillationLoss;
-    kind "argmax" -> PseudoLabelLoss (either method). ``tail=False`` (top-k only): renormalise over the k ids."""
+    kind "argmax" -> PseudoLabelLoss (either method). ``tail=False`` (top-k only): renormalise over the k ids.
+    ``tail_samples=False``: leave a top-k store's tail draws out (the K+1 buckets alone);
+    ``sample_temperature``: the temperature the store's draws come from."""
     if kind == "argmax":
         return PseudoLabelLoss(alpha, ignore_index)
     if not tail and method != "topk":
         raise ConfigError(f"--no-tail renormalises top-k labels but this store holds {method!r} labels: "
                           "drop --no-tail, or use a store written with --method topk")
     if method == "topk":
-        return TopKDistillationLoss(kind, temperature, alpha, beta, skew, ignore_index, tail)
+        return TopKDistillationLoss(kind, temperature, alpha, beta, skew, ignore_index, tail, tail_samples,
+                                    sample_temperature)
     if method == "sample":
         if kind != "kl":
             raise ConfigError(

@@ -33,14 +33,31 @@ from distill.pipeline.config import check_settings, setting
 from distill.pipeline.runtime import (PRECISION_ALIASES, PRECISIONS, DeviceFlags, Workers, autocast, compute_dtype,
                                       parse_shard, resolve_device, to_device, weight_dtype, workers)
 from distill.pipeline.tokenize import tokenizer_beside
-from distill.storage import BACKENDS, METHODS, VALUE_ENCODINGS, SoftLabels, StoreSpec, StoreWriter, concat_labels, create_store, open_store_writer
-from distill.storage import empty_labels, open_store, sampled_labels, topk_labels
+from distill.storage import (BACKENDS, METHODS, SAMPLINGS, VALUE_ENCODINGS, SoftLabels, StoreSpec, StoreWriter,
+                             concat_labels, create_store, empty_labels, open_store, open_store_writer, sampled_labels,
+                             topk_labels)
 
-__all__ = ["GenerateConfig", "generate_labels"]
+__all__ = ["GenerateConfig", "generate_labels", "DEFAULTS"]
 
-DEFAULT_K = 64
+
+@dataclasses.dataclass(frozen=True)
+class LabelDefaults:
+    """What generate-labels stores by default for a task (what wins the quality benchmark, docs/RESULTS.md)."""
+
+    k: int
+    tail_samples: int
+
+
+# top-k ids per position (capped at the output size) and tail draws: see docs/RESULTS.md for the measurements
+DEFAULTS = {"classification": LabelDefaults(k=64, tail_samples=0), "causal-lm": LabelDefaults(k=4, tail_samples=48)}
 TARGET_SHARD_POSITIONS = 65536  # default shard size: about this many positions, a few MB encoded
 LOGITS_CHUNK_ELEMENTS = 1 << 25  # positions are reduced to top-k in chunks of at most 32M logits (128 MB float32)
+
+
+def _default_help(name: str) -> str:
+    values = {task: getattr(d, name) for task, d in DEFAULTS.items()}
+    capped = ", at most the output size" if name == "k" else ""
+    return " for causal LMs, ".join((str(values["causal-lm"]), f"{values['classification']} for classifiers{capped}"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +74,13 @@ class GenerateConfig(DataFlags, ModelFlags, DeviceFlags):
                                      "dataset, or package.module:function.")
     out: str = setting("", "The store to write: a directory path or fsspec URL.")
     method: str = setting("topk", "Top-k ids with exact log-probs and tail, or sampled ids.", choices=METHODS)
-    k: int | None = setting(None, "Top-k size.", minimum=1, default_help=f"{DEFAULT_K}, or every class when fewer")
+    k: int | None = setting(None, "Top-k size.", minimum=1, default_help=_default_help("k"))
+    tail_samples: int | None = setting(None, "Ids drawn per position from the teacher's distribution outside the "
+                                             "top k (method topk): exact in the head, unbiased in the tail.",
+                                       minimum=0, default_help=_default_help("tail_samples"))
     samples: int = setting(12, "Draws per position for --method sample.", minimum=1)
+    sampling: str = setting("systematic", "How draws are made: systematic (each id drawn within one of its expected "
+                                          "count) or iid (independent, multinomial).", choices=SAMPLINGS)
     temperatures: tuple[float, ...] = setting((1.0, 2.0), "Store the exact normaliser for this temperature; repeat "
                                                           "for several.", flag="--temperature")
     sample_temperature: float = setting(1.0, "Temperature of the distribution draws come from.")
@@ -92,6 +114,9 @@ class GenerateConfig(DataFlags, ModelFlags, DeviceFlags):
             raise ConfigError(f"temperatures must be finite and > 0, got {list(temps)}: e.g. --temperature 2")
         object.__setattr__(self, "temperatures", temps)
         parse_shard(self.shard)
+        if self.method == "sample" and self.tail_samples:
+            raise ConfigError("--tail-samples draws from the tail of a top-k store: use --method topk, or --samples "
+                              "for --method sample")
         if self.shard is not None and self.overwrite:
             raise ConfigError("--overwrite with --shard would let array tasks delete each other's shards: "
                               "remove the old store once, before the array starts")
@@ -162,6 +187,9 @@ def _check_compatible(config: GenerateConfig, teacher: LoadedModel, data: Exampl
     size = teacher.output_size
     if config.method == "topk" and config.k is not None and config.k > size:
         raise ConfigError(f"--k {config.k} is larger than the teacher's output size ({size}): use --k {size} or less")
+    if config.tail_samples and _label_sizes(config, data.task, size)[0] >= size:
+        raise ConfigError(f"--tail-samples {config.tail_samples} draws from the ids outside the top k, but the top k "
+                          f"holds all {size} of them: use a smaller --k, or leave --tail-samples out")
     if data.task == "causal-lm" and data.vocab_size is not None and data.vocab_size > size:
         raise ConfigError(f"the tokenizer has {data.vocab_size:,} ids but the teacher's vocabulary is {size:,}: "
                           "use the teacher's own tokenizer (--tokenizer)")
@@ -182,12 +210,17 @@ def _examples_per_shard(config: GenerateConfig, data: ExampleSet) -> int:
 
 
 def _store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, device: torch.device) -> StoreSpec:
+    k, tail_samples = _label_sizes(config, data.task, teacher.output_size)
+    draws = config.method == "sample" or tail_samples > 0
     extra = {"compute_dtype": str(compute_dtype(config.precision, device)).removeprefix("torch.")}
-    if config.method == "sample":
+    if draws:
         extra["seed"] = config.seed
+        if config.sampling != "iid":  # stores from before the choice existed drew iid and say nothing
+            extra["sampling"] = config.sampling
     return StoreSpec(
         method=config.method,
-        k=(config.k or min(DEFAULT_K, teacher.output_size)) if config.method == "topk" else config.samples,
+        k=k,
+        tail_samples=tail_samples,
         vocab_size=teacher.output_size,
         num_examples=len(data),
         examples_per_shard=_examples_per_shard(config, data),
@@ -196,7 +229,7 @@ def _store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, 
         backend=config.backend,
         teacher_fingerprint=teacher.fingerprint,
         dataset_fingerprint=data.fingerprint(),
-        sample_temperature=config.sample_temperature if config.method == "sample" else None,
+        sample_temperature=config.sample_temperature if draws else None,
         has_token_index=data.has_position_mask,
         task=data.task,
         extra=extra,
@@ -231,7 +264,7 @@ def _label_shards(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet
         with torch.inference_mode(), autocast(config.precision, device):
             for index in _claimed(writer, shards, say):
                 written += 1
-                generator = _shard_generator(config, index, device)
+                generator = _shard_generator(config, spec, index, device)
                 start, stop = spec.shard_range(index)
                 for a in range(start, stop, config.batch_size):
                     b = min(a + config.batch_size, stop)
@@ -276,8 +309,17 @@ def _claimed(writer: StoreWriter, shards: list[int], say, poll_s: float = 0.5):
         waiting = busy
 
 
-def _shard_generator(config: GenerateConfig, index: int, device: torch.device) -> torch.Generator | None:
-    if config.method != "sample":
+def _label_sizes(config: GenerateConfig, task: str, output_size: int) -> tuple[int, int]:
+    """(K, M): slots per position (top-k size, or draws of --method sample) and tail draws, defaults resolved."""
+    if config.method == "sample":
+        return config.samples, 0
+    k = config.k or min(DEFAULTS[task].k, output_size)
+    tail_samples = config.tail_samples if config.tail_samples is not None else DEFAULTS[task].tail_samples
+    return k, tail_samples if k < output_size else 0  # no tail to draw from
+
+
+def _shard_generator(config: GenerateConfig, spec: StoreSpec, index: int, device: torch.device) -> torch.Generator | None:
+    if spec.method != "sample" and not spec.tail_samples:
         return None
     generator = torch.Generator(device=device)
     generator.manual_seed(config.seed * 1_000_003 + index)  # per shard: redone shards draw the same ids
@@ -309,10 +351,10 @@ def _batch_labels(config: GenerateConfig, teacher: LoadedModel, batch: dict, spe
 
 def _reduce(config: GenerateConfig, spec: StoreSpec, logits: torch.Tensor, generator) -> SoftLabels:
     temps = spec.stored_temperatures
+    draws = dict(generator=generator, sample_temperature=spec.sample_temperature or 1.0, sampling=config.sampling)
     if spec.method == "topk":  # consume: the teacher's logits are overwritten, sparing a (P, V) copy
-        return topk_labels(logits, spec.k, temps, consume=True)
-    return sampled_labels(logits, spec.k, temps, generator=generator, sample_temperature=spec.sample_temperature,
-                          consume=True)
+        return topk_labels(logits, spec.k, temps, consume=True, tail_samples=spec.tail_samples, **draws)
+    return sampled_labels(logits, spec.k, temps, consume=True, **draws)
 
 
 class _ShardSink:

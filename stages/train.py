@@ -41,6 +41,23 @@ __all__ = ["TrainConfig", "StudentConfig", "train_student", "train_teacher"]
 
 
 @dataclasses.dataclass(frozen=True)
+class LossDefaults:
+    """train-student's defaults for a task (what wins the quality benchmark, docs/RESULTS.md)."""
+
+    temperature: float
+    alpha: float
+
+
+DEFAULTS = {"classification": LossDefaults(temperature=2.0, alpha=0.5),
+            "causal-lm": LossDefaults(temperature=1.0, alpha=0.0)}
+
+
+def _default_help(name: str) -> str:
+    values = {task: f"{getattr(d, name):g}" for task, d in DEFAULTS.items()}
+    return f"{values['causal-lm']} for causal LMs, {values['classification']} for classifiers"
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig(Schedule, DataFlags, ModelFlags, DeviceFlags):
     """Settings of a training run: the flags of `distill train-teacher` (train-student adds its own).
 
@@ -93,21 +110,30 @@ class StudentConfig(TrainConfig):
                                       "package.module:factory.", flag="--student")
     loss: str = setting("kl", "Divergence to the teacher's top-k + tail; argmax: cross-entropy on the teacher's "
                               "top-1 id (hard pseudo-labels).", choices=LOSS_NAMES)
-    temperature: float = setting(2.0, "Softening temperature; the store must hold it.")
-    alpha: float = setting(0.5, "Weight of the hard-label cross-entropy: alpha*CE + (1-alpha)*T^2*soft.")
+    temperature: float | None = setting(None, "Softening temperature; the store must hold it.",
+                                        default_help=_default_help("temperature"))
+    alpha: float | None = setting(None, "Weight of the hard-label cross-entropy: alpha*CE + (1-alpha)*T^2*soft.",
+                                  default_help=_default_help("alpha"))
     beta: float = setting(0.5, "Beta of the generalised JSD.")
     skew: float = setting(0.1, "Skew of skew-kl (DistiLLM's alpha).")
     tail: bool = setting(True, "Drop the tail bucket and renormalise over the k stored ids (what most offline tools "
                                "do; for comparison).")
+    tail_samples: bool = setting(True, "Leave out the store's tail draws: the top-k and the tail bucket alone (for "
+                                       "comparison, or with a --loss or --temperature the draws do not serve).")
 
     def __post_init__(self):
         super().__post_init__()
         if not self.labels:
             raise ConfigError("missing --labels: pass the store written by `distill generate-labels`")
-        if not 0.0 <= self.alpha <= 1.0:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+        if self.temperature is not None and not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"--temperature must be finite and > 0, got {self.temperature}")
+
+    def for_task(self, task: str) -> "StudentConfig":
+        """This config with the task's defaults (``DEFAULTS``) where a setting was left unset."""
+        unset = {name: getattr(DEFAULTS[task], name) for name in ("temperature", "alpha") if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset)
 
 
 def _flag(cls: type, name: str) -> str:
@@ -126,8 +152,12 @@ def train_student(config: StudentConfig, online_teacher: LoadedModel | None = No
     store = open_complete_store(config.labels)
     spec = store.spec
     task = spec.task if spec.task is not None else config.task
+    if task is None:
+        raise ConfigError(f"the store {config.labels} does not say its task: pass --task classification or causal-lm")
+    config = config.for_task(task)
     loss_fn = make_loss(spec.method, config.loss, config.temperature, config.alpha, beta=config.beta, skew=config.skew,
-                        sample_temperature=spec.sample_temperature or 1.0, tail=config.tail)
+                        sample_temperature=spec.sample_temperature or 1.0, tail=config.tail,
+                        tail_samples=config.tail_samples)
     if online_teacher is not None:
         if config.loss != "kl":
             raise ConfigError(f"online distillation uses the forward KL, not {config.loss!r}: pass loss='kl'")

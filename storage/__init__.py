@@ -2,7 +2,7 @@
 
 from distill.storage.backend import BACKENDS
 from distill.storage.codecs import VALUE_ENCODINGS, ValueEncoding
-from distill.storage.labels import SoftLabels, concat_labels, sampled_labels, topk_labels
+from distill.storage.labels import SAMPLINGS, SoftLabels, concat_labels, draw, sampled_labels, topk_labels
 from distill.storage.manifest import FORMAT_VERSION, METHODS, Manifest, ShardRecord, StoreSpec
 from distill.storage.reader import StoreReader, open_store
 from distill.storage.stats import figure_shards, label_figures
@@ -14,6 +14,7 @@ __all__ = [
     "METHODS",
     "Manifest",
     "ShardRecord",
+    "SAMPLINGS",
     "ShardWriter",
     "SoftLabels",
     "StoreReader",
@@ -23,6 +24,7 @@ __all__ = [
     "ValueEncoding",
     "concat_labels",
     "create_store",
+    "draw",
     "empty_labels",
     "figure_shards",
     "label_figures",

@@ -15,6 +15,7 @@ __all__ = ["Backend", "get_backend", "BACKENDS"]
 # Arrays with one value per position (the rest, but "offsets", have one per slot: (P, K)).
 POSITION_COLUMNS = ("tail_logprob", "tempered_lse", "token_index")
 ENTRY_COLUMNS = ("ids_delta", "logprobs", "logprob_codes", "counts")
+TAIL_COLUMNS = ("tail_ids_delta", "tail_counts")  # one per tail draw slot: (P, M)
 
 
 class Backend(abc.ABC):

@@ -13,6 +13,8 @@ Value encodings:
               takes p ~ (c / L)^2 (c = 0 -> (0.25 / L)^2) and rescales the position's
               values so that they and the exact tail sum to 1: the scale p_max need not
               be stored. Tail and tempered normalisers are float16.
+Tail draws (a top-k store with ``tail_samples``) are ids and counts only: ``tail_ids_delta``
+gap-coded like ``ids_delta``, and ``tail_counts``.
 See docs/FORMAT.md for the layout.
 """
 
@@ -81,10 +83,8 @@ def encode_labels(labels: SoftLabels, vocab_size: int, encoding: ValueEncoding) 
         ids, order = torch.sort(ids, dim=1)
         logprobs = logprobs.gather(1, order)
         counts = None if counts is None else counts.gather(1, order)
-    delta = ids.clone()
-    delta[:, 1:] -= ids[:, :-1]  # (P, K) first id, then gaps >= 0
     columns = {"offsets": _numpy(labels.offsets).astype(np.int64)}
-    columns["ids_delta"] = delta.numpy().astype(ids_dtype(vocab_size))
+    columns["ids_delta"] = _gaps(ids).numpy().astype(ids_dtype(vocab_size))
     float_dtype = np.float32 if encoding.lossless else np.float16
     if encoding.lossless:
         columns["logprobs"] = logprobs.numpy()
@@ -102,7 +102,22 @@ def encode_labels(labels: SoftLabels, vocab_size: int, encoding: ValueEncoding) 
         columns["counts"] = counts.astype(np.uint8 if counts.max(initial=0) < 256 else np.uint16)
     if labels.token_index is not None:
         columns["token_index"] = _numpy(labels.token_index).astype(np.int32)
+    if labels.tail_ids is not None:
+        tail_ids, tail_counts = torch.as_tensor(labels.tail_ids), torch.as_tensor(labels.tail_counts)
+        if bool((tail_ids[:, 1:] < tail_ids[:, :-1]).any()):
+            tail_ids, order = torch.sort(tail_ids, dim=1)
+            tail_counts = tail_counts.gather(1, order)
+        columns["tail_ids_delta"] = _gaps(tail_ids).numpy().astype(ids_dtype(vocab_size))
+        tail_counts = tail_counts.numpy()
+        columns["tail_counts"] = tail_counts.astype(np.uint8 if tail_counts.max(initial=0) < 256 else np.uint16)
     return columns
+
+
+def _gaps(ids: torch.Tensor) -> torch.Tensor:
+    """Ascending ids (P, K) -> the first id, then the gaps (>= 0) to each next one."""
+    delta = ids.clone()
+    delta[:, 1:] -= ids[:, :-1]
+    return delta
 
 
 def _code_tables(levels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,9 +129,10 @@ def _code_tables(levels: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_labels(
-    columns: dict[str, np.ndarray], k: int, encoding: ValueEncoding, temperatures: tuple[float, ...], example_start: int = 0
+    columns: dict[str, np.ndarray], k: int, encoding: ValueEncoding, temperatures: tuple[float, ...], example_start: int = 0,
+    tail_samples: int = 0,
 ) -> SoftLabels:
-    """Soft labels (torch tensors, ids int64 ascending) from a shard's arrays."""
+    """Soft labels (torch tensors, ids int64 ascending) from a shard's arrays; ``tail_samples`` M > 0 reads the tail draws."""
     delta = columns["ids_delta"].reshape(-1, k)
     n = delta.shape[0]
     ids = np.cumsum(delta, axis=1, dtype=np.int64)  # (P, K)
@@ -139,6 +155,10 @@ def decode_labels(
     lse = columns.get("tempered_lse")
     lse = np.zeros((n, 0), np.float32) if lse is None else lse.reshape(n, len(temperatures)).astype(np.float32)
     token_index = columns.get("token_index")
+    tail_ids = tail_counts = None
+    if tail_samples:
+        tail_ids = torch.from_numpy(np.cumsum(columns["tail_ids_delta"].reshape(n, tail_samples), axis=1, dtype=np.int64))
+        tail_counts = torch.from_numpy(columns["tail_counts"].reshape(n, tail_samples).astype(np.int32))
     return SoftLabels(
         offsets=torch.from_numpy(np.array(columns["offsets"], dtype=np.int64)),
         topk_ids=torch.from_numpy(ids),
@@ -148,5 +168,7 @@ def decode_labels(
         temperatures=tuple(temperatures),
         counts=None if counts is None else torch.from_numpy(counts),
         token_index=None if token_index is None else torch.from_numpy(token_index.astype(np.int32)),
+        tail_ids=tail_ids,
+        tail_counts=tail_counts,
         example_start=example_start,
     )

@@ -11,14 +11,19 @@ import dataclasses
 
 import torch
 
-__all__ = ["SoftLabels", "topk_labels", "sampled_labels", "concat_labels"]
+__all__ = ["POSITION_FIELDS", "SAMPLINGS", "SoftLabels", "topk_labels", "sampled_labels", "concat_labels", "draw"]
+
+
+# the fields with one row per position, in the order the store documents them
+POSITION_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "tempered_lse", "counts", "token_index", "tail_ids",
+                   "tail_counts")
 
 
 @dataclasses.dataclass
 class SoftLabels:
     """Teacher distributions for ``num_examples`` consecutive examples.
 
-    Fields (P positions, K slots, E examples, nT stored temperatures other than 1):
+    Fields (P positions, K slots, M tail draws, E examples, nT stored temperatures other than 1):
         offsets:        (E+1,) int64, example e owns positions offsets[e]:offsets[e+1].
         topk_ids:       (P, K) int64, top-k ids (method "topk") or sampled ids (method
                         "sample", unique, padded with count-0 slots); ascending within a
@@ -32,6 +37,11 @@ class SoftLabels:
         counts:         (P, K) int32 draw counts (method "sample"), else None.
         token_index:    (P,) int32 token index of each position within its example, or
                         None when position i of an example is token i.
+        tail_ids:       (P, M) int64 ids drawn from the teacher's distribution restricted to
+                        the tail (method "topk" with tail draws), unique and ascending, padded
+                        with count-0 slots; else None.
+        tail_counts:    (P, M) int32 how often each tail id was drawn (they sum to M where
+                        the tail holds mass, to 0 where it is empty); else None.
         example_start:  global index of the first example.
     """
 
@@ -43,6 +53,8 @@ class SoftLabels:
     temperatures: tuple[float, ...] = ()
     counts: torch.Tensor | None = None
     token_index: torch.Tensor | None = None
+    tail_ids: torch.Tensor | None = None
+    tail_counts: torch.Tensor | None = None
     example_start: int = 0
 
     @property
@@ -57,6 +69,16 @@ class SoftLabels:
     def k(self) -> int:
         return int(self.topk_ids.shape[1])
 
+    @property
+    def tail_samples(self) -> int:
+        """M, the tail draws per position (0 for labels without them)."""
+        return 0 if self.tail_ids is None else int(self.tail_ids.shape[1])
+
+    def _with_positions(self, take, offsets: torch.Tensor, example_start: int) -> "SoftLabels":
+        """These labels with every per-position field replaced by ``take(field)`` (None stays None)."""
+        fields = {name: None if getattr(self, name) is None else take(getattr(self, name)) for name in POSITION_FIELDS}
+        return dataclasses.replace(self, offsets=offsets, example_start=example_start, **fields)
+
     def example(self, e: int) -> "SoftLabels":
         """Labels of the e-th example held here (0-based, relative to ``example_start``)."""
         return self.examples(e, e + 1)
@@ -64,18 +86,7 @@ class SoftLabels:
     def examples(self, start: int, stop: int) -> "SoftLabels":
         """Labels of examples ``start:stop`` held here (relative indices)."""
         a, b = int(self.offsets[start]), int(self.offsets[stop])
-        cut = lambda t: None if t is None else t[a:b]  # noqa: E731
-        return SoftLabels(
-            offsets=self.offsets[start : stop + 1] - a,
-            topk_ids=self.topk_ids[a:b],
-            topk_logprobs=self.topk_logprobs[a:b],
-            tail_logprob=self.tail_logprob[a:b],
-            tempered_lse=self.tempered_lse[a:b],
-            temperatures=self.temperatures,
-            counts=cut(self.counts),
-            token_index=cut(self.token_index),
-            example_start=self.example_start + start,
-        )
+        return self._with_positions(lambda t: t[a:b], self.offsets[start : stop + 1] - a, self.example_start + start)
 
     def select(self, examples) -> "SoftLabels":
         """Labels of the given examples (relative indices, any order, repeats allowed), gathered at once."""
@@ -86,18 +97,7 @@ class SoftLabels:
         total = int(offsets[-1])
         # position j of output example i reads position starts[i] + (j - offsets[i])
         index = torch.arange(total) + torch.repeat_interleave(starts - offsets[:-1], lengths, output_size=total)
-        take = lambda t: None if t is None else t.index_select(0, index)  # noqa: E731
-        return SoftLabels(
-            offsets=offsets,
-            topk_ids=take(self.topk_ids),
-            topk_logprobs=take(self.topk_logprobs),
-            tail_logprob=take(self.tail_logprob),
-            tempered_lse=take(self.tempered_lse),
-            temperatures=self.temperatures,
-            counts=take(self.counts),
-            token_index=take(self.token_index),
-            example_start=0,
-        )
+        return self._with_positions(lambda t: t.index_select(0, index), offsets, 0)
 
     def tempered(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact tempered log-probabilities of the stored ids and of the tail.
@@ -128,18 +128,9 @@ def concat_labels(parts: list[SoftLabels]) -> SoftLabels:
     for p in parts:
         offsets.append(p.offsets[1:] + base)
         base += p.num_positions
-    cat = lambda name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return SoftLabels(
-        offsets=torch.cat(offsets),
-        topk_ids=cat("topk_ids"),
-        topk_logprobs=cat("topk_logprobs"),
-        tail_logprob=cat("tail_logprob"),
-        tempered_lse=cat("tempered_lse"),
-        temperatures=parts[0].temperatures,
-        counts=cat("counts"),
-        token_index=cat("token_index"),
-        example_start=parts[0].example_start,
-    )
+    fields = {name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+              for name in POSITION_FIELDS}
+    return dataclasses.replace(parts[0], offsets=torch.cat(offsets), **fields)
 
 
 class _Softmax:
@@ -161,16 +152,20 @@ class _Softmax:
         self.s = self.e.sum(1, keepdim=True).double()  # (P, 1)
         self.lse = self.m.double() + self.s.log()  # (P, 1) float64
 
-    def finish(self, ids: torch.Tensor, kept_logits: torch.Tensor, kept: torch.Tensor, temperatures):
+    def finish(self, ids: torch.Tensor, kept_logits: torch.Tensor, kept: torch.Tensor, temperatures, on_tail=None):
         """Log-probs (P, K), tail (P,) and tempered normalisers (P, nT) of the kept ids.
 
         ids/kept_logits (P, K): the kept ids and their logits; ``kept`` (P, K) is False on
-        padding slots (which repeat a kept id). Overwrites ``e``.
+        padding slots (which repeat a kept id). ``on_tail(terms)`` is called with the tail's
+        unnormalised probabilities (P, V), zero on the kept ids, before they are overwritten.
+        Overwrites ``e``.
         """
         values = torch.where(kept, (kept_logits.double() - self.lse).float(), float("-inf"))
         kept_shifted = torch.where(kept, kept_logits - self.m, float("-inf"))  # (P, K)
         self.e.scatter_(1, ids, 0.0)  # e now holds the tail's terms only
         tail = (self.e.sum(1).double().log() - self.s.log()[:, 0]).float()  # log(0) = -inf: no tail (k = V)
+        if on_tail is not None:
+            on_tail(self.e)
         cols, power = {}, 1.0
         for t in sorted(set(temperatures), reverse=True):  # exponents 1/T rising: 1/4, 1/2, ...
             ratio, power = (1.0 / t) / power, 1.0 / t
@@ -191,56 +186,111 @@ def _positions_tensor(n: int, lengths) -> torch.Tensor:
 
 
 @torch.no_grad()
-def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None, consume: bool = False) -> SoftLabels:
+def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None, consume: bool = False,
+                tail_samples: int = 0, generator: torch.Generator | None = None, sample_temperature: float = 1.0,
+                sampling: str = "systematic") -> SoftLabels:
     """Top-k soft labels from full logits, computed where ``logits`` live (GPU or CPU).
 
     logits: (P, V) any float dtype; the softmax is taken in float32.
     lengths: positions per example (E,), or None for one position per example.
     consume: ``logits`` (if float32) may be overwritten, sparing a (P, V) copy.
-    Only (P, K + 1 + nT) numbers leave the device. Passes over the vocabulary: one top-k,
-    one exp, one power per stored temperature, and a few sums.
+    tail_samples: M > 0 also draws M ids per position from the teacher's distribution
+        restricted to the tail (the ids outside the top k), at ``sample_temperature``, with
+        ``generator`` and ``sampling`` (see ``draw``): ``tail_ids`` and ``tail_counts`` (P, M).
+    Only (P, K + 1 + nT [+ 2M]) numbers leave the device. Passes over the vocabulary: one
+    top-k, one exp, one power per stored temperature, a few sums, and one cumulative sum
+    for the tail draws.
     """
     logits = logits.float()
     top, ids = logits.topk(k, dim=-1)  # (P, K) by rank; top[:, 0] is the row max
     ids, order = ids.sort(dim=-1)  # by id, as the store keeps them: sorting here runs on the device
     sm = _Softmax(logits, row_max=top[:, :1].clone(), consume=consume)
     kept = torch.ones_like(ids, dtype=torch.bool)
-    return _to_host(sm, ids, top.gather(1, order), kept, temperatures, lengths)
+    drawn: dict = {}
+
+    def on_tail(terms: torch.Tensor) -> None:
+        weights = terms if sample_temperature == 1.0 else terms.pow(1.0 / sample_temperature)
+        drawn["tail_ids"], drawn["tail_counts"] = draw(weights, tail_samples, generator, sampling)
+
+    labels = _to_host(sm, ids, top.gather(1, order), kept, temperatures, lengths,
+                      on_tail=on_tail if tail_samples else None)
+    if tail_samples:
+        labels.tail_ids, labels.tail_counts = drawn["tail_ids"].cpu(), drawn["tail_counts"].int().cpu()
+    return labels
+
+
+SAMPLINGS = ("systematic", "iid")
+
+
+def draw(weights: torch.Tensor, m: int, generator: torch.Generator | None = None,
+         sampling: str = "systematic") -> tuple[torch.Tensor, torch.Tensor]:
+    """``m`` draws per row from the distribution proportional to ``weights`` (P, V) >= 0.
+
+    Returns the unique drawn ids (P, m), ascending, padded with count-0 slots that repeat
+    the last id, and their counts (P, m) int64, which sum to m (0 for a row of zero weights).
+    Either way E[count_j] = m * w_j / sum(w), so counts / m are an unbiased estimate of
+    the distribution:
+
+    - ``iid``: independent draws with replacement (multinomial).
+    - ``systematic``: one uniform offset u per row and the m points (u + i) / m, i < m, on
+      the cumulative distribution: id j is drawn floor(m w_j) or ceil(m w_j) times, never
+      further from its expected count, so an id with mass above 1/m is always drawn and the
+      estimate's variance is never above the multinomial's (much lower where ids are heavy).
+    """
+    if sampling == "iid":
+        rows = weights.sum(1, keepdim=True) > 0
+        draws = torch.multinomial(torch.where(rows, weights, 1.0), m, replacement=True, generator=generator)  # (P, m)
+        draws, _ = draws.sort(dim=1)
+    elif sampling == "systematic":
+        cdf = weights.cumsum(1)  # (P, V)
+        rows = cdf[:, -1:] > 0
+        offset = torch.rand(len(weights), 1, generator=generator, device=weights.device, dtype=cdf.dtype)
+        points = (offset + torch.arange(m, device=weights.device, dtype=cdf.dtype)) / m * cdf[:, -1:]  # (P, m)
+        draws = torch.searchsorted(cdf, points, right=True).clamp_max(weights.shape[1] - 1)  # ascending
+    else:
+        raise ValueError(f"unknown sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
+    ids, counts, _ = _unique_counts(draws)
+    return ids, torch.where(rows, counts, 0)
+
+
+def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sorted draws (P, M) -> unique ids first (P, M), their counts (P, M) and which slots hold one (P, M).
+
+    Padding slots repeat the last unique id with count 0.
+    """
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    rank = first.long().cumsum(1) - 1  # (P, M) slot of each draw's unique id
+    counts = torch.zeros_like(draws).scatter_add_(1, rank, torch.ones_like(draws))
+    ids = torch.zeros_like(draws).scatter_(1, rank, draws)
+    n_unique = first.sum(1, keepdim=True)
+    kept = torch.arange(draws.shape[1], device=draws.device)[None, :] < n_unique
+    return torch.where(kept, ids, ids.gather(1, n_unique - 1)), counts, kept
 
 
 @torch.no_grad()
 def sampled_labels(
     logits: torch.Tensor, samples: int, temperatures=(), lengths=None, generator: torch.Generator | None = None,
-    sample_temperature: float = 1.0, consume: bool = False,
+    sample_temperature: float = 1.0, consume: bool = False, sampling: str = "systematic",
 ) -> SoftLabels:
     """Sampled soft labels: ``samples`` draws per position from the teacher's distribution.
 
     Keeps the unique drawn ids (ascending, padded to ``samples`` slots with count 0 and
-    id repeated), their draw counts and their exact log-probabilities.
+    id repeated), their draw counts and their exact log-probabilities. ``sampling``: see ``draw``.
     """
     logits = logits.float()
     sm = _Softmax(logits, consume=consume)
     weights = sm.e if sample_temperature == 1.0 else sm.e.pow(1.0 / sample_temperature)  # unnormalised
-    draws = torch.multinomial(weights, samples, replacement=True, generator=generator)  # (P, M)
-    draws, _ = draws.sort(dim=1)
-    first = torch.ones_like(draws, dtype=torch.bool)
-    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    # Count of each unique id = run length; place uniques first, pad by repeating the last one.
-    rank = first.long().cumsum(1) - 1  # (P, M) slot of each draw's unique id
-    counts = torch.zeros_like(draws).scatter_add_(1, rank, torch.ones_like(draws))
-    ids = torch.zeros_like(draws).scatter_(1, rank, draws)
-    n_unique = first.sum(1, keepdim=True)
-    slot = torch.arange(samples, device=draws.device)[None, :]
-    kept = slot < n_unique
-    ids = torch.where(kept, ids, ids.gather(1, n_unique - 1))
+    ids, counts = draw(weights, samples, generator, sampling)
+    kept = counts > 0
     kept_logits = sm.e.gather(1, ids).log() + sm.m  # drawn ids have e > 0; relative error ~1e-7
     return _to_host(sm, ids, kept_logits, kept, temperatures, lengths, counts)
 
 
-def _to_host(sm: _Softmax, ids, kept_logits, kept, temperatures, lengths, counts=None) -> SoftLabels:
+def _to_host(sm: _Softmax, ids, kept_logits, kept, temperatures, lengths, counts=None, on_tail=None) -> SoftLabels:
     """Log-probs, tail and normalisers on the device, then only (P, K + 1 + nT) numbers to the host."""
     temps = tuple(float(t) for t in temperatures if t != 1.0)
-    values, tail, tempered_lse = sm.finish(ids, kept_logits, kept, temps)
+    values, tail, tempered_lse = sm.finish(ids, kept_logits, kept, temps, on_tail)
     return SoftLabels(
         offsets=_positions_tensor(len(ids), lengths),
         topk_ids=ids.cpu(),

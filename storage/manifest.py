@@ -66,10 +66,12 @@ class StoreSpec:
     backend:             "zarr" (default) or "parquet".
     teacher_fingerprint: identifies the teacher (weights hash, config), refuses mismatched resumes.
     dataset_fingerprint: identifies the data, so stage two never joins labels to the wrong data.
-    sample_temperature:  temperature of the distribution draws come from ("sample" only).
+    sample_temperature:  temperature of the distribution draws come from ("sample", and tail draws of "topk").
     has_token_index:     positions carry their token index within the example.
     extra:               free-form JSON metadata (generation settings, ...).
     task:                "classification" or "causal-lm" when known (on disk: ``extra["task"]``).
+    tail_samples:        M, ids drawn per position from the teacher's distribution restricted to the
+                         tail ("topk" only; 0: none). On disk only when M > 0, so older stores read as M = 0.
     """
 
     method: str
@@ -86,9 +88,13 @@ class StoreSpec:
     has_token_index: bool = False
     extra: dict = dataclasses.field(default_factory=dict)
     task: str | None = None
+    tail_samples: int = 0
 
     def __post_init__(self):
         self._take_task_from_extra()
+        if not 0 <= self.tail_samples <= 65535 or (self.tail_samples and self.method != "topk"):
+            raise StoreError(f"tail_samples={self.tail_samples} is out of range: use 0 <= tail_samples <= 65535, "
+                             "and tail draws with method topk only")
         if self.method not in METHODS:
             raise StoreError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
         if self.backend not in BACKENDS:
@@ -110,7 +116,7 @@ class StoreSpec:
             except ValueError as e:
                 raise StoreError(str(e)) from None
         object.__setattr__(self, "value_encoding", enc)
-        if self.method == "sample" and self.sample_temperature is None:
+        if (self.method == "sample" or self.tail_samples) and self.sample_temperature is None:
             object.__setattr__(self, "sample_temperature", 1.0)
 
     def _take_task_from_extra(self) -> None:
@@ -145,6 +151,9 @@ class StoreSpec:
         task = d.pop("task")
         if task is not None:
             d["extra"] = {**d["extra"], "task": task}
+        for key, default in OPTIONAL_KEYS.items():  # a store that does not use them keeps its version-1 bytes
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -158,11 +167,13 @@ class StoreSpec:
             raise TypeError("temperatures must be numbers")
         d["temperatures"] = tuple(d["temperatures"])
         d["value_encoding"] = ValueEncoding.from_json(d["value_encoding"])
+        if not isinstance(d.get("tail_samples", 0), int) or isinstance(d.get("tail_samples"), bool):
+            raise TypeError("tail_samples is not an integer")
         return cls(**d)
 
     def check_same(self, other: "StoreSpec") -> None:
         """Raise IncompatibleStoreError naming the first setting that differs."""
-        mine, theirs = self.to_json(), other.to_json()
+        mine, theirs = {**OPTIONAL_KEYS, **self.to_json()}, {**OPTIONAL_KEYS, **other.to_json()}
         what = {"teacher_fingerprint": "another teacher", "dataset_fingerprint": "other data"}
         for key, thing in what.items():  # the likeliest mistakes first, in words
             if mine[key] != theirs[key]:
@@ -183,6 +194,13 @@ _FIELD_TYPES = {"method": (str,), "k": (int,), "vocab_size": (int,), "num_exampl
                 "examples_per_shard": (int,), "temperatures": (list,), "value_encoding": (dict,), "backend": (str,),
                 "teacher_fingerprint": (str,), "dataset_fingerprint": (str,), "sample_temperature": (int, float, type(None)),
                 "has_token_index": (bool,), "extra": (dict,)}
+
+
+OPTIONAL_KEYS = {"tail_samples": 0}  # spec keys a manifest holds only when they differ from these defaults
+
+
+def _optional(d: dict, keys: tuple[str, ...]) -> dict:
+    return {key: d[key] for key in keys if key in d}
 
 
 def _check_files(files, shard: int | None) -> dict:
@@ -272,7 +290,7 @@ class Manifest:
                 f"the store has format version {version}, newer than this distill reads ({FORMAT_VERSION}): upgrade distill"
             )
         try:
-            spec = StoreSpec.from_json({key: d[key] for key in _FIELD_TYPES})
+            spec = StoreSpec.from_json({key: d[key] for key in _FIELD_TYPES} | _optional(d, OPTIONAL_KEYS))
             table = d["shards"]
             if not isinstance(table, list) or len(table) != spec.num_shards or not all(isinstance(s, dict) for s in table):
                 raise ValueError(f"the shard table does not list the {spec.num_shards} shards of the plan")

@@ -1,8 +1,9 @@
-"""Parquet backend: each shard is three Parquet files, one row per example, position or slot.
+"""Parquet backend: each shard is three Parquet files (four with tail draws), one row per example, position or slot.
 
     examples.parquet   offsets         (E+1 rows)
     positions.parquet  tail_logprob, tempered_lse_<j>, token_index   (P rows)
     entries.parquet    ids_delta, logprobs | logprob_codes, counts   (P*K rows, position-major)
+    tail.parquet       tail_ids_delta, tail_counts                   (P*M rows, position-major; tail draws only)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill.storage.backend import ENTRY_COLUMNS, Backend
+from distill.storage.backend import ENTRY_COLUMNS, TAIL_COLUMNS, Backend
 
 __all__ = ["ParquetBackend"]
 
@@ -43,25 +44,30 @@ class ParquetBackend(Backend):
     name = "parquet"
 
     def serialize(self, columns: dict[str, np.ndarray]) -> dict[str, bytes]:
-        positions, entries = {}, {}
+        positions, entries, tail = {}, {}, {}
         for name, data in columns.items():
             if name in ENTRY_COLUMNS:
                 entries[name] = data.reshape(-1)
+            elif name in TAIL_COLUMNS:
+                tail[name] = data.reshape(-1)
             elif name == "tempered_lse":
                 positions.update({f"tempered_lse_{j}": data[:, j] for j in range(data.shape[1])})
             elif name != "offsets":
                 positions[name] = data
-        return {
+        files = {
             "examples.parquet": _table_bytes({"offsets": columns["offsets"]}),
             "positions.parquet": _table_bytes(positions),
             "entries.parquet": _table_bytes(entries),
         }
+        if tail:
+            files["tail.parquet"] = _table_bytes(tail)
+        return files
 
     def deserialize(self, files: dict[str, bytes], shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
-        rows = {"examples": None, "positions": None, "entries": None}
+        rows = {"examples": None, "positions": None, "entries": None, "tail": None}
         if shapes:
             rows = {"examples": shapes["offsets"][0], "positions": shapes["tail_logprob"][0],
-                    "entries": int(np.prod(shapes["ids_delta"]))}
+                    "entries": int(np.prod(shapes["ids_delta"])), "tail": int(np.prod(shapes["tail_ids_delta"]))}
         columns = _table_columns(files["examples.parquet"], rows["examples"])
         positions = _table_columns(files["positions.parquet"], rows["positions"])
         lse = [positions.pop(f"tempered_lse_{j}") for j in range(len(positions)) if f"tempered_lse_{j}" in positions]
@@ -69,4 +75,6 @@ class ParquetBackend(Backend):
             columns["tempered_lse"] = np.stack(lse, axis=1)
         columns.update(positions)
         columns.update(_table_columns(files["entries.parquet"], rows["entries"]))  # flat; the decoder reshapes to (P, K)
+        if "tail.parquet" in files:
+            columns.update(_table_columns(files["tail.parquet"], rows["tail"]))  # flat: (P, M) once reshaped
         return columns

@@ -85,7 +85,8 @@ class StoreReader:
         files = read_shard_files(self.sfs, record)
         try:
             columns = self.backend.deserialize(files, self._shapes(record))
-            labels = decode_labels(columns, self.spec.k, self.spec.value_encoding, self.spec.stored_temperatures, record.example_start)
+            labels = decode_labels(columns, self.spec.k, self.spec.value_encoding, self.spec.stored_temperatures,
+                                   record.example_start, self.spec.tail_samples)
         except Exception as e:  # checksums matched, so this is a writer bug or an edited record
             raise CorruptStoreError(f"shard {index} cannot be decoded ({type(e).__name__}: {e}); regenerate it", index) from None
         if labels.num_examples != record.example_stop - record.example_start or labels.num_positions != record.positions:
@@ -180,6 +181,8 @@ class StoreReader:
             "examples": spec.num_examples,
             "positions": positions,
             "k": spec.k,
+            **({"tail_samples": spec.tail_samples, "sampling": spec.extra.get("sampling", "iid"),
+                "sample_temperature": spec.sample_temperature} if spec.tail_samples else {}),
             "vocab_size": spec.vocab_size,
             "temperatures": list(spec.temperatures),
             "finalized": self.manifest.finalized,
@@ -208,7 +211,8 @@ class StoreReader:
         """The shape every array of the shard must have, from its record (bounds what decoding allocates)."""
         spec, p, k = self.spec, record.positions, self.spec.k
         shapes = {"offsets": (record.example_stop - record.example_start + 1,), "ids_delta": (p, k),
-                  "tail_logprob": (p,), "logprobs": (p, k), "logprob_codes": (p, k), "counts": (p, k), "token_index": (p,)}
+                  "tail_logprob": (p,), "logprobs": (p, k), "logprob_codes": (p, k), "counts": (p, k), "token_index": (p,),
+                  "tail_ids_delta": (p, spec.tail_samples), "tail_counts": (p, spec.tail_samples)}
         if spec.stored_temperatures:
             shapes["tempered_lse"] = (p, len(spec.stored_temperatures))
         return shapes

@@ -58,7 +58,8 @@ def label_figures(reader, max_shards: int | None = None, bins: int = 10, skip: I
     ids hold per position), ``topk_mass_histogram`` (position counts in ``bins`` equal bins
     over [0, 1], the last one closed), ``teacher_entropy_buckets_mean`` (nats: the entropy
     over the k+1 buckets, ids plus tail, a lower bound of the teacher's entropy over the whole
-    vocabulary), ``unique_ids_mean`` (sampled stores) and which shards were read
+    vocabulary), ``unique_ids_mean`` (sampled stores: distinct drawn ids per position;
+    stores with tail draws: distinct tail ids per position) and which shards were read
     (``figures_*``; see ``figure_shards`` for ``max_shards``). Shards in ``skip`` are left
     out; damaged ones are left out and listed in ``figures_skipped_shards``.
     """
@@ -82,8 +83,9 @@ def label_figures(reader, max_shards: int | None = None, bins: int = 10, skip: I
             low, high = min(low, float(mass.min())), max(high, float(mass.max()))
         sums["mass"] += float(mass.sum())
         sums["entropy"] += float(entropy.sum())
-        if labels.counts is not None:
-            sums["unique"] += float((labels.counts > 0).sum())
+        drawn = labels.counts if labels.counts is not None else labels.tail_counts
+        if drawn is not None:
+            sums["unique"] += float((drawn > 0).sum())
     n = int(fine.sum())
     mean = (lambda key: sums[key] / n if n else math.nan)  # noqa: E731
     read = [i for i in chosen if i not in damaged]
@@ -91,7 +93,7 @@ def label_figures(reader, max_shards: int | None = None, bins: int = 10, skip: I
         "topk_mass_percentiles": {**_percentiles(fine, n, low, high), "mean": mean("mass")},
         "topk_mass_histogram": fine.reshape(bins, -1).sum(1).tolist(),
         "teacher_entropy_buckets_mean": mean("entropy"),
-        **({"unique_ids_mean": mean("unique")} if reader.spec.method == "sample" else {}),
+        **({"unique_ids_mean": mean("unique")} if reader.spec.method == "sample" or reader.spec.tail_samples else {}),
         "figures_positions": n,
         "figures_shards_read": len(read),
         "figures_sampled": len(planned) < len(reader.records),

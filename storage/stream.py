@@ -30,12 +30,12 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from distill.storage.labels import SoftLabels, concat_labels
+from distill.storage.labels import POSITION_FIELDS, SoftLabels, concat_labels
 
 __all__ = ["LabelStream", "labels_from_batch"]
 
 BUFFER_POSITIONS = 65536  # default shuffle block: ~50 MB of decoded labels at k=64 (ids int64 + values float32)
-SOFT_FIELDS = ("offsets", "topk_ids", "topk_logprobs", "tail_logprob", "tempered_lse", "counts", "token_index")
+SOFT_FIELDS = ("offsets", *POSITION_FIELDS)
 
 
 class LabelStream(IterableDataset):
@@ -183,13 +183,5 @@ class LabelStream(IterableDataset):
 
 def labels_from_batch(batch: dict, temperatures: tuple[float, ...]) -> SoftLabels:
     """The batch's ``SoftLabels`` back from its ``soft_*`` tensors (on whatever device they are)."""
-    return SoftLabels(
-        offsets=batch["soft_offsets"],
-        topk_ids=batch["soft_topk_ids"],
-        topk_logprobs=batch["soft_topk_logprobs"],
-        tail_logprob=batch["soft_tail_logprob"],
-        tempered_lse=batch["soft_tempered_lse"],
-        temperatures=temperatures,
-        counts=batch.get("soft_counts"),
-        token_index=batch.get("soft_token_index"),
-    )
+    return SoftLabels(offsets=batch["soft_offsets"], temperatures=temperatures,
+                      **{name: batch.get(f"soft_{name}") for name in POSITION_FIELDS})

@@ -152,6 +152,13 @@ class StoreWriter:
             raise StoreError(f"{where}: draw counts are required for method 'sample' and only for it")
         if (labels.token_index is None) == spec.has_token_index:
             raise StoreError(f"{where}: token_index is {'required' if spec.has_token_index else 'not expected'} by this store")
+        if labels.tail_samples != spec.tail_samples or (labels.tail_ids is None) != (labels.tail_counts is None):
+            raise StoreError(f"{where}: labels have {labels.tail_samples} tail draws per position, the store "
+                             f"{spec.tail_samples}")
+        if spec.tail_samples and labels.num_positions:
+            counted = labels.tail_ids[labels.tail_counts > 0]
+            if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= spec.vocab_size):
+                raise StoreError(f"{where}: tail draws outside the vocabulary [0, {spec.vocab_size})")
 
 
 class ShardWriter:
@@ -178,7 +185,7 @@ def empty_labels(spec: StoreSpec, num_examples: int = 0) -> SoftLabels:
     """Labels with no positions for ``num_examples`` examples, shaped for a store of ``spec``.
 
     offsets: (num_examples + 1,) zeros; every other array has 0 positions, with the store's
-    k slots, stored temperatures, and counts / token_index exactly when the store has them.
+    k slots, stored temperatures, and counts / token_index / tail draws exactly when the store has them.
     """
     return SoftLabels(
         offsets=torch.zeros(num_examples + 1, dtype=torch.int64),
@@ -189,6 +196,8 @@ def empty_labels(spec: StoreSpec, num_examples: int = 0) -> SoftLabels:
         temperatures=spec.stored_temperatures,
         counts=torch.zeros(0, spec.k, dtype=torch.int32) if spec.method == "sample" else None,
         token_index=torch.zeros(0, dtype=torch.int32) if spec.has_token_index else None,
+        tail_ids=torch.zeros(0, spec.tail_samples, dtype=torch.int64) if spec.tail_samples else None,
+        tail_counts=torch.zeros(0, spec.tail_samples, dtype=torch.int32) if spec.tail_samples else None,
     )
 
 

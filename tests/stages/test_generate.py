@@ -1,6 +1,7 @@
 """Stage one end to end: `distill generate-labels` from the CLI, resume, torchrun, job arrays."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -124,6 +125,30 @@ def test_sampled_labels_are_seeded(tmp_path):
     assert got.counts.sum(1).eq(12).all()
     run(*args, "--seed", 1, "--out", tmp_path / "c")
     assert not torch.equal(open_store(str(tmp_path / "c")).read_all().topk_ids, got.topk_ids)
+
+
+def test_tail_draws_are_seeded_drawn_outside_the_top_k_and_resume_alike(tmp_path):
+    """--tail-samples: systematic draws from each position's tail; a shard redone draws the same ids."""
+    text = _text_file(tmp_path / "corpus.txt")
+    args = ["--teacher", GPT, "--data", text, "--tokenizer", "bytes", "--seq-len", 48, "--k", 8, "--tail-samples", 6,
+            "--batch-size", 8, "--examples-per-shard", 16]
+    run(*args, "--out", tmp_path / "a")
+    reader = open_store(str(tmp_path / "a"))
+    assert reader.spec.tail_samples == 6 and reader.spec.extra["sampling"] == "systematic"
+    got = reader.read_all()
+    assert got.tail_counts.sum(1).eq(6).all()
+    live = got.tail_counts > 0
+    for ids, tail_ids, keep in zip(got.topk_ids, got.tail_ids, live):
+        assert not set(tail_ids[keep].tolist()) & set(ids.tolist())
+    shutil.rmtree(tmp_path / "a" / "shards" / "000001")
+    (tmp_path / "a" / "shards" / "000001.commit.json").unlink()
+    run(*args, "--out", tmp_path / "a")  # the shard is redone: the same draws
+    redone = open_store(str(tmp_path / "a")).read_all()
+    assert torch.equal(redone.tail_ids, got.tail_ids) and torch.equal(redone.tail_counts, got.tail_counts)
+    summary = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path / "a"), "--json"]).output)
+    assert summary["tail_samples"] == 6 and summary["sampling"] == "systematic" and summary["unique_ids_mean"] > 1
+    with pytest.raises(AssertionError, match="there is no tail|holds all 256"):
+        run(*args[:-4], "--k", 256, "--out", tmp_path / "b")
 
 
 def test_other_settings_are_refused_unless_overwrite(tmp_path):

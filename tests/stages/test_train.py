@@ -67,12 +67,25 @@ def test_causal_lm_student_on_text(tmp_path):
     text.write_text(" ".join(words[i] for i in torch.randint(len(words), (900,), generator=g).tolist()))
     common = ["--data", text, "--tokenizer", "bytes", "--seq-len", 64]
     run("generate-labels", "--teacher", "gpt:d_model=32,n_layers=1,n_heads=2,max_len=64", *common, "--out",
-        tmp_path / "labels", "--k", 16)
+        tmp_path / "labels", "--k", 16, "--tail-samples", 0)
     run("train-student", "--labels", tmp_path / "labels", "--student", "gpt:d_model=16,n_layers=1,n_heads=2,max_len=64",
         *common, "--out", tmp_path / "student", "--steps", 12, "--batch-size", 8, "--eval-split", "train",
         "--workers", 0, "--loss", "jsd")
     last = metrics(tmp_path / "student")[-1]["eval"]
     assert 1 < last["perplexity"] < 300 and last["positions"] > 0
+    # a store with tail draws: the defaults for a causal LM train on them; other divergences need --no-tail-samples
+    run("generate-labels", "--teacher", "gpt:d_model=32,n_layers=1,n_heads=2,max_len=64", *common, "--out",
+        tmp_path / "draws", "--k", 8, "--tail-samples", 8)
+    student = ["--student", "gpt:d_model=16,n_layers=1,n_heads=2,max_len=64", *common, "--steps", 4, "--batch-size", 8,
+               "--workers", 0]
+    run("train-student", "--labels", tmp_path / "draws", *student, "--out", tmp_path / "s-draws")
+    saved = json.loads((tmp_path / "s-draws" / "config.json").read_text())
+    assert saved["temperature"] == 1.0 and saved["tail_samples"] is True and saved["alpha"] is not None
+    refused = run("train-student", "--labels", tmp_path / "draws", *student, "--out", tmp_path / "s-jsd", "--loss", "jsd",
+                  ok=False)
+    assert refused.exit_code == 2 and "--no-tail-samples" in refused.stderr
+    run("train-student", "--labels", tmp_path / "draws", *student, "--out", tmp_path / "s-jsd", "--loss", "jsd",
+        "--no-tail-samples")
 
 
 @pytest.mark.parametrize("args, message", [

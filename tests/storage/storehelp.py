@@ -8,13 +8,14 @@ from distill.storage.synthetic import zipf_logits
 V, K = 300, 8
 
 
-def make_labels(method: str, n_examples: int = 23, seed: int = 0, temperatures=(2.0, 4.0), token_index=False):
+def make_labels(method: str, n_examples: int = 23, seed: int = 0, temperatures=(2.0, 4.0), token_index=False,
+                tail_samples: int = 0):
     """Ragged labels for ``n_examples`` examples (0 to 4 positions each) from seeded logits."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 5, (n_examples,), generator=g)
     logits = zipf_logits(int(lengths.sum()), V, g)
     if method == "topk":
-        labels = topk_labels(logits, K, temperatures, lengths=lengths)
+        labels = topk_labels(logits, K, temperatures, lengths=lengths, tail_samples=tail_samples, generator=g)
     else:
         labels = sampled_labels(logits, K, temperatures, lengths=lengths, generator=g)
     if token_index:

@@ -70,11 +70,15 @@ def load_parquet(shard: Path, k: int) -> dict[str, np.ndarray]:
     entries = pq.read_table(shard / "entries.parquet")
     for name in entries.column_names:
         cols[name] = entries.column(name).to_numpy().reshape(n_pos, k)  # position-major
+    if (shard / "tail.parquet").is_file():  # tail draws: (P, M) position-major
+        tail = pq.read_table(shard / "tail.parquet")
+        for name in tail.column_names:
+            cols[name] = tail.column(name).to_numpy().reshape(n_pos, -1) if n_pos else tail.column(name).to_numpy()
     return cols
 
 
 def decode(cols: dict[str, np.ndarray], manifest: dict) -> dict[str, np.ndarray]:
-    k, enc = manifest["k"], manifest["value_encoding"]
+    enc = manifest["value_encoding"]
     ids = np.cumsum(cols["ids_delta"].astype(np.int64), axis=1)
     tail = cols["tail_logprob"].astype(np.float32)
     counts = cols.get("counts")
@@ -97,8 +101,14 @@ def decode(cols: dict[str, np.ndarray], manifest: dict) -> dict[str, np.ndarray]
         logp = np.where(counts > 0, logp, np.float32(-np.inf))
     n = len(ids)
     lse = cols.get("tempered_lse", np.zeros((n, 0), np.float32)).astype(np.float32)
+    draws = manifest.get("tail_samples", 0)  # optional key: absent in stores without tail draws
+    tail_ids = tail_counts = None
+    if draws:
+        tail_ids = np.cumsum(cols["tail_ids_delta"].reshape(n, draws).astype(np.int64), axis=1)
+        tail_counts = cols["tail_counts"].reshape(n, draws).astype(np.int32)
     return {"offsets": cols["offsets"].astype(np.int64), "ids": ids, "logprobs": logp.astype(np.float32), "tail": tail,
-            "tempered_lse": lse, "counts": counts, "token_index": cols.get("token_index")}
+            "tempered_lse": lse, "counts": counts, "token_index": cols.get("token_index"), "tail_ids": tail_ids,
+            "tail_counts": tail_counts}
 
 
 def tempered(dec: dict, manifest: dict, temperature: float) -> tuple[np.ndarray, np.ndarray]:
@@ -272,3 +282,39 @@ def test_damaged_file_fails_plain_crc(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(AssertionError):
         verify_files(root, record)
+
+
+@pytest.mark.parametrize("backend", ["zarr", "parquet"])
+def test_plain_read_of_tail_draws(tmp_path, backend):
+    """A top-k store with tail draws: the optional manifest key and the two arrays, as FORMAT.md says."""
+    g = torch.Generator().manual_seed(99)
+    logits = zipf_logits(sum(LENGTHS), V, g)
+    labels = topk_labels(logits, K, (2.0,), lengths=LENGTHS, tail_samples=6, generator=g)
+    root = tmp_path / "labels.store"
+    spec = StoreSpec("topk", k=K, vocab_size=V, num_examples=len(LENGTHS), examples_per_shard=PER_SHARD,
+                     temperatures=TEMPERATURES, backend=backend, tail_samples=6, extra={"sampling": "systematic"})
+    writer = create_store(str(root), spec)
+    for i in range(spec.num_shards):
+        writer.write_shard(i, labels.examples(*spec.shard_range(i)))
+    writer.finalize()
+
+    manifest, shards = read_plain(root)
+    assert manifest["tail_samples"] == 6 and manifest["sample_temperature"] == 1.0
+    reader = open_store(str(root))
+    for i, plain in enumerate(shards):
+        ref, original = reader.read_shard(i), labels.examples(*spec.shard_range(i))
+        assert np.array_equal(plain["tail_ids"], ref.tail_ids.numpy())
+        assert np.array_equal(plain["tail_counts"], ref.tail_counts.numpy())
+        assert np.array_equal(plain["tail_counts"], original.tail_counts.numpy())
+        live = plain["tail_counts"] > 0
+        assert np.array_equal(plain["tail_ids"][live], original.tail_ids.numpy()[live])
+        assert (plain["tail_counts"].sum(1) == 6).all()
+        for row, ids in zip(plain["tail_ids"], plain["ids"]):  # drawn from outside the top k
+            assert not set(row.tolist()) & set(ids.tolist())
+
+
+def test_a_store_without_tail_draws_has_no_tail_samples_key(tmp_path):
+    """Stores without draws keep the exact manifest keys every earlier version wrote."""
+    root = tmp_path / "labels.store"
+    write(root, make_labels("topk", False), "topk", "zarr", "sqrt")
+    assert "tail_samples" not in checked_json(root / "manifest.json")

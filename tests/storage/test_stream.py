@@ -82,3 +82,18 @@ def test_skipping_resumes_exactly_where_an_uninterrupted_epoch_would_be(store, w
     whole = [b["example_index"] for b in _batches(_at(make(), 1), workers)]
     rest = [b["example_index"] for b in _batches(_at(make(), 1, skip), workers)]
     assert len(rest) == len(whole) - skip and all(torch.equal(a, b) for a, b in zip(whole[skip:], rest))
+
+
+def test_tail_draws_travel_with_their_positions(tmp_path):
+    """Batches carry a store's tail draws, gathered like every other per-position field."""
+    labels = make_labels("topk", n_examples=31, seed=8, tail_samples=5)
+    write_store(tmp_path / "s", labels, per_shard=4, tail_samples=5)
+    stream = LabelStream(Examples(31), open_store(str(tmp_path / "s")), batch_size=6, seed=2, shuffle_buffer=8)
+    seen = 0
+    for batch in _batches(stream):
+        got = labels_from_batch(batch, labels.temperatures)
+        want = labels.select(batch["example_index"])
+        assert torch.equal(got.tail_counts, want.tail_counts)
+        assert torch.equal(got.tail_ids[got.tail_counts > 0], want.tail_ids[want.tail_counts > 0])
+        seen += len(batch["example_index"])
+    assert seen == 31
