@@ -412,6 +412,20 @@ def test_tail_draws_loss_passes_gradcheck_and_stays_finite_on_peaked_and_empty_t
     assert torch.isfinite(g).all()
 
 
+def test_tail_draws_stay_finite_with_masked_ids():
+    """Ids masked to -inf in the teacher and the student (a padded vocabulary) are never drawn and cost nothing."""
+    t, s = logits(6, 24, 2.0, 53).float(), logits(6, 24, 1.0, 54)
+    t[:, 16:] = float("-inf")
+    s[:, 16:] = float("-inf")
+    s.requires_grad_()
+    labels = topk_labels(t, 4, tail_samples=8, generator=torch.Generator().manual_seed(55))
+    live = labels.tail_counts > 0
+    assert bool((labels.tail_ids[live] < 16).all())
+    out = TopKDistillationLoss("kl", 1.0, alpha=0.0)(s, labels)["soft"]
+    (g,) = torch.autograd.grad(out, s)
+    assert torch.isfinite(out) and torch.isfinite(g).all() and bool((g[:, 16:] == 0).all())
+
+
 def test_tail_draws_refuse_other_divergences_and_temperatures_unless_left_out():
     t, s = logits(3, 12, 1.0, 50).float(), logits(3, 12, 1.0, 51)
     labels = topk_labels(t, 3, temperatures=(2.0,), tail_samples=4, generator=torch.Generator().manual_seed(52))
