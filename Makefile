@@ -25,7 +25,7 @@ demo: venv
 bench-store: venv
 	$(VENV)/bin/python benchmarks/store.py
 
-# The quality tables of docs/RESULTS.md and docs/results/*.json (2 CPU cores: mnist1d ~12 min; lm ~40 min (estimated) once its
+# The quality tables of docs/RESULTS.md and docs/results/*.json (2 CPU cores: mnist1d ~12 min; lm 35 min (measured) once its
 # teacher is trained, which takes ~16 min more the first time; runs cached in .bench-quality/)
 bench-quality: venv
 	$(VENV)/bin/python benchmarks/quality.py --workload all
