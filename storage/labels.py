@@ -246,15 +246,19 @@ def draw(weights: torch.Tensor, m: int, generator: torch.Generator | None = None
         rows = cdf[:, -1:] > 0
         offset = torch.rand(len(weights), 1, generator=generator, device=weights.device, dtype=cdf.dtype)
         points = (offset + torch.arange(m, device=weights.device, dtype=cdf.dtype)) / m * cdf[:, -1:]  # (P, m)
-        draws = torch.searchsorted(cdf, points, right=True).clamp_max(weights.shape[1] - 1)  # ascending
+        # (u + m - 1) / m * total can round up to total itself, which would draw a zero-weight id past the last
+        # weighted one (a top-k or masked id): every point stays strictly below the total
+        points = torch.minimum(points, torch.nextafter(cdf[:, -1:], torch.zeros_like(cdf[:, -1:])))
+        # ascending; the clamp only matters for rows of zero weights, whose counts are zeroed below
+        draws = torch.searchsorted(cdf, points, right=True).clamp_max(weights.shape[1] - 1)
     else:
         raise ValueError(f"unknown sampling {sampling!r}: use one of {', '.join(SAMPLINGS)}")
-    ids, counts, _ = _unique_counts(draws)
+    ids, counts = _unique_counts(draws)
     return ids, torch.where(rows, counts, 0)
 
 
-def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sorted draws (P, M) -> unique ids first (P, M), their counts (P, M) and which slots hold one (P, M).
+def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted draws (P, M) -> unique ids first (P, M) and their counts (P, M).
 
     Padding slots repeat the last unique id with count 0.
     """
@@ -265,7 +269,7 @@ def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     ids = torch.zeros_like(draws).scatter_(1, rank, draws)
     n_unique = first.sum(1, keepdim=True)
     kept = torch.arange(draws.shape[1], device=draws.device)[None, :] < n_unique
-    return torch.where(kept, ids, ids.gather(1, n_unique - 1)), counts, kept
+    return torch.where(kept, ids, ids.gather(1, n_unique - 1)), counts
 
 
 @torch.no_grad()

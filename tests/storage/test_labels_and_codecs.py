@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.storage import ValueEncoding, sampled_labels, topk_labels
+from distill.storage import ValueEncoding, draw, sampled_labels, topk_labels
 from distill.storage.codecs import decode_labels, encode_labels
 
 
@@ -68,6 +68,15 @@ def test_sampled_draws_follow_the_teacher():
     labels = sampled_labels(logits, 1, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(labels.topk_ids[:, 0], minlength=4).double() / 4000
     assert torch.allclose(freq, torch.softmax(logits[0].double(), 0), atol=0.03)
+
+
+def test_systematic_draws_never_land_on_a_zero_weight_id_even_at_the_largest_offset(monkeypatch):
+    """With the offset at its largest, (u + m - 1) / m * total rounds to the total in float32: the last
+    point must still fall on the last weighted id, not on the zero-weight ids after it."""
+    weights = torch.tensor([[0.0, 0.2, 0.17, 0.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, 1 - 2**-24, dtype=kw.get("dtype")))
+    ids, counts = draw(weights, 48, sampling="systematic")
+    assert set(ids[counts > 0].tolist()) <= {1, 2} and int(counts.sum()) == 48
 
 
 @pytest.mark.parametrize("k,v", [(8, 300), (64, 5000)])
