@@ -350,9 +350,9 @@ def keep_freed_memory() -> None:
     """Ask glibc's malloc to keep freed blocks instead of returning them to the system.
 
     A training step allocates and frees (positions x vocabulary) tensors of tens of MB; by default
-    each is a fresh mmap and every page of it faults in again: on the lm workload that is half of
-    a run's CPU time in the kernel (measured: 30 steps 31.5 s -> 21.3 s, system time 10.1 s ->
-    0.8 s). The numbers the runs produce are unchanged. No-op where glibc is absent.
+    each is a fresh mmap and every page of it faults in again (without this, ``/usr/bin/time -v``
+    on ``--workload lm`` showed more system time than user time, and hundreds of millions of
+    minor page faults). The numbers the runs produce are unchanged. No-op where glibc is absent.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -289,6 +289,14 @@ class TopKDistillationLoss(_HintonMix):
         """(tail_ids, tail_counts) when the loss uses them, after checking that it can."""
         if labels.tail_ids is None or not self.tail_samples or not self.tail:
             return None
+        self.check_tail_draws()
+        return labels.tail_ids, labels.tail_counts
+
+    def check_tail_draws(self) -> None:
+        """Raise ConfigError if this loss would use labels' tail draws but cannot (another divergence or
+        temperature than the draws'); call it up front when the store is known to hold draws."""
+        if not self.tail_samples or not self.tail:
+            return
         if self.kind != "kl":
             raise ConfigError(f"the store's tail draws estimate the forward KL only, not {self.kind!r}: pass --loss kl, "
                               "or --no-tail-samples to use its top-k and tail bucket alone")
@@ -296,7 +304,6 @@ class TopKDistillationLoss(_HintonMix):
             raise ConfigError(f"the store's tail draws were made at temperature {_fmt(self.sample_temperature)}: "
                               f"train at --temperature {_fmt(self.sample_temperature)}, or pass --no-tail-samples "
                               "to use its top-k and tail bucket alone")
-        return labels.tail_ids, labels.tail_counts
 
 
 def tail_cross_entropy(within: Tensor, counts: Tensor) -> Tensor:

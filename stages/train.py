@@ -25,7 +25,7 @@ from distill.pipeline.config import check_settings, setting, settings
 from distill.pipeline.data import DataConfig, DataFlags, ExampleSet, load_data
 from distill.pipeline.files import write_json
 from distill.pipeline.labelstore import check_store_matches, open_complete_store
-from distill.pipeline.losses import LOSS_NAMES, OnlineDistillationLoss, make_loss
+from distill.pipeline.losses import LOSS_NAMES, OnlineDistillationLoss, TopKDistillationLoss, make_loss
 from distill.pipeline.modelfiles import save_model
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
 from distill.pipeline.rundir import prepare_run_dir
@@ -158,6 +158,8 @@ def train_student(config: StudentConfig, online_teacher: LoadedModel | None = No
     loss_fn = make_loss(spec.method, config.loss, config.temperature, config.alpha, beta=config.beta, skew=config.skew,
                         sample_temperature=spec.sample_temperature or 1.0, tail=config.tail,
                         tail_samples=config.tail_samples)
+    if spec.tail_samples and online_teacher is None and isinstance(loss_fn, TopKDistillationLoss):
+        loss_fn.check_tail_draws()  # refused before the run directory is made, not at the first step
     if online_teacher is not None:
         if config.loss != "kl":
             raise ConfigError(f"online distillation uses the forward KL, not {config.loss!r}: pass loss='kl'")

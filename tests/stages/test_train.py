@@ -84,6 +84,7 @@ def test_causal_lm_student_on_text(tmp_path):
     refused = run("train-student", "--labels", tmp_path / "draws", *student, "--out", tmp_path / "s-jsd", "--loss", "jsd",
                   ok=False)
     assert refused.exit_code == 2 and "--no-tail-samples" in refused.stderr
+    assert not (tmp_path / "s-jsd").exists()  # refused before anything is written
     run("train-student", "--labels", tmp_path / "draws", *student, "--out", tmp_path / "s-jsd", "--loss", "jsd",
         "--no-tail-samples")
 
