@@ -262,14 +262,16 @@ def report(ctx: click.Context, **params) -> None:
 @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the demo's runs, store, evaluation and report.")
 @click.option("--quick", is_flag=True, help="A much smaller version (about a minute), for a first look or a test.")
-def demo(out_dir: str, quick: bool) -> None:
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N for every stage (the int8 student is evaluated on the CPU).")
+def demo(out_dir: str, quick: bool, device: str) -> None:
     """Run the whole recipe on mnist1d: teacher, labels, three students, int8, evaluation, report.
 
     Rerunning resumes: finished steps are not redone.
     """
     from distill.stages.demo import DemoSettings, run_demo
 
-    run_demo(out_dir, DemoSettings.quick() if quick else DemoSettings())
+    run_demo(out_dir, DemoSettings.quick() if quick else DemoSettings(), device=device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 from distill.pipeline.data import DataConfig, load_data
-from distill.pipeline.models import ModelConfig, load_model
+from distill.pipeline.models import ModelConfig, float32_output_layer, load_model
 from distill.pipeline.runtime import autocast, resolve_device, weight_dtype
 from distill.stages.generate import GenerateConfig, generate_labels
 
@@ -73,7 +73,8 @@ def write_data(name: str, n: int, seq_len: int | None, tmp: str) -> str:
 
 def teacher_only(config: GenerateConfig, device: torch.device) -> tuple[float, int]:
     """Forward passes over the batches generate-labels would run; returns (seconds, positions)."""
-    teacher = load_model(ModelConfig(config.teacher), device=device, dtype=weight_dtype(config.precision))
+    teacher = load_model(ModelConfig(config.teacher), device=device, dtype=weight_dtype(config.precision, device))
+    float32_output_layer(teacher)  # as generate-labels runs it
     data = load_data(DataConfig(config.data, task=teacher.task, tokenizer=config.tokenizer))
     positions = 0
     start = time.perf_counter()
@@ -82,7 +83,7 @@ def teacher_only(config: GenerateConfig, device: torch.device) -> tuple[float, i
             batch = data.collate([data[i] for i in range(a, min(a + config.batch_size, len(data)))])
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             teacher.logits(batch)
-            positions += int(batch["position_mask"].sum()) if "position_mask" in batch else len(next(iter(batch.values())))
+            positions += len(batch["position_index"]) if "position_index" in batch else len(next(iter(batch.values())))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, positions

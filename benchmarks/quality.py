@@ -74,7 +74,7 @@ import torch
 
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, load_model
-from distill.pipeline.runtime import to_device
+from distill.pipeline.runtime import resolve_device, to_device
 from distill.pipeline.scoring import Score
 from distill.pipeline.tasks import position_logits
 from distill.stages.generate import GenerateConfig, generate_labels
@@ -380,9 +380,9 @@ def _store_bytes(url: str) -> int:
 
 
 def run_workload(w: Workload, work: str, progress: bool, long: bool = False, ablations: bool = False,
-                 only: tuple[str, ...] = ()) -> dict:
+                 only: tuple[str, ...] = (), device: str = "cpu") -> dict:
     b = Bench(w, work, progress)
-    common = dict(workers=0, progress=False, batch_size=w.batch_size, checkpoint_every=10**9)
+    common = dict(workers=0, progress=False, batch_size=w.batch_size, checkpoint_every=10**9, device=device)
     if w.task == "classification":
         data = f"mnist1d:num_samples={w.num_samples}"
         transfer = int(w.num_samples * 0.8)
@@ -422,7 +422,7 @@ def run_workload(w: Workload, work: str, progress: bool, long: bool = False, abl
     for r in rows:
         tag, n = r.setting.split()[0], sizes[r.setting]
         url, record = store_for(b, r, tag, stores, dict(teacher=teacher_dir, data=data, limit=n, examples_per_shard=1024,
-                                                        progress=False, **data_flags))
+                                                        progress=False, device=device, **data_flags))
         for seed in range(w.seeds):
             out = b.path("runs", tag, _slug(r.name), f"seed{seed}")
             cfg = dict(out=out, model=student_init(student_spec, seed, b.path("student-init")), data=data, seed=seed,
@@ -468,7 +468,7 @@ def train_row(r: Row, cfg: dict, url: str, teacher_dir: str) -> dict:
     if r.method == "scratch":  # hard labels only, on the same examples in the same order for the same steps
         return train_teacher(TrainConfig(**cfg))
     kw = {"alpha": 0.0, "temperature": 1.0, **r.student_kw()}
-    online = load_model(ModelConfig(teacher_dir)) if r.method == "online" else None
+    online = load_model(ModelConfig(teacher_dir), device=resolve_device(cfg["device"])) if r.method == "online" else None
     return train_student(StudentConfig(labels=url, **kw, **cfg), online_teacher=online)
 
 
@@ -764,6 +764,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="lm: of the --long / --ablations rows, run only those whose name contains TEXT (repeatable)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--device", default="cpu", help="where the stages run (auto, cpu, cuda): the published tables "
+                                                        "are fp32 on the CPU, so the default is cpu on any machine")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     keep_freed_memory()
@@ -776,9 +778,11 @@ def main(argv=None) -> dict:
             w = dataclasses.replace(w, seeds=args.seeds)
         if args.corpus is not None:
             w = dataclasses.replace(w, corpus=args.corpus)
-        work = os.path.join(args.work, f"{name}{'-quick' if args.quick else ''}-{w.corpus if name == 'lm' else 'data'}")
+        work = os.path.join(args.work, f"{name}{'-quick' if args.quick else ''}-{w.corpus if name == 'lm' else 'data'}"
+                            + ("" if args.device == "cpu" else f"-{args.device}"))  # runs on a GPU are kept apart
         start = time.perf_counter()
-        r = run_workload(w, work, args.progress, long=args.long, ablations=args.ablations, only=tuple(args.only))
+        r = run_workload(w, work, args.progress, long=args.long, ablations=args.ablations, only=tuple(args.only),
+                         device=args.device)
         r["seconds"] = time.perf_counter() - start
         r["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " + (
             "CUDA" if torch.cuda.is_available() else "no GPU")

@@ -194,7 +194,10 @@ class ExampleSet:
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
         """Items -> a batch: inputs (B, F) and labels (B,); or input_ids and attention_mask
-        (B, Lmax) right-padded with 0, plus labels (B,) or position_mask (B, Lmax) bool."""
+        (B, Lmax) right-padded with 0, plus labels (B,) or position_mask (B, Lmax) bool and
+        position_index (P,) int64, the flat indices into the B * Lmax tokens of the kept
+        positions: computed here, on the host, so no device has to tell the host how many
+        positions a batch keeps (see ``distill.pipeline.tasks.position_logits``)."""
         if "inputs" in items[0]:
             return {"inputs": torch.stack([it["inputs"] for it in items]),
                     "labels": torch.stack([it["labels"] for it in items])}
@@ -213,6 +216,7 @@ class ExampleSet:
             if "position_mask" in item:
                 position_mask[row, :n] &= item["position_mask"]
         batch["position_mask"] = position_mask
+        batch["position_index"] = position_mask.reshape(-1).nonzero()[:, 0]
         return batch
 
     def fingerprint(self) -> str:

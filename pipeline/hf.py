@@ -29,11 +29,14 @@ VOLATILE_KEYS = ("transformers_version", "dtype", "torch_dtype")
 TASK_SUFFIXES = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification": "classification"}
 
 
-def load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None) -> tuple[nn.Module, str, dict]:
-    """The model in the Hugging Face directory ``path``: (module on the CPU, task, describe entries).
+def load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None,
+            device: torch.device | None = None) -> tuple[nn.Module, str, dict]:
+    """The model in the Hugging Face directory ``path``: (module, task, describe entries).
 
     A directory with a config but no weight files gives a fresh model of that architecture,
-    initialised with seed 0 (a student to train).
+    initialised with seed 0 (a student to train). Weights load in ``dtype`` (None: float32)
+    straight onto a CUDA ``device`` (where transformers can without accelerate: 5.x, or with
+    accelerate installed), so no rank holds a host copy of the whole model; else on the CPU.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -51,6 +54,8 @@ def load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None) -> tuple[
         describe = {"trust_remote_code": config.trust_remote_code, "config": stable_config(module.config.to_dict()),
                     "initialised": "from config, seed 0"}
         return module, task, describe
+    if device is not None and device.type == "cuda" and _direct_to_device():
+        kwargs["device_map"] = {"": str(device)}
     module, info = hf_call(auto.from_pretrained, config.spec, path, config=hf_config, dtype=dtype or torch.float32,
                             output_loading_info=True, **kwargs)
     absent = sorted(info.get("missing_keys", ())) + sorted(str(k) for k in info.get("mismatched_keys", ()))
@@ -60,6 +65,15 @@ def load_hf(path: str, config: ModelConfig, dtype: torch.dtype | None) -> tuple[
                           "check --task, or point at a checkpoint trained for the task")
     describe = {"trust_remote_code": config.trust_remote_code, "config": stable_config(module.config.to_dict())}
     return module, task, describe
+
+
+def _direct_to_device() -> bool:
+    """Whether from_pretrained can put the weights on one device as it reads them (device_map)."""
+    import importlib.util
+
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5 or importlib.util.find_spec("accelerate") is not None
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.pipeline.models import LoadedModel
-from distill.pipeline.runtime import to_device
+from distill.pipeline.runtime import module_device, to_device
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
 from distill.storage import METHODS
 from distill.storage.labels import SoftLabels
@@ -403,8 +403,9 @@ class OnlineDistillationLoss(_HintonMix):
         teacher.module.eval()
 
     def forward(self, student_logits: Tensor, batch: dict, hard_labels: Tensor | None = None):
-        with torch.no_grad():
-            target = position_logits(self.teacher, to_device(batch, student_logits.device), self.task)[0]  # (P, V)
+        with torch.no_grad():  # the teacher runs where it is (it may sit on another device than the student)
+            where = module_device(self.teacher.module)
+            target = position_logits(self.teacher, to_device(batch, where), self.task)[0].to(student_logits.device)
         if target.shape != student_logits.shape:
             raise ConfigError(f"the teacher gives logits {tuple(target.shape)} but the student "
                               f"{tuple(student_logits.shape)}: use models of one vocabulary")

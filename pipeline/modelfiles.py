@@ -13,7 +13,7 @@ import os
 import pickle
 import shutil
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -25,8 +25,8 @@ from distill.pipeline.hf import WEIGHT_SUFFIXES, quiet_hf
 if TYPE_CHECKING:  # models.py imports this module
     from distill.pipeline.models import LoadedModel
 
-__all__ = ["read_state_dict", "load_weights", "save_weights", "save_model", "model_bytes", "weight_files_bytes", "cpu_only",
-           "looks_like_safetensors"]
+__all__ = ["read_state_dict", "load_weights", "save_weights", "save_model", "model_bytes", "weight_files_bytes",
+           "DevicePin", "pinned_device", "looks_like_safetensors"]
 
 
 # --- weights in and out ---------------------------------------------------------------------------
@@ -157,16 +157,49 @@ def weight_files_bytes(directory: str) -> tuple[int, list[str]] | None:
     return (sum(os.path.getsize(os.path.join(directory, f)) for f in files), files) if files else None
 
 
-def cpu_only(spec: str) -> bool:
-    """True when ``spec`` (a quantize output directory, its model/, or its model.pt) is dynamic-int8: CPU kernels only."""
+class DevicePin(NamedTuple):
+    """The one device a quantized archive runs on, why, and how to get one for another device."""
+
+    device: str
+    """Where it runs: "cpu" or "cuda:N"."""
+    why: str
+    """Why, as a clause: "it was traced on the CPU, ..."."""
+    fix: str
+    """How to run it elsewhere: "re-quantize it with --device cuda to run on a GPU"."""
+
+
+def pinned_device(spec: str) -> DevicePin | None:
+    """Where ``spec`` (a quantize output directory, its model/, or its model.pt) can run; None: anywhere.
+
+    dynamic-int8 runs on the CPU (its kernels are there); a traced archive on the device its
+    trace names (model.json's ``traced_on``; files written before that key hold CPU traces);
+    a scripted archive, or any other model, anywhere.
+    """
     if os.path.isfile(spec):
         saved = _json_object(os.path.join(os.path.dirname(spec), "model.json"))
         named = os.path.join(os.path.dirname(spec), os.path.basename(str(saved.get("file", ""))))
         if not (os.path.isfile(named) and os.path.samefile(named, spec)):
-            return False
+            return None
     else:
         saved = _json_object(os.path.join(spec, "model", "model.json")) or _json_object(os.path.join(spec, "model.json"))
-    return saved.get("method") == "dynamic-int8"
+    if saved.get("kind") != "torchscript":
+        return None
+    if saved.get("method") == "dynamic-int8":
+        return DevicePin("cpu", "it is dynamic-int8, whose kernels run on the CPU only",
+                         "quantize it with --method weight-only-int8 to run on a GPU")
+    traced_on = saved.get("traced_on", "cpu" if saved.get("export") == "trace" else None)
+    if traced_on is None:
+        return None
+    try:
+        parsed = torch.device(traced_on)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{spec}: its model.json says traced_on {traced_on!r}, which is no device; "
+                          "re-quantize the model") from None
+    device = "cuda:0" if str(parsed) == "cuda" else str(parsed)  # a trace names an indexed device
+    where = "the CPU" if device == "cpu" else device
+    other = "--device cuda to run on a GPU" if device == "cpu" else "--device cpu (or another cuda:N) to run elsewhere"
+    return DevicePin(device, f"it was traced on {where}, and a trace fixes its device in the code",
+                     f"re-quantize it with {other}")
 
 
 def _json_object(path: str) -> dict:

@@ -20,7 +20,9 @@ attribute. ``LoadedModel.logits`` checks every result's shape against it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import types
 import json
 import os
 import warnings
@@ -42,7 +44,7 @@ from distill.pipeline.specs import resolve_callable, split_builtin
 from distill.pipeline.tasks import TASKS
 
 __all__ = ["BUILTINS", "ModelFlags", "ModelConfig", "LoadedModel", "load_model", "model_fingerprint",
-           "build_builtin"]
+           "build_builtin", "output_layer", "float32_output_layer"]
 
 # describe() keys that say where a model was read from, not what it is: left out of the fingerprint
 _LOCATION_KEYS = ("spec", "weights")
@@ -134,7 +136,9 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: t
                           f"{'Hugging Face directory' if kind == 'hf' else 'TorchScript file'} {config.spec!r} "
                           "carries its own weights: drop --weights")
     state = read_state_dict(config.weights) if config.weights is not None else None  # fail before building
-    loader = {"hf": load_hf, "torchscript": _load_torchscript, "builtin": _load_builtin, "factory": _load_factory}[kind]
+    loader = {"hf": functools.partial(load_hf, device=torch.device(device)),
+              "torchscript": functools.partial(_load_torchscript, device=torch.device(device)),
+              "builtin": _load_builtin, "factory": _load_factory}[kind]
     module, task, describe = loader(target, config, dtype)
     spec = target if kind in ("hf", "torchscript") else config.spec  # an absolute path rebuilds from anywhere
     describe = {"kind": kind, "spec": spec, "task": task,
@@ -209,6 +213,44 @@ def model_fingerprint(module: nn.Module, describe: dict) -> str:
     return fp.hexdigest()
 
 
+def output_layer(model: LoadedModel) -> nn.Linear | None:
+    """The layer that makes the logits: a Hugging Face model's output embeddings; otherwise the last
+    ``nn.Linear`` that outputs ``output_size`` values. None when there is none to find (TorchScript)."""
+    if isinstance(model.module, torch.jit.ScriptModule):
+        return None
+    if model.describe.get("kind") == "hf":
+        head = model.module.get_output_embeddings()
+        return head if isinstance(head, nn.Linear) else None
+    heads = [m for m in model.module.modules() if isinstance(m, nn.Linear) and m.out_features == model.output_size]
+    return heads[-1] if heads else None
+
+
+def float32_output_layer(model: LoadedModel) -> bool:
+    """Make ``model``'s output layer compute in float32, under any autocast and from weights of any dtype.
+
+    A teacher's logits are what the store's exact log-probabilities come from: under bfloat16
+    autocast they would be rounded to bfloat16 (steps of 0.125 for logits of 16 to 32), an
+    error larger than the value encoding's, and ties would decide which id takes the k-th
+    place. The layer gets float32 copies of its weights, once (a weight tied to the input
+    embedding is untied: the embedding keeps its dtype; for inference only), and its input is
+    upcast per call. Returns False when the layer cannot be found (a TorchScript model): its
+    logits are then whatever the model computes.
+    """
+    head = output_layer(model)
+    if head is None:
+        return False
+    for name, param in list(head.named_parameters(recurse=False)):
+        if param.dtype != torch.float32:
+            setattr(head, name, nn.Parameter(param.detach().float(), requires_grad=False))
+    head.forward = types.MethodType(_float32_linear, head)
+    return True
+
+
+def _float32_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(x.device.type, enabled=False):
+        return nn.functional.linear(x.float(), self.weight, self.bias)
+
+
 # --- resolving a spec: the one place that decides what a string means ---------------------------
 
 
@@ -278,11 +320,12 @@ def _load_factory(factory: Any, config: ModelConfig, dtype: torch.dtype | None):
     return module, task, {"factory": config.spec}
 
 
-def _load_torchscript(path: str, config: ModelConfig, dtype: torch.dtype | None):
+def _load_torchscript(path: str, config: ModelConfig, dtype: torch.dtype | None, device: torch.device | None = None):
+    """A TorchScript archive, loaded onto ``device``: its tensor constants too, which ``.to(device)`` would not move."""
     try:
         with warnings.catch_warnings():  # torch marks TorchScript deprecated; it is still a format users bring
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(path, map_location="cpu")
+            module = torch.jit.load(path, map_location=device or "cpu")
     except Exception as e:  # torch raises RuntimeError and others for damaged archives
         raise ConfigError(f"cannot load TorchScript file {config.spec!r} ({first_line(e)}); re-export it with torch.jit.save") from None
     return module, _task(config.task, getattr(module, "task", None), config.spec), {}

@@ -2,16 +2,26 @@
 
 One precision vocabulary for every command (``--precision``):
 
-    auto   bfloat16 autocast on CUDA, float32 on the CPU
+    auto   bfloat16 autocast on CUDA (and, for a teacher in generate-labels, bfloat16 weights),
+           float32 on the CPU
     fp32   float32 everywhere
     bf16   bfloat16 autocast (and, for a teacher in generate-labels, bfloat16 weights)
     fp16   float16 likewise (inference only: training would need loss scaling)
+
+A teacher's output layer runs in float32 whatever the precision (``float32_output_layer``
+in ``distill.pipeline.models``): its logits are what the store's exact log-probabilities are
+computed from.
+
+Devices under torchrun: ``auto`` and a bare ``cuda`` are this rank's GPU (``LOCAL_RANK``),
+made the current device before anything touches CUDA, and the process group is bound to
+it: every rank keeps to its own GPU (no duplicate NCCL devices, no stray contexts on GPU 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import os
 from contextlib import AbstractContextManager, nullcontext
 
@@ -21,7 +31,7 @@ from distill.errors import ConfigError
 from distill.pipeline.config import setting
 
 __all__ = ["DeviceFlags", "PRECISIONS", "TRAINING_PRECISIONS", "PRECISION_ALIASES", "resolve_device", "module_device", "precision_name",
-           "compute_dtype", "weight_dtype", "autocast", "to_device", "Workers", "workers", "parse_shard"]
+           "compute_dtype", "weight_dtype", "autocast", "to_device", "pin", "Workers", "workers", "parse_shard"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")  # fp16 training needs loss scaling, which the trainer does not do
@@ -39,17 +49,37 @@ class DeviceFlags:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> this rank's CUDA device when there is one, else the CPU."""
+    """``auto`` -> this rank's CUDA device when there is one, else the CPU; ``cuda`` -> this rank's CUDA device.
+
+    This rank's device is ``LOCAL_RANK`` (set by torchrun; 0 otherwise) modulo the visible
+    devices. A CUDA device found here becomes the current device (``torch.cuda.set_device``),
+    so nothing later creates a context on another GPU. ``cuda:N`` under torchrun with several
+    ranks on a node would put them all on one GPU: refused.
+    """
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
+        return _current(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but no CUDA device is available: use --device cpu or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for but no CUDA device is available: use --device cpu or auto")
+        return _current(device)
+    return device
+
+
+def _current(device: torch.device) -> torch.device:
+    """A CUDA device with its index (a bare ``cuda`` is this rank's), made the current device."""
+    count = torch.cuda.device_count()
+    if device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % count)
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"--device {device} puts every torchrun rank of this node on one GPU: use --device cuda "
+                          "(or auto), which gives each rank its own (LOCAL_RANK), or CUDA_VISIBLE_DEVICES")
+    elif device.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    torch.cuda.set_device(device)
     return device
 
 
@@ -76,9 +106,15 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def weight_dtype(precision: str) -> torch.dtype | None:
-    """The dtype an inference model's weights are cast to: None (kept in float32) for auto and fp32."""
-    return None if precision in ("auto", "fp32") else _DTYPES[precision]
+def weight_dtype(precision: str, device: torch.device | None = None) -> torch.dtype | None:
+    """The dtype a teacher's weights are loaded in: None (float32) for fp32, and for auto off CUDA.
+
+    ``auto`` on CUDA is bfloat16: autocast would run every matmul in bfloat16 anyway, and
+    float32 weights would cost twice the memory plus autocast's bfloat16 copy of each.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else None
+    return None if precision == "fp32" else _DTYPES[precision]
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager:
@@ -88,8 +124,18 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Every tensor of ``batch`` on ``device`` (copies overlap with compute where the memory is pinned)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Every tensor of ``batch`` on ``device``; host-to-GPU copies are asynchronous only from pinned memory
+    (``pin``), so only those are asked to be."""
+    if device.type == "cpu":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=v.is_pinned()) for k, v in batch.items()}
+
+
+def pin(batch: dict) -> dict:
+    """``batch`` in page-locked host memory (when CUDA is there): its copies to the GPU can overlap compute."""
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.pin_memory() for k, v in batch.items()}
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -112,15 +158,20 @@ class Workers:
 
     ``distributed`` is True under torchrun (a process group is up: barriers work);
     a job-array task (``--shard I/N``) has a rank and a world but no process group.
+    ``device`` is this rank's CUDA device under NCCL (its barriers run there), else None.
     """
 
     rank: int = 0
     world: int = 1
     distributed: bool = False
+    device: torch.device | None = None
 
     def barrier(self) -> None:
         if self.distributed:
-            torch.distributed.barrier()
+            if self.device is not None:
+                torch.distributed.barrier(device_ids=[self.device.index])
+            else:
+                torch.distributed.barrier()
 
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():
@@ -128,16 +179,24 @@ class Workers:
 
 
 def workers(shard: tuple[int, int] | None, device: torch.device) -> Workers:
-    """torchrun's ranks (RANK/WORLD_SIZE set) or ``--shard I/N``; not both."""
+    """torchrun's ranks (RANK/WORLD_SIZE set) or ``--shard I/N``; not both.
+
+    Under torchrun the process group is NCCL on CUDA (bound to ``device``, this rank's GPU,
+    which ``resolve_device`` made current) and gloo on the CPU.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         if shard is not None:
             raise ConfigError("--shard I/N and torchrun both split the work: use one of them")
+        cuda = device.type == "cuda"
         if not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
             # a long timeout: at the end, ranks wait in a barrier for the slowest one
-            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(days=7))
-        return Workers(torch.distributed.get_rank(), torch.distributed.get_world_size(), True)
+            options: dict = {"timeout": datetime.timedelta(days=7)}
+            if cuda and "device_id" in inspect.signature(torch.distributed.init_process_group).parameters:
+                options["device_id"] = device  # NCCL connects eagerly, on this rank's GPU only
+            torch.distributed.init_process_group("nccl" if cuda else "gloo", **options)
+        return Workers(torch.distributed.get_rank(), torch.distributed.get_world_size(), True,
+                       device if cuda else None)
     if shard is not None:
         return Workers(shard[0], shard[1], False)
     return Workers()

@@ -4,22 +4,32 @@
 next-token cross-entropy) and the expected calibration error over positions that have a
 target. train-student / train-teacher use it for the held-out split during training
 (``held_out_evaluator``) and `distill evaluate` for its report, so both say the same.
+
+Memory: beside the model's own logits, scoring works on one chunk of about
+``LOGITS_CHUNK_ELEMENTS`` (positions x vocabulary) values at a time, in a few float32 buffers
+of that size however long the batch. ``Positions`` picks a batch's positions out of its raw
+logits chunk by chunk, so a padded batch is never copied whole, and ``Score.add`` works
+through its (P, V) input chunk by chunk. Its sums stay on the logits' device until
+``result`` reads them, once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from distill.pipeline.models import LoadedModel
-from distill.pipeline.runtime import to_device
-from distill.pipeline.tasks import IGNORE_INDEX, position_logits
+from distill.pipeline.runtime import Workers, to_device
+from distill.pipeline.tasks import IGNORE_INDEX, next_token_labels, position_index
 
-__all__ = ["Score", "held_out_evaluator", "metric_name"]
+__all__ = ["LOGITS_CHUNK_ELEMENTS", "Positions", "Score", "chunk_spans", "held_out_evaluator", "metric_name"]
+
+LOGITS_CHUNK_ELEMENTS = 1 << 25  # (positions x vocabulary) values scored at once: 128 MiB of float32
 
 
 def metric_name(task: str) -> str:
@@ -27,64 +37,166 @@ def metric_name(task: str) -> str:
     return "perplexity" if task == "causal-lm" else "accuracy"
 
 
+def chunk_spans(positions: int, vocab: int, chunk_elements: int | None = None) -> Iterator[slice]:
+    """Consecutive spans covering ``positions`` rows of ``vocab`` values, about ``chunk_elements`` values each.
+
+    None means ``LOGITS_CHUNK_ELEMENTS``. A row counts as at least 64 values, which bounds the
+    per-position tables (ECE bins) of a classifier with few classes too.
+    """
+    rows = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // max(vocab, 64))
+    for a in range(0, positions, rows):
+        yield slice(a, min(a + rows, positions))
+
+
+@dataclasses.dataclass(frozen=True)
+class Positions:
+    """A batch's positions as rows of its raw logits, and their hard labels.
+
+    Causal LM: the kept tokens (``position_index``) of the (B * L, V) flattened logits, with
+    the next token as hard label; classification: every example, its label. ``rows`` gathers
+    a span of them, so a caller scores a padded batch chunk by chunk without copying it whole.
+    """
+
+    index: torch.Tensor | None  # (P,) rows of the flat logits; None: every row, in order
+    hard: torch.Tensor  # (P,) IGNORE_INDEX where a position has no target
+
+    @classmethod
+    def of(cls, batch: dict, task: str, device: torch.device) -> Positions:
+        """The positions of ``batch`` (collated, on ``device``) for ``task``; no host synchronisation."""
+        if task != "causal-lm":
+            labels = batch["labels"].to(device)
+            return cls(None, labels.masked_fill(labels < 0, IGNORE_INDEX))
+        following = next_token_labels(batch, device).reshape(-1)  # (B * L,)
+        index = position_index(batch)
+        if index.numel() == following.numel():
+            return cls(None, following)
+        index = index.to(device, non_blocking=True)
+        return cls(index, following.index_select(0, index))
+
+    def __len__(self) -> int:
+        return len(self.hard)
+
+    def rows(self, logits: torch.Tensor, span: slice) -> torch.Tensor:
+        """Logits (p, V) of positions ``span`` out of the model's raw (B, L, V) or (B, C) logits."""
+        flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V), a view
+        return flat[span] if self.index is None else flat.index_select(0, self.index[span])
+
+    def spans(self, vocab: int, chunk_elements: int | None = None) -> Iterator[slice]:
+        """Chunks of these positions (see ``chunk_spans``)."""
+        return chunk_spans(len(self), vocab, chunk_elements)
+
+
 class Score:
     """Running task metric over positions with a target (hard label != IGNORE_INDEX), and the expected
-    calibration error of the top-1 prediction (``ECE_BINS`` equal-width confidence bins)."""
+    calibration error of the top-1 prediction (``ECE_BINS`` equal-width confidence bins).
+
+    The running sums are one float64 vector on the device of the logits added: added to
+    another Score's (``merge``) or summed over the ranks of a process group (``all_reduce``),
+    they give the result over the union of the positions.
+    """
 
     ECE_BINS = 15
+    # the sums' layout: loss, correct, count, then per bin its count, confidence and correct
+    _LOSS, _CORRECT, _COUNT, _BINS = 0, 1, 2, 3
+    SIZE = 3 + 3 * ECE_BINS
 
     def __init__(self):
-        self.loss_sum, self.correct, self.count = 0.0, 0, 0
-        self.bin_count = torch.zeros(self.ECE_BINS, dtype=torch.float64)
-        self.bin_confidence = torch.zeros(self.ECE_BINS, dtype=torch.float64)
-        self.bin_correct = torch.zeros(self.ECE_BINS, dtype=torch.float64)
+        self.sums: torch.Tensor | None = None  # (SIZE,) float64; None until a position is added
 
-    def add(self, logits: torch.Tensor, hard: torch.Tensor) -> None:
-        """Count positions' logits (P, V) against their hard labels (P,); IGNORE_INDEX positions are skipped."""
-        keep = hard != IGNORE_INDEX
-        logits, hard = logits[keep].float(), hard[keep]  # (P', V), (P',)
-        self.loss_sum += float(F.cross_entropy(logits, hard, reduction="sum"))
-        confidence, predicted = logits.softmax(-1).max(-1)  # (P',), (P',)
-        right = (predicted == hard).double().cpu()
-        self.correct += int(right.sum())
-        self.count += len(hard)
-        confidence = confidence.double().cpu()
-        bins = (confidence * self.ECE_BINS).long().clamp(0, self.ECE_BINS - 1)  # bin b holds [b/n, (b+1)/n); 1.0 joins the last
-        self.bin_count += torch.bincount(bins, minlength=self.ECE_BINS).double()
-        self.bin_confidence += torch.bincount(bins, confidence, minlength=self.ECE_BINS)
-        self.bin_correct += torch.bincount(bins, right, minlength=self.ECE_BINS)
+    def add(self, logits: torch.Tensor, hard: torch.Tensor, chunk_elements: int | None = None) -> None:
+        """Count positions' logits (P, V) against their hard labels (P,); IGNORE_INDEX positions are skipped.
+
+        Works through about ``chunk_elements`` (P x V) values at a time (None: LOGITS_CHUNK_ELEMENTS).
+        """
+        for span in chunk_spans(len(hard), logits.shape[-1], chunk_elements):
+            self._add(logits[span], hard[span].to(logits.device))
+
+    @torch.no_grad()
+    def _add(self, logits: torch.Tensor, hard: torch.Tensor) -> None:
+        n = self.ECE_BINS
+        keep = hard != IGNORE_INDEX  # (p,)
+        logprobs = F.log_softmax(logits, -1, dtype=torch.float32)  # (p, V)
+        picked = logprobs.gather(1, torch.where(keep, hard, 0)[:, None])[:, 0]  # (p,)
+        loss = torch.where(keep, -picked.double(), 0.0)
+        top, predicted = logprobs.max(-1)  # (p,), (p,)
+        del logprobs  # the (p, V) buffer goes before the (p, bins) tables come
+        confidence = top.double().exp()
+        right = ((predicted == hard) & keep).double()  # (p,)
+        bins = (confidence * n).long().clamp(0, n - 1)  # bin b holds [b/n, (b+1)/n); 1.0 joins the last
+        table = ((bins[:, None] == torch.arange(n, device=bins.device)) & keep[:, None]).double()  # (p, n)
+        chunk = torch.cat([torch.stack([loss.sum(), right.sum(), keep.sum().double()]), table.sum(0),
+                           (table * confidence[:, None]).sum(0), (table * right[:, None]).sum(0)])  # (SIZE,)
+        self.sums = chunk if self.sums is None else self.sums + chunk
+
+    def merge(self, other: Score) -> Score:
+        """These sums plus ``other``'s (positions scored elsewhere), in place; returns self."""
+        if other.sums is not None:
+            self.sums = other.sums.clone() if self.sums is None else self.sums + other.sums.to(self.sums.device)
+        return self
+
+    def all_reduce(self, device: torch.device) -> Score:
+        """Sum these sums over every rank of the default process group, in place; returns self.
+
+        Every rank must call it; each then holds the sums over all ranks' positions. The sums
+        travel on ``device`` (NCCL needs CUDA tensors, gloo takes CPU ones).
+        """
+        sums = torch.zeros(self.SIZE, dtype=torch.float64) if self.sums is None else self.sums
+        sums = sums.to(device, copy=True)
+        torch.distributed.all_reduce(sums)
+        self.sums = sums
+        return self
+
+    def _totals(self) -> torch.Tensor:
+        """The sums on the host (one synchronisation); zeros before any position."""
+        return torch.zeros(self.SIZE, dtype=torch.float64) if self.sums is None else self.sums.cpu()
 
     def ece(self) -> float | None:
         """sum_b |accuracy_b - mean confidence_b| * n_b / n over the bins: 0 is perfectly calibrated."""
-        if self.count == 0:
+        return self._ece(self._totals())
+
+    def _ece(self, totals: torch.Tensor) -> float | None:
+        count, n, b = float(totals[self._COUNT]), self.ECE_BINS, self._BINS
+        if count == 0:
             return None
-        return float((self.bin_correct - self.bin_confidence).abs().sum() / self.count)
+        confidence, correct = totals[b + n : b + 2 * n], totals[b + 2 * n : b + 3 * n]
+        return float((correct - confidence).abs().sum() / count)
 
     def result(self, task: str) -> dict:
         """{"metric": accuracy | perplexity (exp of the mean next-token CE), "value", "loss", "ece", "positions"}."""
-        if self.count == 0:
+        totals = self._totals()
+        count = int(totals[self._COUNT])
+        if count == 0:
             return {"metric": metric_name(task), "value": None, "positions": 0}
-        mean = self.loss_sum / self.count
-        value = math.exp(min(mean, 700.0)) if task == "causal-lm" else self.correct / self.count
-        return {"metric": metric_name(task), "value": value, "loss": mean, "ece": self.ece(), "positions": self.count}
+        mean = float(totals[self._LOSS]) / count
+        value = math.exp(min(mean, 700.0)) if task == "causal-lm" else float(totals[self._CORRECT]) / count
+        return {"metric": metric_name(task), "value": value, "loss": mean, "ece": self._ece(totals),
+                "positions": count}
 
 
 def held_out_evaluator(model: LoadedModel, data, batch_size: int, device: torch.device,
-                       autocast: Callable[[], AbstractContextManager]) -> Callable[[], dict]:
-    """A function that scores ``model`` on every example of ``data`` (an ExampleSet) in order.
+                       autocast: Callable[[], AbstractContextManager], team: Workers | None = None,
+                       *, chunk_elements: int | None = None) -> Callable[[], dict]:
+    """A function that scores ``model`` on every example of ``data`` (an ExampleSet).
 
     It returns {"loss", "accuracy" | "perplexity", "ece", "examples" | "positions"}: the line
     train-student and train-teacher write to metrics.jsonl. ``autocast()`` makes the context
-    each forward pass runs in.
+    each forward pass runs in. Under a process group (``team.distributed``) rank r scores
+    batches r, r + world, ... and the ranks sum their scores, so every rank returns the
+    whole set's result, as one process would; every rank must call the function.
     """
+    rank, world = (team.rank, team.world) if team is not None and team.distributed else (0, 1)
 
     def run() -> dict:
         score = Score()
-        for a in range(0, len(data), batch_size):
+        for a in range(rank * batch_size, len(data), world * batch_size):
             batch = to_device(data.collate([data[i] for i in range(a, min(a + batch_size, len(data)))]), device)
             with autocast():
-                logits, hard = position_logits(model, batch, model.task)
-            score.add(logits, hard)
+                logits = model.logits(batch)  # (B, C) or (B, L, V)
+            positions = Positions.of(batch, model.task, logits.device)
+            for span in positions.spans(logits.shape[-1], chunk_elements):
+                score.add(positions.rows(logits, span), positions.hard[span], chunk_elements)
+        if world > 1:
+            score.all_reduce(device)
         r = score.result(model.task)
         return {"loss": r.get("loss"), r["metric"]: r["value"], "ece": r.get("ece"),
                 ("positions" if model.task == "causal-lm" else "examples"): r["positions"]}

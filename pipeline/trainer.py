@@ -28,7 +28,7 @@ from distill.errors import ConfigError, DistillError, write_error
 from distill.pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from distill.pipeline.config import setting
 from distill.pipeline.progress import Progress
-from distill.pipeline.runtime import Workers
+from distill.pipeline.runtime import Workers, to_device
 from distill.storage.stream import LabelStream
 
 __all__ = ["Schedule", "RunPlace", "fit", "make_optimizer", "steps_per_epoch", "total_steps"]
@@ -116,27 +116,43 @@ class _Position:
 
 @dataclasses.dataclass
 class _Window:
-    """What happened since the last metrics line: for its rates and mean scalars."""
+    """What happened since the last metrics line: for its rates and mean scalars.
+
+    Scalars the device computes (losses, positions counted on it, the gradient norm) stay
+    device tensors, summed there; ``record`` reads them back once, for the metrics line.
+    """
 
     start: float = dataclasses.field(default_factory=time.perf_counter)
     examples: int = 0
-    positions: int = 0
+    positions: int | torch.Tensor = 0
     steps: int = 0
-    sums: dict[str, float] = dataclasses.field(default_factory=dict)  # per-step means, summed over the steps
+    sums: dict[str, float | torch.Tensor] = dataclasses.field(default_factory=dict)  # per-step means, summed
 
-    def add_step(self, sums: dict[str, float]) -> None:
+    def add_step(self, sums: dict[str, float | torch.Tensor]) -> None:
         self.steps += 1
         for key, value in sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
 
-    def record(self, pos: _Position, lr: float, grad_norm: float | None) -> dict:
-        """The metrics line for the window ending at ``pos``."""
+    def record(self, pos: _Position, lr: float, grad_norm: float | torch.Tensor | None) -> dict:
+        """The metrics line for the window ending at ``pos`` (the one host synchronisation of the window)."""
+        names = list(self.sums)
+        values = _read_back([self.sums[k] for k in names] + [self.positions, grad_norm])
+        sums, positions, grad_norm = dict(zip(names, values[:len(names)])), values[-2], values[-1]
         seconds = time.perf_counter() - self.start
         steps = max(1, self.steps)
-        return {"step": pos.step, "epoch": pos.epoch, **{k: v / steps for k, v in self.sums.items()}, "lr": lr,
+        return {"step": pos.step, "epoch": pos.epoch, **{k: v / steps for k, v in sums.items()}, "lr": lr,
                 "grad_norm": grad_norm, "steps_per_s": self.steps / seconds if seconds else None,
                 "examples_per_s": self.examples / seconds if seconds else None,
-                "positions_per_s": self.positions / seconds if seconds else None}
+                "positions_per_s": positions / seconds if seconds else None}
+
+
+def _read_back(values: list) -> list:
+    """Tensors among ``values`` as Python floats, read in one copy from the device; other values as they are."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    if not tensors:
+        return values
+    numbers = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).tolist())
+    return [next(numbers) if torch.is_tensor(v) else v for v in values]
 
 
 def fit(module: torch.nn.Module, stream: LabelStream, batch_loss: Callable[[torch.nn.Module, dict], dict],
@@ -166,9 +182,10 @@ class _Loop:
         self.schedule, self.place, self.evaluate = schedule, place, evaluate
         self.optimizer = make_optimizer(module, schedule)
         self.total = total_steps(stream, schedule, place.team.world)
-        if self.total < 1:
-            raise ConfigError("the data gives no full optimiser step per rank: "
-                              "use a smaller --batch-size or --grad-accum")
+        # (with --steps too: an epoch of no step per rank, e.g. fewer shards than ranks, would loop for ever)
+        if self.total < 1 or steps_per_epoch(stream, 0, place.team.world, schedule.grad_accum) < 1:
+            raise ConfigError("the data gives no full optimiser step per rank: use a smaller --batch-size or "
+                              "--grad-accum, or fewer ranks than the store has shards")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(self.total, schedule))
         self.pos = _resume(place.run_dir, module, self.optimizer, self.scheduler, place.device)
         self.model = self._wrapped()
@@ -211,32 +228,33 @@ class _Loop:
                           pin_memory=self.place.device.type == "cuda", prefetch_factor=2 if schedule.workers else None,
                           generator=torch.Generator().manual_seed(schedule.seed))  # leaves the global RNG alone
 
-    def _accumulate(self, it, n_micro: int) -> tuple[dict[str, float], int]:
+    def _accumulate(self, it, n_micro: int) -> tuple[dict, int]:
         """Gradients of one optimiser step's ``n_micro`` batches -> (their mean scalars, examples for the bar)."""
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for micro in range(n_micro):
-            batch = _next_batch(it)
+            batch = to_device(_next_batch(it), self.place.device)  # pinned by the loader: an asynchronous copy
             sync = micro == n_micro - 1 or not self.place.team.distributed  # DDP all-reduces on the last only
             with (self.model.no_sync() if not sync else nullcontext()), self.place.autocast():
                 out = self.batch_loss(self.model, batch)
             (out["loss"] / n_micro).backward()
             _add_scalars(sums, out, n_micro)
-            self.window.positions += int(out["positions"])
+            self.window.positions += out["positions"]  # an int, or a count still on the device
             self.window.examples += int(batch["example_index"].numel())
             self.pos.batches_in_epoch += 1
         return sums, int(batch["example_index"].numel()) * n_micro
 
-    def _optimiser_step(self) -> float | None:
-        """Clip, step the optimiser and the LR schedule; returns the gradient norm before clipping, if clipped."""
+    def _optimiser_step(self) -> torch.Tensor | None:
+        """Clip, step the optimiser and the LR schedule; returns the gradient norm before clipping (a device
+        scalar, not read back here), if clipped."""
         grad_norm = None
         if self.schedule.clip_grad:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.schedule.clip_grad))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.schedule.clip_grad).detach()
         self.optimizer.step()
         self.scheduler.step()
         return grad_norm
 
-    def _after_step(self, sums: dict[str, float], examples: int, grad_norm: float | None, end_of_epoch: bool) -> None:
+    def _after_step(self, sums: dict, examples: int, grad_norm: torch.Tensor | None, end_of_epoch: bool) -> None:
         """Count the step; log, evaluate and checkpoint when it is their turn (and always at the last step)."""
         self.pos.step += 1
         self.bar.update(1, examples)
@@ -251,7 +269,7 @@ class _Loop:
     def _due(self, every: int) -> bool:
         return self.pos.step % every == 0 or self.pos.step == self.total
 
-    def _log(self, grad_norm: float | None) -> dict:
+    def _log(self, grad_norm: torch.Tensor | None) -> dict:
         record = self.window.record(self.pos, self.scheduler.get_last_lr()[0], grad_norm)
         self.metrics.write(record)
         self.window = _Window()
@@ -270,11 +288,13 @@ class _Loop:
         self.place.team.barrier()
 
 
-def _add_scalars(sums: dict[str, float], out: dict, n_micro: int) -> None:
-    """Adds ``out``'s scalars (all but ``positions``), each divided by ``n_micro``, to ``sums``."""
+def _add_scalars(sums: dict, out: dict, n_micro: int) -> None:
+    """Adds ``out``'s scalars (all but ``positions``), each divided by ``n_micro``, to ``sums``: device
+    tensors stay on the device (reading one back would make the host wait for the step)."""
     for key, value in out.items():
         if key != "positions" and value is not None:
-            sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value) / n_micro
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            sums[key] = sums.get(key, 0.0) + value / n_micro
 
 
 def _next_batch(it):

@@ -50,8 +50,13 @@ class DemoSettings:
                    teacher_epochs=3, student_epochs=3)
 
 
-def run_demo(out_dir: str, settings: DemoSettings = DemoSettings(), progress: bool = True) -> dict:
-    """Run the recipe into ``out_dir``; print the table and the retention line; return the evaluations."""
+def run_demo(out_dir: str, settings: DemoSettings = DemoSettings(), progress: bool = True,
+             device: str = "auto") -> dict:
+    """Run the recipe into ``out_dir``; print the table and the retention line; return the evaluations.
+
+    ``device`` runs every stage there (``auto``: this machine's GPU if it has one); the int8
+    student, whose kernels are the CPU's, is evaluated on the CPU beside the teacher.
+    """
     from distill.stages.evaluate import EvaluateConfig, evaluate_model, retention_line
     from distill.stages.generate import GenerateConfig, generate_labels
     from distill.stages.quantize import QuantizeConfig, quantize_model
@@ -62,7 +67,8 @@ def run_demo(out_dir: str, settings: DemoSettings = DemoSettings(), progress: bo
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     transfer = int(s.num_samples * 0.8)
     transfer_epochs = max(1, round(s.student_epochs * s.labelled / transfer))
-    common = dict(data=data, lr=s.lr, batch_size=s.batch_size, eval_split="test", workers=0, progress=False)
+    common = dict(data=data, lr=s.lr, batch_size=s.batch_size, eval_split="test", workers=0, progress=False,
+                  device=device)
     clock = _Clock(progress)
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -72,7 +78,8 @@ def run_demo(out_dir: str, settings: DemoSettings = DemoSettings(), progress: bo
     clock.step(f"teacher {s.teacher} on {s.labelled:,} labelled examples, {s.teacher_epochs} epochs")
     train_teacher(TrainConfig(out=path("teacher"), model=s.teacher, epochs=s.teacher_epochs, limit=s.labelled, **common))
     clock.step(f"teacher labels {transfer:,} inputs (the transfer set) into a soft-label store")
-    generate_labels(GenerateConfig(teacher=path("teacher"), data=data, out=path("labels.zarr"), progress=False))
+    generate_labels(GenerateConfig(teacher=path("teacher"), data=data, out=path("labels.zarr"), progress=False,
+                                   device=device))
     clock.step(f"student {s.student} from scratch on the {s.labelled:,} hard labels, {s.student_epochs} epochs")
     train_teacher(TrainConfig(out=path("student-scratch"), model=s.student, epochs=s.student_epochs, limit=s.labelled,
                               **common))
@@ -89,7 +96,9 @@ def run_demo(out_dir: str, settings: DemoSettings = DemoSettings(), progress: bo
     results = {}
     for name in names:
         teacher = None if name == "teacher" else path("teacher")
-        results[name] = evaluate_model(EvaluateConfig(model=path(name), data=data, teacher=teacher, split="test"))
+        where = "cpu" if name.endswith("int8") else device  # dynamic int8 runs on the CPU only
+        results[name] = evaluate_model(EvaluateConfig(model=path(name), data=data, teacher=teacher, split="test",
+                                                      device=where))
     write_json(path("evaluation.json"), [{"name": name, **r} for name, r in results.items()])
     clock.step("report")
     report = _report(out_dir, names, path)

@@ -47,12 +47,11 @@ from distill.pipeline.data import DataFlags, ExampleSet, load_data
 from distill.pipeline.formatting import human_bytes
 from distill.pipeline.labelstore import check_store_matches, open_complete_store
 from distill.pipeline.losses import bucket_divergence, student_buckets
-from distill.pipeline.modelfiles import cpu_only, model_bytes
+from distill.pipeline.modelfiles import model_bytes, pinned_device
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.runtime import DeviceFlags, autocast, resolve_device, to_device
-from distill.pipeline.scoring import Score
-from distill.pipeline.tasks import position_logits
+from distill.pipeline.scoring import Positions, Score
 from distill.pipeline.tokenize import tokenizer_beside
 
 __all__ = ["EvaluateConfig", "evaluate_model", "format_report", "retention_line"]
@@ -126,14 +125,27 @@ def evaluate_model(config: EvaluateConfig) -> dict:
 # --- setup ------------------------------------------------------------------------------------
 
 def _device(config: EvaluateConfig) -> torch.device:
-    pinned = next((spec for spec in (config.model, config.teacher) if spec and cpu_only(spec)), None)
-    if pinned is not None and config.device == "auto":
-        return torch.device("cpu")
-    device = resolve_device(config.device)
-    if pinned is not None and device.type != "cpu":
-        raise ConfigError(f"{pinned} is a dynamic-int8 model, whose kernels run on the CPU only: pass --device cpu, "
-                          "or quantize with --method weight-only-int8 for a GPU")
-    return device
+    """--device; for a quantized model (or teacher) that runs on one device only, that device, and auto follows it."""
+    pins = {spec: pin for spec in (config.model, config.teacher) if spec and (pin := pinned_device(spec))}
+    if len({pin.device for pin in pins.values()}) > 1:
+        (a, pin_a), (b, pin_b) = pins.items()
+        raise ConfigError(f"{a} runs on {pin_a.device} only and {b} on {pin_b.device} only: evaluate them apart, "
+                          f"or re-quantize one with --device {pin_a.device}")
+    if not pins:
+        return resolve_device(config.device)
+    spec, pin = next(iter(pins.items()))
+    pinned = torch.device(pin.device)
+    if pinned.type == "cuda" and not (torch.cuda.is_available() and pinned.index < torch.cuda.device_count()):
+        raise ConfigError(f"{spec} runs on {pin.device} only ({pin.why}), and this machine has no {pin.device}: "
+                          f"{pin.fix}")
+    try:
+        asked = pinned if config.device == "auto" else torch.device(config.device)
+    except RuntimeError:
+        return resolve_device(config.device)  # says what names there are
+    if asked.type != pinned.type or (asked.type == "cuda" and asked.index not in (None, pinned.index)):
+        raise ConfigError(f"{spec} runs on {pin.device} only ({pin.why}), not on --device {config.device}: "
+                          f"pass --device {pin.device} (or auto), or {pin.fix}")
+    return resolve_device(pin.device)
 
 
 def _check_teacher(config: EvaluateConfig, model: LoadedModel, teacher: LoadedModel) -> None:
@@ -154,33 +166,54 @@ def _open_labels(config: EvaluateConfig, model: LoadedModel, data: ExampleSet):
 # --- one pass over the data: the metric, and agreement with the teacher ------------------------
 
 def _quality(model: LoadedModel, teacher: LoadedModel | None, store, data: ExampleSet, batch_size: int,
-             device: torch.device, precision) -> dict:
+             device: torch.device, precision, chunk_elements: int | None = None) -> dict:
+    """The metric of the model (and the teacher) and the agreement, in one pass over the data.
+
+    Beside the models' own logits it holds about ``chunk_elements`` (positions x vocabulary)
+    values at a time (None: LOGITS_CHUNK_ELEMENTS): positions are taken out of the raw
+    logits and scored chunk by chunk, never copied whole.
+    """
     mine, theirs = Score(), Score()
-    agree, kl_sum, positions = 0, 0.0, 0
+    agreement, positions = torch.zeros(2, dtype=torch.float64, device=device), 0  # top-1 matches, summed KL
     for batch, labels in _batches(data, store, batch_size):
         batch = to_device(batch, device)
         with precision():
-            logits, hard = position_logits(model, batch, model.task)  # (P, V), (P,)
-            teacher_logits = None if teacher is None else position_logits(teacher, batch, model.task)[0]
-        mine.add(logits, hard)
-        if teacher_logits is not None:
-            theirs.add(teacher_logits, hard)
-            a, kl = _agreement_with_logits(teacher_logits, logits)
-        elif labels is not None:
-            if labels.num_positions != len(logits):
-                raise StoreError(f"a batch has {len(logits)} positions in the data but {labels.num_positions} in "
-                                 "the store: regenerate the store from this data")
-            a, kl = _agreement_with_labels(labels, logits)
-        else:
-            continue
-        agree, kl_sum, positions = agree + a, kl_sum + kl, positions + len(logits)
+            logits = model.logits(batch)  # (B, C) or (B, L, V)
+            teacher_logits = None if teacher is None else teacher.logits(batch)
+        kept = Positions.of(batch, model.task, logits.device)
+        if labels is not None and labels.num_positions != len(kept):
+            raise StoreError(f"a batch has {len(kept)} positions in the data but {labels.num_positions} in "
+                             "the store: regenerate the store from this data")
+        for span in kept.spans(logits.shape[-1], chunk_elements):
+            found = _chunk_quality(kept, span, logits, teacher_logits, labels, mine, theirs)
+            if found is not None:
+                agreement += found.to(agreement.device)
+                positions += span.stop - span.start
     out = {"model": mine.result(model.task)}
     if teacher is not None:
         out["teacher"] = theirs.result(model.task)
     if teacher is not None or store is not None:
+        agree, kl_sum = agreement.tolist()
         out["agreement"] = agree / positions if positions else None
         out["kl"] = kl_sum / positions if positions else None
     return out
+
+
+def _chunk_quality(kept: Positions, span: slice, logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                   labels, mine: Score, theirs: Score) -> torch.Tensor | None:
+    """Score positions ``span`` of a batch; their (top-1 matches, summed KL) with the teacher or store, if any.
+
+    A function of its own so that a chunk's rows are freed before the next chunk's are gathered.
+    """
+    rows = kept.rows(logits, span)  # (p, V)
+    mine.add(rows, kept.hard[span])
+    if teacher_logits is not None:
+        teacher_rows = kept.rows(teacher_logits, span)  # (p, V)
+        theirs.add(teacher_rows, kept.hard[span])
+        return _agreement_with_logits(teacher_rows, rows)
+    if labels is not None:
+        return _agreement_with_labels(labels, span, rows)
+    return None
 
 
 def _batches(data: ExampleSet, store, batch_size: int):
@@ -194,23 +227,27 @@ def _batches(data: ExampleSet, store, batch_size: int):
         yield data.collate([data[i] for i in range(a, a + labels.num_examples)]), labels
 
 
-def _agreement_with_logits(teacher_logits: torch.Tensor, logits: torch.Tensor) -> tuple[int, float]:
-    """Top-1 matches and the summed full-vocabulary KL(teacher || model) over (P, V) logits at T=1."""
-    p_log = teacher_logits.float().log_softmax(-1)  # (P, V)
-    q_log = logits.float().log_softmax(-1)  # (P, V)
-    kl = F.kl_div(q_log, p_log, log_target=True, reduction="sum")
-    return int((teacher_logits.argmax(-1) == logits.argmax(-1)).sum()), float(kl)
+def _agreement_with_logits(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(top-1 matches, summed full-vocabulary KL(teacher || model)) over (p, V) logits at T=1, float64 (2,)."""
+    matches = (teacher_logits.argmax(-1) == logits.argmax(-1)).sum()
+    p_log = F.log_softmax(teacher_logits, -1, dtype=torch.float32)  # (p, V)
+    terms = F.log_softmax(logits, -1, dtype=torch.float32).neg_().add_(p_log)  # log p - log q, (p, V)
+    kl = terms.mul_(p_log.exp_()).sum()  # in place: two (p, V) float32 buffers, not five
+    return torch.stack([matches.double(), kl.double()])
 
 
-def _agreement_with_labels(labels, logits: torch.Tensor) -> tuple[int, float]:
-    """Top-1 matches with the store's top-1 id and the summed KL over its K+1 buckets at T=1."""
-    ids = labels.topk_ids.to(logits.device)  # (P, K)
-    teacher_lp = labels.topk_logprobs.to(logits.device)  # (P, K), -inf on a sampled store's padding slots
-    top1 = ids.gather(1, teacher_lp.argmax(1, keepdim=True))[:, 0]  # (P,)
-    kept = None if labels.counts is None else labels.counts.to(logits.device) > 0
+def _agreement_with_labels(labels, span: slice, logits: torch.Tensor) -> torch.Tensor:
+    """(top-1 matches with the store's top-1 id, summed KL over its K+1 buckets) at T=1, float64 (2,).
+
+    ``logits`` (p, V) are those of the store's positions ``span`` of ``labels``.
+    """
+    ids = labels.topk_ids[span].to(logits.device)  # (p, K)
+    teacher_lp = labels.topk_logprobs[span].to(logits.device)  # (p, K), -inf on a sampled store's padding slots
+    top1 = ids.gather(1, teacher_lp.argmax(1, keepdim=True))[:, 0]  # (p,)
+    kept = None if labels.counts is None else labels.counts[span].to(logits.device) > 0
     student_lp, student_tail = student_buckets(logits, ids, 1.0, kept)
-    kl = bucket_divergence("kl", teacher_lp, labels.tail_logprob.to(logits.device), student_lp, student_tail)
-    return int((logits.argmax(-1) == top1).sum()), float(kl.sum())
+    kl = bucket_divergence("kl", teacher_lp, labels.tail_logprob[span].to(logits.device), student_lp, student_tail)
+    return torch.stack([(logits.argmax(-1) == top1).sum().double(), kl.sum().double()])
 
 
 # --- size and speed -------------------------------------------------------------------------------

@@ -27,17 +27,17 @@ import torch
 
 from distill.errors import ConfigError
 from distill.pipeline.data import DataFlags, ExampleSet, load_data
-from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
+from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, float32_output_layer, load_model
 from distill.pipeline.progress import Progress
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.runtime import (PRECISION_ALIASES, PRECISIONS, DeviceFlags, Workers, autocast, compute_dtype,
-                                      parse_shard, resolve_device, to_device, weight_dtype, workers)
+                                      parse_shard, pin, resolve_device, to_device, weight_dtype, workers)
 from distill.pipeline.tokenize import tokenizer_beside
 from distill.storage import (BACKENDS, METHODS, SAMPLINGS, VALUE_ENCODINGS, SoftLabels, StoreSpec, StoreWriter,
                              concat_labels, create_store, empty_labels, open_store, open_store_writer, sampled_labels,
                              topk_labels)
 
-__all__ = ["GenerateConfig", "generate_labels", "DEFAULTS"]
+__all__ = ["GenerateConfig", "generate_labels", "DEFAULTS", "store_spec", "batch_labels"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +142,12 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
     say = _Say(team.rank == 0 or not team.distributed)
     teacher = load_model(ModelConfig(config.teacher, weights=config.weights, task=config.task,
                                      trust_remote_code=config.trust_remote_code),
-                         device=device, dtype=weight_dtype(config.precision))
+                         device=device, dtype=weight_dtype(config.precision, device))
+    exact_head = float32_output_layer(teacher)  # the logits the exact log-probs come from: never bf16
     tokenizer = config.tokenizer if config.tokenizer is not None else tokenizer_beside(config.teacher)
     data = load_data(config.data_config(config.data, task=teacher.task, tokenizer=tokenizer))
     _check_compatible(config, teacher, data)
-    spec = _store_spec(config, teacher, data, device)
+    spec = store_spec(config, teacher, data, device, exact_head)
     writer = _open_store(config, spec, team, say)
     pending = writer.pending_shards()
     mine = [i for i in pending if i % team.world == team.rank]
@@ -209,10 +210,16 @@ def _examples_per_shard(config: GenerateConfig, data: ExampleSet) -> int:
     return 1 << max(0, int(math.log2(max(1.0, TARGET_SHARD_POSITIONS / max(mean, 1.0)))))
 
 
-def _store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, device: torch.device) -> StoreSpec:
+def store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, device: torch.device,
+                exact_head: bool) -> StoreSpec:
+    """The spec of the store ``config`` writes for ``teacher`` on ``data``: sizes, fingerprints, and in ``extra``
+    the dtypes the teacher ran in (``exact_head``: its output layer ran in float32, ``float32_output_layer``)."""
     k, tail_samples = _label_sizes(config, data.task, teacher.output_size)
     draws = config.method == "sample" or tail_samples > 0
-    extra = {"compute_dtype": str(compute_dtype(config.precision, device)).removeprefix("torch.")}
+    compute = compute_dtype(config.precision, device)
+    extra = {"compute_dtype": str(compute).removeprefix("torch.")}
+    if compute != torch.float32:  # the body ran in 16 bits; say what the logits were computed in
+        extra["logits_dtype"] = "float32" if exact_head else extra["compute_dtype"]
     if draws:
         extra["seed"] = config.seed
         if config.sampling != "iid":  # stores from before the choice existed drew iid and say nothing
@@ -265,15 +272,13 @@ def _label_shards(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet
             for index in _claimed(writer, shards, say):
                 written += 1
                 generator = _shard_generator(config, spec, index, device)
-                start, stop = spec.shard_range(index)
-                for a in range(start, stop, config.batch_size):
-                    b = min(a + config.batch_size, stop)
-                    batch = to_device(data.collate([data[i] for i in range(a, b)]), device)
-                    labels = _batch_labels(config, teacher, batch, spec, generator)
-                    sink.append(index, labels)
-                    examples += b - a
-                    positions += labels.num_positions
-                    progress.update(b - a, labels.num_positions)
+                with _Batches(data, *spec.shard_range(index), config.batch_size, device) as batches:
+                    for host, batch in batches:
+                        labels, ready = batch_labels(config, teacher, host, batch, spec, generator)
+                        sink.append(index, labels, ready)
+                        examples += labels.num_examples
+                        positions += labels.num_positions
+                        progress.update(labels.num_examples, labels.num_positions)
                 sink.commit(index)
         sink.close()
     except BaseException:
@@ -283,6 +288,59 @@ def _label_shards(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet
     finally:
         progress.close()
     return {"shards_written": written, "examples": examples, "positions": positions}
+
+
+class _Batches:
+    """The batches of examples ``start:stop``, collated (and pinned for a GPU) by a thread ahead of the teacher.
+
+    Iterates (host batch, the same batch on ``device``); a collation error surfaces here.
+    Used as a context manager: leaving it stops the thread.
+    """
+
+    AHEAD = 2  # batches collated ahead
+
+    def __init__(self, data: ExampleSet, start: int, stop: int, batch_size: int, device: torch.device):
+        self.data, self.ranges, self.device = data, [(a, min(a + batch_size, stop))
+                                                     for a in range(start, stop, batch_size)], device
+        self.queue: queue.Queue = queue.Queue(maxsize=self.AHEAD)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="distill-collate", daemon=True)
+
+    def __enter__(self) -> "_Batches":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        try:
+            while True:
+                self.queue.get_nowait()
+        except queue.Empty:
+            pass
+        self.thread.join(timeout=60)
+
+    def __iter__(self):
+        for _ in self.ranges:
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item, to_device(item, self.device)
+
+    def _run(self) -> None:
+        for a, b in self.ranges:
+            try:
+                item = self.data.collate([self.data[i] for i in range(a, b)])
+                item = pin(item) if self.device.type == "cuda" else item
+            except BaseException as e:  # noqa: BLE001 - raised on the teacher's thread
+                item = e
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if self.stop.is_set() or isinstance(item, BaseException):
+                return
 
 
 def _claimed(writer: StoreWriter, shards: list[int], say, poll_s: float = 0.5):
@@ -326,32 +384,52 @@ def _shard_generator(config: GenerateConfig, spec: StoreSpec, index: int, device
     return generator
 
 
-def _batch_labels(config: GenerateConfig, teacher: LoadedModel, batch: dict, spec: StoreSpec,
-                  generator: torch.Generator | None) -> SoftLabels:
-    """Soft labels of one batch, reduced on the device; only (P, K + 1 + nT) numbers reach the host."""
+def batch_labels(config: GenerateConfig, teacher: LoadedModel, host: dict, batch: dict, spec: StoreSpec,
+                  generator: torch.Generator | None) -> tuple[SoftLabels, torch.cuda.Event | None]:
+    """Soft labels of one batch, reduced on the device, and the event after which their host copies are complete.
+
+    ``host`` is the collated batch on the host, ``batch`` the same on the teacher's device:
+    every size (positions per example, which tokens) is read from the host's copy, so the
+    host never waits for the device here. The positions go through the reduction in chunks
+    of at most LOGITS_CHUNK_ELEMENTS logits; only a padded batch's chunk is copied (the kept
+    rows gathered), never the whole (positions x vocabulary). Only (P, K + 1 + nT [+ 2M])
+    numbers come back to the host, in one asynchronous copy per field.
+    """
     logits = teacher.logits(batch)
     token_index = None
     if spec.task == "causal-lm":
-        mask = batch["position_mask"].bool()  # (B, L)
-        lengths = mask.sum(1).cpu()  # (B,)
+        mask = host["position_mask"]  # (B, L) on the host
+        lengths = mask.sum(1)  # (B,)
+        index = host["position_index"]  # (P,) flat indices of the kept positions
         if spec.has_token_index:
-            token_index = mask.nonzero()[:, 1].to(torch.int32).cpu()  # (P,) token of each kept position
+            token_index = (index % mask.shape[1]).to(torch.int32)  # (P,) token of each kept position
         flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V)
-        # (P, V), example by example, token by token; a boolean-mask copy is slow on a CPU
-        logits = flat if bool(mask.all()) else flat.index_select(0, mask.reshape(-1).nonzero()[:, 0])
+        rows = None if len(index) == len(flat) else batch["position_index"]  # None: every row is a position
     else:
         lengths = torch.ones(len(logits), dtype=torch.int64)
-    chunk = max(1, LOGITS_CHUNK_ELEMENTS // logits.shape[-1])
-    parts = [_reduce(config, spec, logits[i : i + chunk], generator) for i in range(0, len(logits), chunk)]
+        flat, rows = logits, None
+    count = len(flat) if rows is None else len(rows)
+    chunk = max(1, LOGITS_CHUNK_ELEMENTS // flat.shape[-1])
+    parts = []
+    for i in range(0, count, chunk):
+        # a slice of the teacher's own logits (consumed in place), or the chunk's kept rows gathered: a chunk's copy
+        part = flat[i : i + chunk] if rows is None else flat.index_select(0, rows[i : i + chunk])
+        parts.append(_reduce(config, spec, part, generator))
     labels = concat_labels(parts) if parts else empty_labels(spec, len(lengths))
     labels.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.to(torch.int64).cumsum(0)])
     labels.token_index = token_index
-    return labels
+    if labels.topk_ids.device.type == "cpu":
+        return labels, None
+    labels = labels.to("cpu", non_blocking=True)  # into pinned memory; the writer thread waits for the event
+    ready = torch.cuda.Event()
+    ready.record()
+    return labels, ready
 
 
 def _reduce(config: GenerateConfig, spec: StoreSpec, logits: torch.Tensor, generator) -> SoftLabels:
     temps = spec.stored_temperatures
-    draws = dict(generator=generator, sample_temperature=spec.sample_temperature or 1.0, sampling=config.sampling)
+    draws = dict(generator=generator, sample_temperature=spec.sample_temperature or 1.0, sampling=config.sampling,
+                 host=False)
     if spec.method == "topk":  # consume: the teacher's logits are overwritten, sparing a (P, V) copy
         return topk_labels(logits, spec.k, temps, consume=True, tail_samples=spec.tail_samples, **draws)
     return sampled_labels(logits, spec.k, temps, consume=True, **draws)
@@ -371,8 +449,9 @@ class _ShardSink:
         self.thread = threading.Thread(target=self._run, name="distill-store-writer", daemon=True)
         self.thread.start()
 
-    def append(self, index: int, labels: SoftLabels) -> None:
-        self._put(("append", index, labels))
+    def append(self, index: int, labels: SoftLabels, ready: torch.cuda.Event | None = None) -> None:
+        """Queue a batch's labels; with ``ready``, their host copies are complete once that event is."""
+        self._put(("append", index, (labels, ready)))
 
     def commit(self, index: int) -> None:
         self._put(("commit", index, None))
@@ -417,6 +496,9 @@ class _ShardSink:
             kind, index, labels = item
             try:
                 if kind == "append":
+                    labels, ready = labels
+                    if ready is not None:
+                        ready.synchronize()  # the device-to-host copies have landed
                     if index not in shards:
                         shards[index] = self.writer.shard(index)
                     shards[index].append(labels)

@@ -6,7 +6,7 @@ run directory:
 
     OUT/model/model.pt      the quantized model (torch.jit.save): loads back with
                             torch.jit.load, which runs no pickled Python code
-    OUT/model/model.json    {"kind": "torchscript", "file": "model.pt", "method", "source", ...}:
+    OUT/model/model.json    {"kind": "torchscript", "file": "model.pt", "method", "source", "traced_on", ...}:
                             makes OUT itself a model spec, like a training run directory
     OUT/summary.json        what this returns: bytes before and after, Linear layers quantized
 
@@ -39,6 +39,14 @@ batch size and, for token ids, another length), and refused if it differs. A thi
 wrapper keeps ``task``, ``output_size`` and ``num_parameters`` as attributes (a quantized
 Linear is no ``nn.Linear`` and holds no parameters) and the source's fingerprint as a buffer
 (packed int8 weights are not in a TorchScript state dict, so the model fingerprint would miss them).
+
+Devices: a trace fixes the device it ran on into the archive's code (``torch.arange(...,
+device="cpu")`` for position ids and masks), so a traced archive runs on that device only.
+``--device`` (auto: the CUDA device when there is one) is where the model is traced and
+checked, and model.json's ``traced_on`` records it ("cpu", "cuda:0"); evaluate then runs
+the archive there. A scripted archive runs on any device (``traced_on`` null). dynamic-int8
+runs on the CPU only: with auto it is made on the CPU, and a CUDA ``--device`` is refused.
+model.json files from before ``traced_on`` hold CPU traces.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from distill.pipeline.files import read_json, write_json
 from distill.pipeline.modelfiles import model_bytes
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
+from distill.pipeline.runtime import resolve_device
 
 __all__ = ["METHODS", "QuantizeConfig", "quantize_model", "Int8WeightOnlyLinear"]
 
@@ -84,31 +93,48 @@ class QuantizeConfig(DataFlags, ModelFlags):
                                      "without it).")
     data: str | None = setting(None, "Examples to trace a model that TorchScript cannot compile.",
                                default_help="the run directory's data")
+    device: str = setting("auto", "Where the quantized model will run: auto, cpu, cuda or cuda:N (auto: the CUDA "
+                                  "device when there is one). A traced model is traced there and runs only there; "
+                                  "dynamic-int8 runs on the CPU only.")
 
     def __post_init__(self):
         check_settings(self)
         if not self.model or not self.out:
             raise ConfigError("missing --model or --out: quantize needs the model and an output directory")
+        if self.method == "dynamic-int8" and _device_type(self.device) not in ("cpu", None):
+            raise ConfigError(f"dynamic-int8 runs on the CPU only (fbgemm/qnnpack kernels), not on --device "
+                              f"{self.device}: use --method weight-only-int8 for a GPU, or --device cpu")
+
+
+def _device_type(name: str) -> str | None:
+    """The type of device ``name`` ("cuda" for "cuda:1"); None for auto or a name torch does not know."""
+    try:
+        return None if name == "auto" else torch.device(name).type
+    except RuntimeError:
+        return None
 
 
 def quantize_model(config: QuantizeConfig) -> dict:
     """Quantize ``config.model`` into ``config.out``; returns the summary (also written to summary.json).
 
     Summary: out, method, source, task, params, quantized_linears, bytes_before (the source's
-    saved weights, as evaluate counts them), bytes_after (model.pt), size_ratio, export (script or trace).
+    saved weights, as evaluate counts them), bytes_after (model.pt), size_ratio, export (script or trace),
+    traced_on (the device a traced archive runs on, "cpu" or "cuda:N"; None for a scripted one, which runs anywhere).
     """
     if not os.path.exists(config.model) and os.sep in config.model:
         raise ConfigError(f"model {config.model!r}: no such run directory or file; check the path")
+    auto_cpu = config.method == "dynamic-int8" and config.device == "auto"  # its kernels are on the CPU
+    device = torch.device("cpu") if auto_cpu else resolve_device(config.device)  # where a trace runs
     source = load_model(ModelConfig(config.model, weights=config.weights, task=config.task,
                                     trust_remote_code=config.trust_remote_code))
     linears = _check_quantizable(config, source)
     _prepare_out(config, source)
     quantized = _quantize(source.module, config.method)
-    exported, how = _export(config, source, quantized)
+    exported, how, traced_on = _export(config, source, quantized, device)
     bytes_before, _ = model_bytes(source)
     summary = {"out": config.out, "method": config.method, "source": config.model, "task": source.task,
                "params": exported.num_parameters, "quantized_linears": linears, "export": how,
-               "bytes_before": bytes_before}
+               "traced_on": traced_on, "bytes_before": bytes_before}
     bytes_after = _save(config, source, exported, summary)
     summary.update(bytes_after=bytes_after, size_ratio=bytes_after / bytes_before if bytes_before else None)
     if bytes_after >= bytes_before:
@@ -252,27 +278,34 @@ class _HFCausalLM(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False, return_dict=True).logits
 
 
-def _export(config: QuantizeConfig, source: LoadedModel, quantized: nn.Module) -> tuple[torch.jit.ScriptModule, str]:
+def _export(config: QuantizeConfig, source: LoadedModel, quantized: nn.Module,
+            device: torch.device) -> tuple[torch.jit.ScriptModule, str, str | None]:
+    """The archive, "script" or "trace", and the device a trace ran on (None for a script, which runs anywhere)."""
     with warnings.catch_warnings():  # torch marks TorchScript deprecated; it is the format that loads without pickles
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        inner, how = None, "script"
+        inner = None
         if source.describe.get("kind") != "hf":
             try:
                 inner = torch.jit.script(quantized)
             except Exception:  # TorchScript cannot compile this Python: trace it on examples instead
                 inner = None
-        if inner is None:
-            how = "trace"
-            inner = _trace(config, source, _HFCausalLM(quantized) if source.describe.get("kind") == "hf" else quantized)
-        return torch.jit.script(_Exported(inner, source)), how
+        if inner is not None:
+            return torch.jit.script(_Exported(inner, source)), "script", None
+        traced, traced_on = _trace(config, source, _HFCausalLM(quantized) if source.describe.get("kind") == "hf"
+                                   else quantized, device)
+        return torch.jit.script(_Exported(traced.cpu(), source)), "trace", traced_on  # saved on the CPU, as loaded
 
 
-def _trace(config: QuantizeConfig, source: LoadedModel, module: nn.Module) -> torch.jit.ScriptModule:
+def _trace(config: QuantizeConfig, source: LoadedModel, module: nn.Module,
+           device: torch.device) -> tuple[torch.jit.ScriptModule, str]:
+    """``module`` traced on ``device`` and checked there on other shapes; and that device ("cpu", "cuda:0")."""
     example, check = _examples(config, source)
+    module, example, check = module.to(device), example.to(device), check.to(device)
     try:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # checked below instead
             warnings.filterwarnings("ignore", category=UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecated attributes it reads
             traced = torch.jit.trace(module, example, check_trace=False, strict=False)
             same = _close(traced(check), module(check))
     except Exception as e:  # tracing runs the user's code: anything may fail
@@ -281,7 +314,7 @@ def _trace(config: QuantizeConfig, source: LoadedModel, module: nn.Module) -> to
     if not same:
         raise ConfigError(f"model {config.model!r} traces to TorchScript only for the shapes it was traced with "
                           "(its outputs differ on other shapes): it cannot be quantized")
-    return traced
+    return traced, str(example.device)  # the trace's code names this device: it runs there only
 
 
 def _close(a, b) -> bool:
@@ -349,4 +382,5 @@ def _save_files(config: QuantizeConfig, source: LoadedModel, exported: torch.jit
     write_json(os.path.join(tmp, "model.json"), {
         "kind": "torchscript", "file": "model.pt", "method": config.method, "task": source.task,
         "output_size": source.output_size, "source": os.path.abspath(config.model) if os.path.exists(config.model)
-        else config.model, "source_fingerprint": source.fingerprint, "export": summary["export"]})
+        else config.model, "source_fingerprint": source.fingerprint, "export": summary["export"],
+        "traced_on": summary["traced_on"]})

@@ -29,7 +29,7 @@ from distill.pipeline.losses import LOSS_NAMES, OnlineDistillationLoss, TopKDist
 from distill.pipeline.modelfiles import save_model
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
 from distill.pipeline.rundir import prepare_run_dir
-from distill.pipeline.runtime import TRAINING_PRECISIONS, DeviceFlags, autocast, resolve_device, to_device, workers
+from distill.pipeline.runtime import TRAINING_PRECISIONS, DeviceFlags, autocast, resolve_device, workers
 from distill.pipeline.scoring import held_out_evaluator
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
 from distill.pipeline.tokenize import tokenizer_beside
@@ -174,7 +174,7 @@ def train_student(config: StudentConfig, online_teacher: LoadedModel | None = No
 
     def loss(model, batch, student: LoadedModel) -> dict:
         logits, hard = position_logits(student, batch, task, module=model)
-        labels = labels_from_batch(to_device(batch, logits.device), spec.stored_temperatures)
+        labels = labels_from_batch(batch, spec.stored_temperatures)  # the trainer moved the batch to the device
         if labels.num_positions != len(logits):
             raise StoreError(f"a batch has {len(logits)} positions in the data but {labels.num_positions} in the store")
         out = loss_fn(logits, labels if online_teacher is None else batch, hard if config.alpha > 0 else None)
@@ -189,7 +189,7 @@ def train_teacher(config: TrainConfig) -> dict:
     def loss(model, batch, student: LoadedModel) -> dict:
         logits, hard = position_logits(student, batch, student.task, module=model)
         ce = F.cross_entropy(logits.float(), hard, ignore_index=IGNORE_INDEX)
-        return {"loss": ce, "ce": ce, "positions": int((hard != IGNORE_INDEX).sum())}
+        return {"loss": ce, "ce": ce, "positions": (hard != IGNORE_INDEX).sum()}  # counted on the device
 
     return _train(config, config.task, None, lambda student, data: None, loss)
 
@@ -211,7 +211,8 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
         if config.eval_split is not None:
             held_out = load_data(dataclasses.replace(  # --limit trims the training data, never the held-out split
                 _data_config(config, config.eval_data or config.data, config.eval_split, student.task), limit=None))
-            evaluate = held_out_evaluator(student, held_out, config.batch_size, device, lambda: autocast(config.precision, device))
+            evaluate = held_out_evaluator(student, held_out, config.batch_size, device,
+                                          lambda: autocast(config.precision, device), team)
         schedule = config.schedule()
         if schedule.eval_every is None and evaluate is not None:
             schedule = dataclasses.replace(schedule, eval_every=1 << 62)  # at the end only

@@ -79,6 +79,15 @@ class SoftLabels:
         fields = {name: None if getattr(self, name) is None else take(getattr(self, name)) for name in POSITION_FIELDS}
         return dataclasses.replace(self, offsets=offsets, example_start=example_start, **fields)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SoftLabels":
+        """These labels with every per-position field on ``device`` (offsets stay on the host).
+
+        From a GPU with ``non_blocking`` the copies land in pinned host memory and return at
+        once: read them only after the device's stream has reached them (an event's
+        ``synchronize``)."""
+        return self._with_positions(lambda t: t.to(device, non_blocking=non_blocking), self.offsets,
+                                    self.example_start)
+
     def example(self, e: int) -> "SoftLabels":
         """Labels of the e-th example held here (0-based, relative to ``example_start``)."""
         return self.examples(e, e + 1)
@@ -188,7 +197,7 @@ def _positions_tensor(n: int, lengths) -> torch.Tensor:
 @torch.no_grad()
 def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None, consume: bool = False,
                 tail_samples: int = 0, generator: torch.Generator | None = None, sample_temperature: float = 1.0,
-                sampling: str = "systematic") -> SoftLabels:
+                sampling: str = "systematic", host: bool = True) -> SoftLabels:
     """Top-k soft labels from full logits, computed where ``logits`` live (GPU or CPU).
 
     logits: (P, V) any float dtype; the softmax is taken in float32.
@@ -197,7 +206,8 @@ def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None, con
     tail_samples: M > 0 also draws M ids per position from the teacher's distribution
         restricted to the tail (the ids outside the top k), at ``sample_temperature``, with
         ``generator`` and ``sampling`` (see ``draw``): ``tail_ids`` and ``tail_counts`` (P, M).
-    Only (P, K + 1 + nT [+ 2M]) numbers leave the device. Passes over the vocabulary: one
+    Only (P, K + 1 + nT [+ 2M]) numbers leave the device (``host`` False: none do; the
+    labels stay where ``logits`` are, for the caller to move once). Passes over the vocabulary: one
     top-k, one exp, one power per stored temperature, a few sums, and one cumulative sum
     for the tail draws.
     """
@@ -213,9 +223,11 @@ def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None, con
         drawn["tail_ids"], drawn["tail_counts"] = draw(weights, tail_samples, generator, sampling)
 
     labels = _to_host(sm, ids, top.gather(1, order), kept, temperatures, lengths,
-                      on_tail=on_tail if tail_samples else None)
+                      on_tail=on_tail if tail_samples else None, host=host)
     if tail_samples:
-        labels.tail_ids, labels.tail_counts = drawn["tail_ids"].cpu(), drawn["tail_counts"].int().cpu()
+        labels.tail_ids, labels.tail_counts = drawn["tail_ids"], drawn["tail_counts"].int()
+        if host:
+            labels.tail_ids, labels.tail_counts = labels.tail_ids.cpu(), labels.tail_counts.cpu()
     return labels
 
 
@@ -275,12 +287,13 @@ def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def sampled_labels(
     logits: torch.Tensor, samples: int, temperatures=(), lengths=None, generator: torch.Generator | None = None,
-    sample_temperature: float = 1.0, consume: bool = False, sampling: str = "systematic",
+    sample_temperature: float = 1.0, consume: bool = False, sampling: str = "systematic", host: bool = True,
 ) -> SoftLabels:
     """Sampled soft labels: ``samples`` draws per position from the teacher's distribution.
 
     Keeps the unique drawn ids (ascending, padded to ``samples`` slots with count 0 and
     id repeated), their draw counts and their exact log-probabilities. ``sampling``: see ``draw``.
+    ``host`` False: the labels stay on the logits' device.
     """
     logits = logits.float()
     sm = _Softmax(logits, consume=consume)
@@ -288,19 +301,22 @@ def sampled_labels(
     ids, counts = draw(weights, samples, generator, sampling)
     kept = counts > 0
     kept_logits = sm.e.gather(1, ids).log() + sm.m  # drawn ids have e > 0; relative error ~1e-7
-    return _to_host(sm, ids, kept_logits, kept, temperatures, lengths, counts)
+    return _to_host(sm, ids, kept_logits, kept, temperatures, lengths, counts, host=host)
 
 
-def _to_host(sm: _Softmax, ids, kept_logits, kept, temperatures, lengths, counts=None, on_tail=None) -> SoftLabels:
-    """Log-probs, tail and normalisers on the device, then only (P, K + 1 + nT) numbers to the host."""
+def _to_host(sm: _Softmax, ids, kept_logits, kept, temperatures, lengths, counts=None, on_tail=None,
+             host: bool = True) -> SoftLabels:
+    """Log-probs, tail and normalisers on the device, then only (P, K + 1 + nT) numbers to the host
+    (with ``host``; else they stay on the device)."""
     temps = tuple(float(t) for t in temperatures if t != 1.0)
     values, tail, tempered_lse = sm.finish(ids, kept_logits, kept, temps, on_tail)
-    return SoftLabels(
+    labels = SoftLabels(
         offsets=_positions_tensor(len(ids), lengths),
-        topk_ids=ids.cpu(),
-        topk_logprobs=values.cpu(),
-        tail_logprob=tail.cpu(),
-        tempered_lse=tempered_lse.cpu(),
+        topk_ids=ids,
+        topk_logprobs=values,
+        tail_logprob=tail,
+        tempered_lse=tempered_lse,
         temperatures=temps,
-        counts=None if counts is None else counts.int().cpu(),
+        counts=None if counts is None else counts.int(),
     )
+    return labels.to("cpu") if host else labels

@@ -14,13 +14,23 @@ from distill.storage import open_store
 HERE = Path(__file__).resolve().parent
 FIELDS = ("offsets", "topk_ids", "topk_logprobs", "tail_logprob", "tempered_lse", "counts", "token_index")
 DATA = "faultdata:features"  # 480 train examples of 40 features, like mnist1d but quick
+# the commands that run a model: pinned to the CPU, as the references are (auto would take a GPU, in bf16)
+DEVICE_COMMANDS = ("generate-labels", "train-student", "train-teacher", "evaluate")
 # 12 shards of 40 examples, 4 teacher batches each: every kill point below lands mid-store
 GENERATE = ["generate-labels", "--teacher", "slowteacher:fast_factory", "--data", DATA, "--examples-per-shard", "40",
             "--batch-size", "10", "--k", "3", "--temperature", "2", "--no-progress"]
 
 
+def on_cpu(args) -> list[str]:
+    """``distill ARGS`` with ``--device cpu`` after a command that runs a model (and does not name a device itself)."""
+    args = [str(a) for a in args]
+    if args and args[0] in DEVICE_COMMANDS and "--device" not in args:
+        return [args[0], "--device", "cpu", *args[1:]]
+    return args
+
+
 def run(*args, ok=True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
+    result = CliRunner().invoke(cli, on_cpu(args))
     if ok and result.exit_code != 0:
         raise AssertionError(f"exit {result.exit_code}: {result.output}\n{result.stderr}") from result.exception
     return result
@@ -39,14 +49,14 @@ def one_thread():
 
 def killed(point: str, args, env, timeout=240) -> subprocess.CompletedProcess:
     """Run ``distill ARGS`` in a subprocess that SIGKILLs itself at ``point`` (see faults.py); it must die there."""
-    proc = subprocess.run([sys.executable, str(HERE / "faults.py"), point, *map(str, args)], env=env,
+    proc = subprocess.run([sys.executable, str(HERE / "faults.py"), point, *on_cpu(args)], env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == -9, f"kill point {point} was not reached (exit {proc.returncode}): {proc.stderr[-2000:]}"
     return proc
 
 
 def subprocess_distill(args, env, timeout=300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", *map(str, args)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", *on_cpu(args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

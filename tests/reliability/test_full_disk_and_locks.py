@@ -18,7 +18,7 @@ from distill.pipeline.checkpoint import latest_checkpoint
 from distill.storage import open_store
 from distill.storage.fs import StoreFS
 
-from killhelp import DATA, GENERATE, assert_same_store, commit_records, one_line_error, one_thread, run
+from killhelp import DATA, GENERATE, assert_same_store, commit_records, on_cpu, one_line_error, one_thread, run
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_a_second_writer_waits_for_the_shard_another_holds_and_both_end_sealed(r
 @pytest.mark.slow
 def test_two_processes_started_on_one_store_split_it_without_damage(reference, tmp_path, helper_env):
     out = tmp_path / "store"
-    cmd = [sys.executable, "-m", "distill.cli", *GENERATE, "--teacher", "slowteacher:factory", "--out", str(out)]
+    cmd = [sys.executable, "-m", "distill.cli", *on_cpu([*GENERATE, "--teacher", "slowteacher:factory", "--out", out])]
     procs = [subprocess.Popen(cmd, env=helper_env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs

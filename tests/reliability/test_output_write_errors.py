@@ -74,8 +74,9 @@ def test_report_on_a_full_disk_or_read_only_directory_is_one_line_and_leaves_no_
 
 
 def test_demo_on_a_full_disk_or_read_only_directory_is_one_line(tmp_path, read_only, monkeypatch):
-    one_line_error(run("demo", "--quick", "--out", read_only / "demo", ok=False), "cannot write", "writable directory")
+    one_line_error(run("demo", "--quick", "--device", "cpu", "--out", read_only / "demo", ok=False), "cannot write",
+                   "writable directory")
     monkeypatch.setattr(store_fs, "open", full_disk_for("config.json"), raising=False)  # the teacher run's first file
-    one_line_error(run("demo", "--quick", "--out", tmp_path / "demo", ok=False), "no space left writing",
+    one_line_error(run("demo", "--quick", "--device", "cpu", "--out", tmp_path / "demo", ok=False), "no space left writing",
                    "free some space", alone=False)
     assert leftovers(tmp_path) == []

@@ -8,7 +8,7 @@ from distill.cli import cli
 
 
 def test_quick_demo_prints_the_table_and_writes_the_report(tmp_path):
-    result = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(tmp_path / "demo")])
+    result = CliRunner().invoke(cli, ["demo", "--quick", "--device", "cpu", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output + result.stderr
     out = result.output
     for name in ("teacher", "student-scratch", "student-pseudo", "student-distilled", "student-distilled-int8"):

@@ -3,7 +3,8 @@
 import json
 import math
 import re
-from pathlib import Path
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,13 +13,17 @@ from click.testing import CliRunner
 from torch import nn
 
 from distill.cli import cli
+from distill.errors import ConfigError
 from distill.pipeline.data import DataConfig, load_data
+from distill.pipeline.modelfiles import pinned_device
 from distill.pipeline.models import ModelConfig, load_model
 from distill.stages.evaluate import retention_line
+from distill.stages.quantize import QuantizeConfig
 from distill.storage import open_store
 
 MNIST = "mnist1d:num_samples=600"  # 480 train, 120 test examples
 FAST = ["--repeats", 2, "--warmup", 1, "--throughput-batch", 32]  # timing is not what these tests check
+CPU = ["--device", "cpu"]  # the references are computed on the CPU, in float32: so is what they check, GPU or not
 GPT = "gpt:d_model=32,n_layers=1,n_heads=2,max_len=64"
 
 
@@ -30,7 +35,7 @@ def run(command, *args, ok=True):
 
 
 def report(*args) -> dict:
-    return json.loads(run("evaluate", *args, *FAST, "--json").output)
+    return json.loads(run("evaluate", *args, *FAST, *CPU, "--json").output)
 
 
 def one_line_error(result, message: str) -> None:
@@ -101,7 +106,8 @@ def test_evaluate_reports_the_student_against_its_teacher(runs):
 
 
 def test_human_output_is_a_table_and_the_retention_line(runs):
-    out = run("evaluate", "--model", runs / "student", "--teacher", runs / "teacher", "--data", MNIST, *FAST).output
+    out = run("evaluate", "--model", runs / "student", "--teacher", runs / "teacher", "--data", MNIST,
+              *FAST, *CPU).output
     lines = out.splitlines()
     assert lines[0].split() == ["model", "accuracy", "params", "size", "latency", "throughput"]
     assert lines[1].startswith("teacher ") and lines[2].startswith("student ")
@@ -206,3 +212,90 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path, test_modules):
     one_line_error(run("quantize", "--model", runs / "student", "--out", runs / "teacher", ok=False),
                    "is not a quantize output")
     assert not (tmp_path / "q").exists()
+
+
+# --- devices: a traced archive runs on the device it was traced on -------------------------------
+
+@pytest.fixture(scope="module")
+def hf_quantized(tmp_path_factory):
+    """A tiny HF causal LM (quantize traces it), its text, and its weight-only-int8 archive traced on the CPU."""
+    from datahelp import SENTENCES, make_hf_tokenizer, write_jsonl
+    from modelhelp import make_hf_causal_lm
+
+    root = tmp_path_factory.mktemp("hf-quantize")
+    student = make_hf_causal_lm(root / "student", vocab=300)
+    make_hf_tokenizer(student, vocab_size=300)
+    data = write_jsonl(root / "text.jsonl", [{"text": s} for s in SENTENCES * 3])
+    text = ["--data", data, "--tokenizer", student, "--seq-len", 32, "--split", "train"]
+    summary = json.loads(run("quantize", "--model", student, "--out", root / "q", "--method", "weight-only-int8",
+                             *text[:6], *CPU, "--json").output)
+    return SimpleNamespace(student=student, out=root / "q", text=text, summary=summary)
+
+
+def fake_cuda(monkeypatch, available: bool) -> None:
+    """torch.cuda as a machine with one GPU (or none) reports it; nothing here runs on it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(available))
+
+
+def test_a_traced_hf_student_is_pinned_to_the_cpu_and_evaluate_auto_runs_it_there(hf_quantized, monkeypatch):
+    h = hf_quantized
+    saved = json.loads((h.out / "model" / "model.json").read_text())
+    assert h.summary["export"] == "trace" and h.summary["traced_on"] == saved["traced_on"] == "cpu"
+    pin = pinned_device(str(h.out))
+    assert pin.device == "cpu" and pinned_device(str(h.out / "model")) == pin
+    assert pinned_device(str(h.out / "model" / "model.pt")) == pin and pinned_device(str(h.student)) is None
+    source = report("--model", h.student, *h.text)
+    fake_cuda(monkeypatch, True)
+    r = json.loads(run("evaluate", "--model", h.out, *h.text, *FAST, "--json").output)  # --device auto
+    assert r["device"] == "cpu" and r["value"] == pytest.approx(source["value"], rel=0.05)
+    result = run("evaluate", "--model", h.out, *h.text, "--device", "cuda", ok=False)
+    one_line_error(result, "runs on cpu only (it was traced on the CPU")
+    assert "pass --device cpu (or auto), or re-quantize it with --device cuda" in result.stderr
+
+
+def test_a_trace_made_for_a_gpu_runs_there_only(hf_quantized, tmp_path, monkeypatch):
+    h = hf_quantized
+    on_gpu = tmp_path / "q-cuda"  # what quantize --device cuda writes on a GPU machine, but for the archive's code
+    shutil.copytree(h.out, on_gpu)
+    saved = json.loads((on_gpu / "model" / "model.json").read_text())
+    (on_gpu / "model" / "model.json").write_text(json.dumps({**saved, "traced_on": "cuda:0"}))
+    assert pinned_device(str(on_gpu)).device == "cuda:0"
+    fake_cuda(monkeypatch, False)
+    result = run("evaluate", "--model", on_gpu, *h.text, ok=False)
+    one_line_error(result, "runs on cuda:0 only")
+    assert "this machine has no cuda:0: re-quantize it with --device cpu" in result.stderr
+    fake_cuda(monkeypatch, True)
+    one_line_error(run("evaluate", "--model", on_gpu, *h.text, *CPU, ok=False), "pass --device cuda:0 (or auto)")
+    one_line_error(run("evaluate", "--model", on_gpu, "--teacher", h.out, *h.text, ok=False), "evaluate them apart")
+
+
+def test_a_scripted_archive_runs_anywhere_and_an_older_model_json_still_loads(runs, hf_quantized, tmp_path):
+    out = tmp_path / "mlp-q"
+    q = json.loads(run("quantize", "--model", runs / "student", "--out", out, "--method", "weight-only-int8",
+                       "--json").output)
+    assert q["export"] == "script" and q["traced_on"] is None
+    assert json.loads((out / "model" / "model.json").read_text())["traced_on"] is None
+    assert pinned_device(str(out)) is None
+    # model.json from before traced_on: its traces were all made on the CPU, and a script runs anywhere
+    for made, pinned in ((hf_quantized.out, "cpu"), (out, None)):
+        old = tmp_path / f"old-{made.name}"
+        shutil.copytree(made, old)
+        saved = json.loads((old / "model" / "model.json").read_text())
+        del saved["traced_on"]
+        (old / "model" / "model.json").write_text(json.dumps(saved))
+        assert getattr(pinned_device(str(old)), "device", None) == pinned
+        assert load_model(ModelConfig(str(old))).describe["kind"] == "torchscript"
+
+
+def test_dynamic_int8_is_for_the_cpu_only(runs, tmp_path):
+    result = run("quantize", "--model", runs / "student", "--out", tmp_path / "q", "--method", "dynamic-int8",
+                 "--device", "cuda", ok=False)
+    one_line_error(result, "dynamic-int8 runs on the CPU only")
+    assert "use --method weight-only-int8 for a GPU, or --device cpu" in result.stderr and not (tmp_path / "q").exists()
+    with pytest.raises(ConfigError, match="dynamic-int8 runs on the CPU only"):
+        QuantizeConfig(model=str(runs / "student"), out=str(tmp_path / "q"), method="dynamic-int8", device="cuda:1")
+    q = json.loads(run("quantize", "--model", runs / "student", "--out", tmp_path / "q", "--method", "dynamic-int8",
+                       *CPU, "--json").output)
+    pin = pinned_device(str(tmp_path / "q"))
+    assert q["traced_on"] is None and pin.device == "cpu" and "dynamic-int8" in pin.why

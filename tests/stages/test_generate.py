@@ -25,7 +25,9 @@ FIELDS = ("offsets", "topk_ids", "topk_logprobs", "tail_logprob", "tempered_lse"
 
 
 def run(*args, ok=True):
-    result = CliRunner().invoke(cli, ["generate-labels", "--no-progress", *map(str, args)])
+    """``distill generate-labels ARGS`` here, on the CPU unless ARGS name a device (auto would take a GPU)."""
+    device = [] if "--device" in args else ["--device", "cpu"]
+    result = CliRunner().invoke(cli, ["generate-labels", "--no-progress", *device, *map(str, args)])
     if ok and result.exit_code != 0:
         raise AssertionError(f"exit {result.exit_code}: {result.output}\n{result.stderr}") from result.exception
     return result
@@ -205,7 +207,7 @@ def test_config_file_with_flags_overriding(tmp_path):
 def test_progress_lines_when_not_a_terminal(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_LOG_EVERY", "0")
     result = CliRunner().invoke(cli, ["generate-labels", "--teacher", MLP, "--data", MNIST, "--out",
-                                      str(tmp_path / "s"), "--batch-size", 100])
+                                      str(tmp_path / "s"), "--batch-size", 100, "--device", "cpu"])
     assert result.exit_code == 0
     lines = [ln for ln in result.stderr.splitlines() if "positions/s" in ln]
     assert len(lines) >= 5 and "480/480 examples (100%)" in lines[-1]
@@ -243,13 +245,23 @@ def test_torchrun_two_ranks_split_the_shards(tmp_path):
     assert_same_store(tmp_path / "whole", tmp_path / "ddp")
 
 
+def test_device_auto_without_cuda_is_the_cpu(tmp_path, monkeypatch):
+    """Where torch sees no CUDA device, --device auto runs on the CPU in float32: the store --device cpu writes."""
+    args = ["--teacher", MLP, "--data", MNIST, "--examples-per-shard", 240, "--k", 3]
+    run(*args, "--out", tmp_path / "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run(*args, "--device", "auto", "--out", tmp_path / "auto")
+    assert open_store(str(tmp_path / "auto")).spec.extra["compute_dtype"] == "float32"
+    assert_same_store(tmp_path / "cpu", tmp_path / "auto")
+
+
 def test_kill_9_then_rerun_resumes_to_the_same_store(tmp_path, test_modules):
     common = ["--data", MNIST, "--examples-per-shard", 40, "--batch-size", 10, "--k", 3, "--no-progress"]
     run("--teacher", "slowteacher:fast_factory", *common, "--out", tmp_path / "whole")
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "distill.cli", "generate-labels", "--teacher", "slowteacher:factory",
-           *map(str, common), "--out", str(out)]
+           *map(str, common), "--out", str(out), "--device", "cpu"]
     proc = subprocess.Popen(cmd, env=_subprocess_env(test_modules), stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while len(commit_records(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
@@ -274,7 +286,7 @@ def test_make_labels(tmp_path):
         pytest.skip("make labels runs the venv's distill script, which this interpreter does not have")
     proc = subprocess.run(
         ["make", "-s", "-o", "venv", "labels", f"VENV={venv}", f"TEACHER={MLP}", f"DATA={MNIST}",
-         f"OUT={tmp_path / 'store'}", "ARGS=--k 3 --no-progress"],
+         f"OUT={tmp_path / 'store'}", "ARGS=--k 3 --no-progress --device cpu"],
         cwd=REPO, capture_output=True, text=True, env=_subprocess_env(), timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert open_store(str(tmp_path / "store")).spec.k == 3
@@ -329,7 +341,8 @@ def test_hugging_face_classifier_on_token_ids(tmp_path):
 def test_generate_benchmark_prints_one_json_object_last(workload, examples):
     bench = REPO / "benchmarks" / "generate.py"
     proc = subprocess.run([sys.executable, str(bench), "--workload", workload, "--examples", str(examples),
-                           "--repeats", "1"], capture_output=True, text=True, timeout=300, env=_subprocess_env())
+                           "--repeats", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          env=_subprocess_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])["workloads"][workload]
     assert r["teacher_only_positions_per_s"] > 0 and r["generate_positions_per_s"] > 0

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,9 @@ def test_library_example_runs_as_written(tmp_path):
     assert blocks, "docs/LIBRARY.md has no ```python block"
     script = tmp_path / "example.py"
     script.write_text("\n\n".join(blocks))
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    cpu_only = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the example runs on --device auto: the CPU, as here
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env=cpu_only)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"loss ([0-9.]+)", proc.stdout)]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses), proc.stdout

@@ -3,6 +3,7 @@ docs/RESULTS.md sections are written and replaced, and reruns reuse finished run
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ def bench(tmp_path, *args):
     cmd = [sys.executable, str(REPO / "benchmarks" / "quality.py"), "--quick", "--no-progress",
            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "RESULTS.md"), "--json-out", str(tmp_path / "results"),
            *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    cpu_only = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the benchmark has no --device and runs on auto
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=cpu_only)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
 

@@ -143,10 +143,11 @@ def test_unknown_paths_are_one_line_errors(tmp_path):
 def runs(tmp_path_factory):
     """A teacher (5 steps), its top-3 labels on the training split, and a student (6 steps)."""
     root = tmp_path_factory.mktemp("runs")
-    common = ["--data", MNIST, "--eval-split", "test", "--eval-every", 2, "--workers", 0, "--log-every", 1, "--no-progress"]
+    common = ["--data", MNIST, "--eval-split", "test", "--eval-every", 2, "--workers", 0, "--log-every", 1, "--no-progress",
+              "--device", "cpu"]
     ok("train-teacher", "--model", "mlp:hidden=16", "--steps", 5, "--out", root / "teacher", *common)
     ok("generate-labels", "--teacher", root / "teacher", "--data", MNIST, "--out", root / "labels", "--k", 3,
-       "--examples-per-shard", 100, "--no-progress")
+       "--examples-per-shard", 100, "--no-progress", "--device", "cpu")
     ok("train-student", "--labels", root / "labels", "--student", "mlp:hidden=8", "--steps", 6, "--out",
        root / "student", "--alpha", 0.3, *common)
     return root
@@ -244,7 +245,7 @@ def test_inspect_a_quantize_output_directory(tmp_path):
     from distill.stages.train import TrainConfig, train_teacher
 
     train_teacher(TrainConfig(out=str(tmp_path / "run"), model="mlp:hidden=8", data="mnist1d:num_samples=300",
-                              steps=2, workers=0, progress=False))
+                              steps=2, workers=0, progress=False, device="cpu"))
     quantize_model(QuantizeConfig(model=str(tmp_path / "run"), out=str(tmp_path / "q")))
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "q"), "--json"])
     assert result.exit_code == 0, result.output + result.stderr

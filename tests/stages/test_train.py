@@ -21,7 +21,8 @@ MNIST = "mnist1d:num_samples=600"  # 480 train, 120 test examples
 
 
 def run(command, *args, ok=True):
-    result = CliRunner().invoke(cli, [command, "--no-progress", *map(str, args)])
+    """``distill COMMAND ARGS`` in this process, on the CPU (auto would take a GPU, and bf16 with it)."""
+    result = CliRunner().invoke(cli, [command, "--no-progress", "--device", "cpu", *map(str, args)])
     if ok and result.exit_code != 0:
         raise AssertionError(f"exit {result.exit_code}: {result.output}\n{result.stderr}") from result.exception
     return result
@@ -122,7 +123,7 @@ def _env(extra=""):
 def test_kill_9_then_rerun_ends_with_the_same_weights(labelled, tmp_path, test_modules):
     args = ["train-student", "--labels", str(labelled / "labels"), "--student", "slowteacher:slow_student",
             "--data", MNIST, "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "7", "--workers", "1",
-            "--shuffle-buffer", "64"]
+            "--shuffle-buffer", "64", "--device", "cpu"]
     command = [sys.executable, "-m", "distill.cli", *args, "--no-progress", "--out"]
     whole = subprocess.run([*command, str(tmp_path / "whole")], env=_env(test_modules), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-3000:]  # same process settings (threads) as the killed run
@@ -166,7 +167,8 @@ def test_make_teacher_and_student(labelled, tmp_path):
         pytest.skip("make runs the venv's distill script, which this interpreter does not have")
     for target, args in (("teacher", f"MODEL=mlp:hidden=8 DATA={MNIST} OUT={tmp_path / 't'}"),
                          ("student", f"LABELS={labelled / 'labels'} STUDENT=mlp:hidden=8 DATA={MNIST} OUT={tmp_path / 's'}")):
-        proc = subprocess.run(["make", "-s", "-o", "venv", target, f"VENV={venv}", *args.split(), "ARGS=--steps 2 --no-progress"],
+        proc = subprocess.run(["make", "-s", "-o", "venv", target, f"VENV={venv}", *args.split(),
+                               "ARGS=--steps 2 --no-progress --device cpu"],
                               cwd=REPO, capture_output=True, text=True, env=_env(), timeout=240)
         assert proc.returncode == 0, proc.stderr
         assert "model saved" in proc.stdout
