@@ -132,9 +132,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def pin(batch: dict) -> dict:
-    """``batch`` in page-locked host memory (when CUDA is there): its copies to the GPU can overlap compute."""
-    if not torch.cuda.is_available():
-        return batch
+    """``batch`` in page-locked host memory, for a CUDA device: its copies to the GPU can overlap compute."""
     return {k: v.pin_memory() for k, v in batch.items()}
 
 

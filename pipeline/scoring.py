@@ -6,7 +6,7 @@ target. train-student / train-teacher use it for the held-out split during train
 (``held_out_evaluator``) and `distill evaluate` for its report, so both say the same.
 
 Memory: beside the model's own logits, scoring works on one chunk of about
-``LOGITS_CHUNK_ELEMENTS`` (positions x vocabulary) values at a time, in a few float32 buffers
+``distill.pipeline.tasks.LOGITS_CHUNK_ELEMENTS`` (positions x vocabulary) values at a time, in a few float32 buffers
 of that size however long the batch. ``Positions`` picks a batch's positions out of its raw
 logits chunk by chunk, so a padded batch is never copied whole, and ``Score.add`` works
 through its (P, V) input chunk by chunk. Its sums stay on the logits' device until
@@ -15,9 +15,8 @@ through its (P, V) input chunk by chunk. Its sums stay on the logits' device unt
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
@@ -25,65 +24,14 @@ import torch.nn.functional as F
 
 from distill.pipeline.models import LoadedModel
 from distill.pipeline.runtime import Workers, to_device
-from distill.pipeline.tasks import IGNORE_INDEX, next_token_labels, position_index
+from distill.pipeline.tasks import IGNORE_INDEX, Positions, chunk_spans
 
-__all__ = ["LOGITS_CHUNK_ELEMENTS", "Positions", "Score", "chunk_spans", "held_out_evaluator", "metric_name"]
-
-LOGITS_CHUNK_ELEMENTS = 1 << 25  # (positions x vocabulary) values scored at once: 128 MiB of float32
+__all__ = ["Score", "held_out_evaluator", "metric_name"]
 
 
 def metric_name(task: str) -> str:
     """The task's headline metric: perplexity for causal LMs, accuracy for classifiers."""
     return "perplexity" if task == "causal-lm" else "accuracy"
-
-
-def chunk_spans(positions: int, vocab: int, chunk_elements: int | None = None) -> Iterator[slice]:
-    """Consecutive spans covering ``positions`` rows of ``vocab`` values, about ``chunk_elements`` values each.
-
-    None means ``LOGITS_CHUNK_ELEMENTS``. A row counts as at least 64 values, which bounds the
-    per-position tables (ECE bins) of a classifier with few classes too.
-    """
-    rows = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // max(vocab, 64))
-    for a in range(0, positions, rows):
-        yield slice(a, min(a + rows, positions))
-
-
-@dataclasses.dataclass(frozen=True)
-class Positions:
-    """A batch's positions as rows of its raw logits, and their hard labels.
-
-    Causal LM: the kept tokens (``position_index``) of the (B * L, V) flattened logits, with
-    the next token as hard label; classification: every example, its label. ``rows`` gathers
-    a span of them, so a caller scores a padded batch chunk by chunk without copying it whole.
-    """
-
-    index: torch.Tensor | None  # (P,) rows of the flat logits; None: every row, in order
-    hard: torch.Tensor  # (P,) IGNORE_INDEX where a position has no target
-
-    @classmethod
-    def of(cls, batch: dict, task: str, device: torch.device) -> Positions:
-        """The positions of ``batch`` (collated, on ``device``) for ``task``; no host synchronisation."""
-        if task != "causal-lm":
-            labels = batch["labels"].to(device)
-            return cls(None, labels.masked_fill(labels < 0, IGNORE_INDEX))
-        following = next_token_labels(batch, device).reshape(-1)  # (B * L,)
-        index = position_index(batch)
-        if index.numel() == following.numel():
-            return cls(None, following)
-        index = index.to(device, non_blocking=True)
-        return cls(index, following.index_select(0, index))
-
-    def __len__(self) -> int:
-        return len(self.hard)
-
-    def rows(self, logits: torch.Tensor, span: slice) -> torch.Tensor:
-        """Logits (p, V) of positions ``span`` out of the model's raw (B, L, V) or (B, C) logits."""
-        flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V), a view
-        return flat[span] if self.index is None else flat.index_select(0, self.index[span])
-
-    def spans(self, vocab: int, chunk_elements: int | None = None) -> Iterator[slice]:
-        """Chunks of these positions (see ``chunk_spans``)."""
-        return chunk_spans(len(self), vocab, chunk_elements)
 
 
 class Score:

@@ -10,6 +10,7 @@ with the store's exactly.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,10 +18,12 @@ import torch
 if TYPE_CHECKING:  # models.py imports TASKS from here
     from distill.pipeline.models import LoadedModel
 
-__all__ = ["TASKS", "IGNORE_INDEX", "position_index", "position_logits", "next_token_labels"]
+__all__ = ["TASKS", "IGNORE_INDEX", "LOGITS_CHUNK_ELEMENTS", "position_index", "position_logits", "next_token_labels",
+           "Positions", "chunk_spans"]
 
 TASKS = ("classification", "causal-lm")
 IGNORE_INDEX = -100  # Hugging Face's "not a target" label: cross-entropy skips it
+LOGITS_CHUNK_ELEMENTS = 1 << 25  # (positions x vocabulary) values worked on at once: 128 MiB of float32
 
 
 def position_index(batch: dict) -> torch.Tensor:
@@ -58,14 +61,54 @@ def position_logits(model: LoadedModel, batch: dict, task: str,
     """
     forward = model if module is None else dataclasses.replace(model, module=module)
     logits = forward.logits(batch)
-    device = logits.device
-    if task == "causal-lm":
-        flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V)
+    positions = Positions.of(batch, task, logits.device)
+    return positions.rows(logits, slice(None)), positions.hard
+
+
+def chunk_spans(positions: int, vocab: int, chunk_elements: int | None = None) -> Iterator[slice]:
+    """Consecutive spans covering ``positions`` rows of ``vocab`` values, about ``chunk_elements`` values each.
+
+    None means ``LOGITS_CHUNK_ELEMENTS``. A row counts as at least 64 values, which bounds the
+    per-position tables (ECE bins) of a classifier with few classes too.
+    """
+    rows = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // max(vocab, 64))
+    for a in range(0, positions, rows):
+        yield slice(a, min(a + rows, positions))
+
+
+@dataclasses.dataclass(frozen=True)
+class Positions:
+    """A batch's positions as rows of its raw logits, and their hard labels.
+
+    Causal LM: the kept tokens (``position_index``) of the (B * L, V) flattened logits, with
+    the next token as hard label; classification: every example, its label. ``rows`` gathers
+    a span of them, so a caller scores a padded batch chunk by chunk without copying it whole.
+    """
+
+    index: torch.Tensor | None  # (P,) rows of the flat logits; None: every row, in order
+    hard: torch.Tensor  # (P,) IGNORE_INDEX where a position has no target
+
+    @classmethod
+    def of(cls, batch: dict, task: str, device: torch.device) -> Positions:
+        """The positions of ``batch`` (collated, on ``device``) for ``task``; no host synchronisation."""
+        if task != "causal-lm":
+            labels = batch["labels"].to(device)
+            return cls(None, labels.masked_fill(labels < 0, IGNORE_INDEX))
         following = next_token_labels(batch, device).reshape(-1)  # (B * L,)
         index = position_index(batch)
-        if index.numel() == flat.shape[0]:
-            return flat, following
+        if index.numel() == following.numel():
+            return cls(None, following)
         index = index.to(device, non_blocking=True)
-        return flat.index_select(0, index), following.index_select(0, index)  # (P, V), (P,)
-    labels = batch["labels"].to(device)
-    return logits, labels.masked_fill(labels < 0, IGNORE_INDEX)
+        return cls(index, following.index_select(0, index))
+
+    def __len__(self) -> int:
+        return len(self.hard)
+
+    def rows(self, logits: torch.Tensor, span: slice) -> torch.Tensor:
+        """Logits (p, V) of positions ``span`` out of the model's raw (B, L, V) or (B, C) logits."""
+        flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V), a view
+        return flat[span] if self.index is None else flat.index_select(0, self.index[span])
+
+    def spans(self, vocab: int, chunk_elements: int | None = None) -> Iterator[slice]:
+        """Chunks of these positions (see ``chunk_spans``)."""
+        return chunk_spans(len(self), vocab, chunk_elements)

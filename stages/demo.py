@@ -27,6 +27,7 @@ import time
 from distill.errors import write_error
 from distill.pipeline.files import write_json
 from distill.pipeline.formatting import human_bytes
+from distill.pipeline.runtime import resolve_device
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -69,6 +70,7 @@ def run_demo(out_dir: str, settings: DemoSettings = DemoSettings(), progress: bo
     transfer_epochs = max(1, round(s.student_epochs * s.labelled / transfer))
     common = dict(data=data, lr=s.lr, batch_size=s.batch_size, eval_split="test", workers=0, progress=False,
                   device=device)
+    resolve_device(device)  # a bad --device is refused before anything is written
     clock = _Clock(progress)
     try:
         os.makedirs(out_dir, exist_ok=True)

@@ -51,7 +51,8 @@ from distill.pipeline.modelfiles import model_bytes, pinned_device
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.runtime import DeviceFlags, autocast, resolve_device, to_device
-from distill.pipeline.scoring import Positions, Score
+from distill.pipeline.scoring import Score
+from distill.pipeline.tasks import Positions
 from distill.pipeline.tokenize import tokenizer_beside
 
 __all__ = ["EvaluateConfig", "evaluate_model", "format_report", "retention_line"]

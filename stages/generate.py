@@ -32,6 +32,7 @@ from distill.pipeline.progress import Progress
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.runtime import (PRECISION_ALIASES, PRECISIONS, DeviceFlags, Workers, autocast, compute_dtype,
                                       parse_shard, pin, resolve_device, to_device, weight_dtype, workers)
+from distill.pipeline.tasks import Positions
 from distill.pipeline.tokenize import tokenizer_beside
 from distill.storage import (BACKENDS, METHODS, SAMPLINGS, VALUE_ENCODINGS, SoftLabels, StoreSpec, StoreWriter,
                              concat_labels, create_store, empty_labels, open_store, open_store_writer, sampled_labels,
@@ -51,7 +52,6 @@ class LabelDefaults:
 # top-k ids per position (capped at the output size) and tail draws: see docs/RESULTS.md for the measurements
 DEFAULTS = {"classification": LabelDefaults(k=64, tail_samples=0), "causal-lm": LabelDefaults(k=4, tail_samples=48)}
 TARGET_SHARD_POSITIONS = 65536  # default shard size: about this many positions, a few MB encoded
-LOGITS_CHUNK_ELEMENTS = 1 << 25  # positions are reduced to top-k in chunks of at most 32M logits (128 MB float32)
 
 
 def _default_help(name: str) -> str:
@@ -300,8 +300,8 @@ class _Batches:
     AHEAD = 2  # batches collated ahead
 
     def __init__(self, data: ExampleSet, start: int, stop: int, batch_size: int, device: torch.device):
-        self.data, self.ranges, self.device = data, [(a, min(a + batch_size, stop))
-                                                     for a in range(start, stop, batch_size)], device
+        self.data, self.device = data, device
+        self.ranges = [(a, min(a + batch_size, stop)) for a in range(start, stop, batch_size)]
         self.queue: queue.Queue = queue.Queue(maxsize=self.AHEAD)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="distill-collate", daemon=True)
@@ -391,8 +391,8 @@ def batch_labels(config: GenerateConfig, teacher: LoadedModel, host: dict, batch
     ``host`` is the collated batch on the host, ``batch`` the same on the teacher's device:
     every size (positions per example, which tokens) is read from the host's copy, so the
     host never waits for the device here. The positions go through the reduction in chunks
-    of at most LOGITS_CHUNK_ELEMENTS logits; only a padded batch's chunk is copied (the kept
-    rows gathered), never the whole (positions x vocabulary). Only (P, K + 1 + nT [+ 2M])
+    of about ``LOGITS_CHUNK_ELEMENTS`` logits (``distill.pipeline.tasks.Positions``); only a
+    padded batch's chunk is copied (its rows gathered), never the whole (positions x vocabulary). Only (P, K + 1 + nT [+ 2M])
     numbers come back to the host, in one asynchronous copy per field.
     """
     logits = teacher.logits(batch)
@@ -400,21 +400,14 @@ def batch_labels(config: GenerateConfig, teacher: LoadedModel, host: dict, batch
     if spec.task == "causal-lm":
         mask = host["position_mask"]  # (B, L) on the host
         lengths = mask.sum(1)  # (B,)
-        index = host["position_index"]  # (P,) flat indices of the kept positions
         if spec.has_token_index:
-            token_index = (index % mask.shape[1]).to(torch.int32)  # (P,) token of each kept position
-        flat = logits.reshape(-1, logits.shape[-1])  # (B * L, V)
-        rows = None if len(index) == len(flat) else batch["position_index"]  # None: every row is a position
+            token_index = (host["position_index"] % mask.shape[1]).to(torch.int32)  # (P,) token of each position
     else:
         lengths = torch.ones(len(logits), dtype=torch.int64)
-        flat, rows = logits, None
-    count = len(flat) if rows is None else len(rows)
-    chunk = max(1, LOGITS_CHUNK_ELEMENTS // flat.shape[-1])
-    parts = []
-    for i in range(0, count, chunk):
-        # a slice of the teacher's own logits (consumed in place), or the chunk's kept rows gathered: a chunk's copy
-        part = flat[i : i + chunk] if rows is None else flat.index_select(0, rows[i : i + chunk])
-        parts.append(_reduce(config, spec, part, generator))
+    positions = Positions.of(batch, spec.task, logits.device)
+    # a slice of the teacher's own logits (consumed in place), or a padded batch's chunk gathered: a chunk's copy
+    parts = [_reduce(config, spec, positions.rows(logits, span), generator)
+             for span in positions.spans(logits.shape[-1])]
     labels = concat_labels(parts) if parts else empty_labels(spec, len(lengths))
     labels.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.to(torch.int64).cumsum(0)])
     labels.token_index = token_index

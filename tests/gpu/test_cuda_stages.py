@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from distill.cli import cli
+from distill.pipeline import tasks
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, load_model
 from distill.stages import generate as generate_stage
@@ -83,7 +84,7 @@ def test_stage_one_device_memory_is_the_teacher_and_its_logits_plus_a_chunk(tmp_
     """A padded batch on CUDA: peak allocated memory of labelling it is the forward pass plus a few chunks."""
     chunk_rows = 64
     vocab = 4096
-    monkeypatch.setattr(generate_stage, "LOGITS_CHUNK_ELEMENTS", chunk_rows * vocab)
+    monkeypatch.setattr(tasks, "LOGITS_CHUNK_ELEMENTS", chunk_rows * vocab)
     device = torch.device("cuda", torch.cuda.current_device())
     data = load_data(DataConfig(_ids(tmp_path / "ids.jsonl"), task="causal-lm"))
     teacher = load_model(ModelConfig(TEACHER), device=device)

@@ -12,8 +12,8 @@ import torch
 from distill.pipeline.data import ExampleSet
 from distill.pipeline.models import ModelConfig, load_model
 from distill.pipeline.runtime import Workers
-from distill.pipeline.scoring import Positions, Score, chunk_spans, held_out_evaluator
-from distill.pipeline.tasks import position_logits
+from distill.pipeline.scoring import Score, held_out_evaluator
+from distill.pipeline.tasks import Positions, chunk_spans, position_logits
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from devicehelp import PeakMemory, SyncCounter
-from distill.pipeline import trainer
+from distill.pipeline import tasks, trainer
 from distill.pipeline.architectures import build_builtin
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, float32_output_layer, load_model
@@ -87,7 +87,8 @@ def test_bf16_teacher_stores_log_probs_of_float32_logits(tmp_path, device):
 def test_the_output_layer_is_float32_whatever_the_weights():
     teacher = load_model(ModelConfig(SHARP, task="causal-lm"), dtype=torch.bfloat16)
     assert float32_output_layer(teacher)
-    assert teacher.module.lm_head.weight.dtype == torch.float32 and teacher.module.tok_emb.weight.dtype == torch.bfloat16
+    assert teacher.module.lm_head.weight.dtype == torch.float32
+    assert teacher.module.tok_emb.weight.dtype == torch.bfloat16  # untied: the embedding keeps its dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert teacher.logits({"input_ids": torch.zeros(2, 5, dtype=torch.int64)}).dtype == torch.float32
 
@@ -96,7 +97,7 @@ def test_stage_one_holds_the_teachers_logits_and_one_chunk_not_a_padded_copy(tmp
     """A padded batch's positions are gathered a chunk at a time: peak memory is the teacher's forward pass
     plus a few chunks of (positions x vocabulary), not a second (positions x vocabulary) copy."""
     chunk_rows = 8
-    monkeypatch.setattr(generate_stage, "LOGITS_CHUNK_ELEMENTS", chunk_rows * VOCAB)
+    monkeypatch.setattr(tasks, "LOGITS_CHUNK_ELEMENTS", chunk_rows * VOCAB)
     data = load_data(DataConfig(_ragged_ids(tmp_path / "ids.jsonl"), task="causal-lm"))
     teacher = load_model(ModelConfig(SHARP, task="causal-lm"))
     config = GenerateConfig(teacher=SHARP, data="unused", out="unused", device="cpu", k=8, tail_samples=16)
@@ -166,7 +167,8 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, counted_fit, devic
     counter = counted_fit
     data, store = _generate(tmp_path, tail_samples=16, k=4)
     common = dict(data=data, model="gpt:vocab_size=512,d_model=16,n_layers=1,n_heads=2,max_len=64", device=device,
-                  batch_size=4, steps=6, log_every=100, checkpoint_every=100, workers=1, progress=False, task="causal-lm")
+                  batch_size=4, steps=6, log_every=100, checkpoint_every=100, workers=1, progress=False,
+                  task="causal-lm")
     student = train_student(StudentConfig(labels=str(tmp_path / "store"), out=str(tmp_path / "student"), alpha=0.5,
                                           grad_accum=2, **common))
     teacher = train_teacher(TrainConfig(out=str(tmp_path / "teacher"), **common))

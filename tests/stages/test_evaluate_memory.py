@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from distill.cli import cli
-from distill.pipeline import scoring
+from distill.pipeline import tasks
 from distill.pipeline.data import ExampleSet
 from distill.pipeline.models import ModelConfig, load_model
 from distill.stages.evaluate import EvaluateConfig, evaluate_model
@@ -57,7 +57,7 @@ def store(tmp_path_factory):
 
 def evaluate(against: str, store: str, chunk_elements: int, monkeypatch) -> tuple[dict, int]:
     """(the report, its peak bytes beyond the weights and the models' own (B, L, V) logits)."""
-    monkeypatch.setattr(scoring, "LOGITS_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(tasks, "LOGITS_CHUNK_ELEMENTS", chunk_elements)
     config = EvaluateConfig(model=MODEL, data=DATA, teacher=TEACHER if against == "teacher" else None,
                             labels=store if against == "store" else None, batch_size=len(LENGTHS),
                             throughput_batch=1, warmup=0, repeats=1, device="cpu")
@@ -73,6 +73,8 @@ def test_evaluation_holds_the_logits_and_a_few_chunks(against, store, monkeypatc
     chunked, extra = evaluate(against, store, CHUNK, monkeypatch)
     whole, whole_extra = evaluate(against, store, 1 << 25, monkeypatch)  # all 82 positions in one chunk
     chunks = extra / (CHUNK * 4)
+    print(f"{against}: {chunks:.2f} chunks beyond weights and logits; in one chunk {whole_extra / (82 * V * 4):.2f} "
+          "(P, V) copies")
     assert chunks < {"nothing": 3, "teacher": 5, "store": 5}[against], chunks
     assert extra < 82 * V * 4 < whole_extra  # less than one (P, V) float32 copy; in one chunk, more
     assert chunked["positions"] == whole["positions"] == 82
