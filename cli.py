@@ -12,7 +12,7 @@ from click.core import ParameterSource
 from distill import __version__
 from distill.errors import DistillError
 from distill.pipeline.config import Setting, build_config, load_toml, settings
-from distill.pipeline.formatting import human_bytes
+from distill.pipeline.formatting import data_summary, human_bytes
 
 __all__ = ["cli", "main"]
 
@@ -159,7 +159,9 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     metrics = summary.get("metrics", {})
     evaluation = metrics.get("eval", {})
     parts = [f"{k} {v:.4g}" for k, v in evaluation.items() if isinstance(v, float)]
-    click.echo(f"trained {summary['params']:,} parameters; model saved in {summary['out']}/model"
+    trained = summary.get("trainable_params", summary["params"])  # fewer with a LoRA adapter
+    count = f"{trained:,}" if trained == summary["params"] else f"{trained:,} of {summary['params']:,}"
+    click.echo(f"trained {count} parameters; model saved in {summary['out']}/model"
                + (f"; held-out {', '.join(parts)}" if parts else ""))
 
 
@@ -284,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
 def _format_value(key: str, value: object) -> str:
     if value is None:
         return "-"
+    if key == "data" and isinstance(value, dict):  # what generate-labels made of the documents
+        return data_summary(value)
     if key == "payload_bytes" and isinstance(value, (int, float)):
         return f"{human_bytes(value)} ({value:,} bytes)"
     if key.startswith("bytes_per_") and isinstance(value, (int, float)):

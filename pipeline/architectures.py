@@ -22,7 +22,8 @@ from torch import nn
 
 from distill.errors import ConfigError
 
-__all__ = ["BUILTINS", "ARCHITECTURES", "Architecture", "resolve_options", "build_builtin", "MLP", "CNN", "GPT"]
+__all__ = ["BUILTINS", "ARCHITECTURES", "Architecture", "resolve_options", "build_builtin", "MLP", "CNN", "GPT",
+           "document_mask"]
 
 
 class MLP(nn.Module):
@@ -79,14 +80,16 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); ``attn_mask`` (B, 1, T, T) bool, True = may attend (None: causal)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                           is_causal=attn_mask is None)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -100,8 +103,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), attn_mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -109,7 +112,9 @@ class GPT(nn.Module):
     """(B, T) token ids -> (B, T, vocab_size) next-token logits; T <= max_len.
 
     Attention is causal, so with right padding the logits of real tokens do not depend on
-    the padding after them.
+    the padding after them. With ``position_ids`` (B, T) (packed documents) the position
+    embedding reads them, and a token attends only within its document: documents start
+    where position_ids == 0.
     """
 
     task = "causal-lm"
@@ -138,16 +143,26 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("attn.proj.weight", "mlp.2.weight")) else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         if T > self.max_len:
             raise ConfigError(f"gpt: sequence of {T} tokens is longer than max_len={self.max_len}; "
                               f"build it with max_len={T} or cut the data's sequences shorter")
-        pos = torch.arange(T, device=input_ids.device)  # (T,)
+        pos = torch.arange(T, device=input_ids.device) if position_ids is None else position_ids  # (T,) or (B, T)
+        mask = None if position_ids is None else document_mask(position_ids)  # (B, 1, T, T)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)  # (B, T, C)
+            x = block(x, mask)  # (B, T, C)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids of packed documents -> (B, 1, T, T) bool, True where a token may attend:
+    causally, within its document. A document starts where its position id is 0."""
+    T = position_ids.shape[1]
+    document = (position_ids == 0).cumsum(-1)  # (B, T) which document each token is in
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()  # (T, T)
+    return ((document[:, :, None] == document[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,12 @@ RNG, position in the data; plain tensors and numbers, loaded with ``weights_only
 It is written under a temporary name, fsynced, then renamed into place, and only then
 named in ``RUN/checkpoints/latest``; so a kill at any moment leaves either the previous
 checkpoint or the new one, never a half-written one that looks complete.
+
+A sharded checkpoint (FSDP training, ``save_sharded_checkpoint``) holds ``shards/``, the
+model's and the optimiser's shards as torch.distributed.checkpoint writes them (one file per
+rank and a ``.metadata`` written once every rank's file is), instead of ``model.safetensors``
+and the optimiser in ``trainer.pt``; every rank writes its shard into the same temporary
+directory, then rank 0 writes ``trainer.pt`` and renames it into place, as above.
 """
 
 from __future__ import annotations
@@ -13,32 +19,62 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from typing import Callable
 
 import torch
 
 from distill.errors import ConfigError, first_line, is_write_failure, write_error
 from distill.pipeline.modelfiles import save_weights
+from distill.pipeline.runtime import Workers
 from distill.storage.fs import fsync_dir, fsync_file
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_trainer_state"]
+__all__ = ["save_checkpoint", "save_sharded_checkpoint", "latest_checkpoint", "load_trainer_state", "SHARDS"]
 
 KEEP = 2  # the newest checkpoints kept; older ones are removed once a newer one is in place
+SHARDS = "shards"  # a sharded checkpoint's directory of model and optimiser shards
 
 
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_state: dict) -> str:
     """Write checkpoint ``step`` atomically; returns its directory."""
     root = os.path.join(run_dir, "checkpoints")
+    tmp = os.path.join(root, f".step-{step:08d}.tmp-{uuid.uuid4().hex[:8]}")
+    return _commit(root, step, tmp, lambda: save_weights(model, os.path.join(tmp, "model.safetensors")), trainer_state)
+
+
+def save_sharded_checkpoint(run_dir: str, step: int, write_shards: Callable[[str], None], trainer_state: dict,
+                            team: Workers) -> str:
+    """Write sharded checkpoint ``step`` atomically; every rank of ``team`` calls it; returns its directory.
+
+    write_shards(directory) writes this rank's shards into ``directory`` (the checkpoint's
+    ``SHARDS``, made empty by rank 0 first) and returns once every rank's are written, as
+    torch.distributed.checkpoint's ``save`` does; ``trainer_state`` (rank 0's) goes to ``trainer.pt``.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    tmp = os.path.join(root, f".step-{step:08d}.tmp-sharded")  # one name every rank knows without being told
+    if team.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt at this step
+        try:
+            os.makedirs(os.path.join(tmp, SHARDS))
+        except OSError as e:
+            raise write_error(e, f"checkpoint {os.path.join(root, f'step-{step:08d}')}") from None
+    team.barrier()
+    if team.rank != 0:
+        write_shards(os.path.join(tmp, SHARDS))  # a failure on any rank raises on every rank
+        return os.path.join(root, f"step-{step:08d}")
+    return _commit(root, step, tmp, lambda: write_shards(os.path.join(tmp, SHARDS)), trainer_state)
+
+
+def _commit(root: str, step: int, tmp: str, write: Callable[[], None], trainer_state: dict) -> str:
+    """Fill ``tmp`` (``write()``, then ``trainer.pt``), fsync it, rename it to checkpoint ``step``, point
+    ``latest`` at it and drop the oldest checkpoints; a failure leaves no trace of the new one."""
     name = f"step-{step:08d}"
     final = os.path.join(root, name)
-    tmp = os.path.join(root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     pointer = os.path.join(root, f".latest.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        os.makedirs(tmp)
-        save_weights(model, os.path.join(tmp, "model.safetensors"))
+        os.makedirs(tmp, exist_ok=True)
+        write()
         torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-        for f in os.listdir(tmp):
-            fsync_file(os.path.join(tmp, f))
-        fsync_dir(tmp)
+        _fsync_tree(tmp)
         if os.path.exists(final):  # a rerun redid this step: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -62,6 +98,13 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, trainer_sta
             path = os.path.join(root, entry)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
     return final
+
+
+def _fsync_tree(directory: str) -> None:
+    for parent, _, files in os.walk(directory):
+        for f in files:
+            fsync_file(os.path.join(parent, f))
+        fsync_dir(parent)
 
 
 def _unlink(path: str) -> None:

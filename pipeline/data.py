@@ -19,16 +19,25 @@
                               (inputs, label) tuples, or a dict of columns like a table
 
 Tables (parquet, jsonl, `datasets`, dicts of columns) give the inputs from the first of:
---ids-column (lists of token ids), --text-column (strings, tokenised and truncated to
-seq_len; special tokens are added for classification only), a column ``input_ids``, a
-column ``text``, or a column ``inputs`` of equal-length number lists (float features).
-Token ids from a column are used as given. Hard labels for classification come from
+--ids-column (lists of token ids), --text-column (strings; for classification tokenised
+with special tokens and truncated to seq_len, the tokens cut off counted in ``stats``), a
+column ``input_ids``, a column ``text``, or a column ``inputs`` of equal-length number
+lists (float features). Token ids from a column are used as given. Hard labels for classification come from
 --label-column, default ``label``, else a ``labels`` column of integers (not of lists); a
 missing or negative label means none (-1).
 
-Text files are each tokenised whole, without special tokens, and cut into consecutive
-non-overlapping sequences of exactly seq_len tokens; a file's last, shorter sequence is
-kept when it has at least 2 tokens. Sequences never cross files.
+Chat data: with neither column flag and no ``input_ids`` column, a column ``messages``
+(each row a list of {"role", "content"} messages, or that list as a JSON string) is
+causal-lm data: each conversation is rendered with --chat-template FILE or the tokenizer's
+chat template, and positions are kept where the next token is the assistant's
+(--train-on assistant) or any (--train-on all); see ``distill.pipeline.chat``.
+
+Causal-LM documents (a text file, a row's text tokenised whole without special tokens, a
+row's ids, a conversation) become sequences by ``distill.pipeline.documents``: windows of
+seq_len tokens (overlapping by --stride; each document's last, shorter window kept), never
+crossing documents; or with --pack, documents joined by the tokenizer's end-of-text id and
+cut every seq_len tokens, items then carrying "position_ids" (L,) that restart at each
+document. A row or file of at most seq_len tokens is one sequence, as it is.
 
 Causal-LM positions: the teacher's distribution at token t (predicting token t+1) is
 stored for every non-padding token t, including the last one. A table whose tokens come
@@ -42,7 +51,8 @@ Items: float features {"inputs": (F,) float32, "labels": () int64, -1 = none}; t
 {"input_ids": (L,) int64} plus "labels" () for classification, or "position_mask" (L,).
 
 A set's fingerprint covers exactly what the teacher sees, in order: the task, the inputs
-(or the token ids and every sequence's length) and the position masks; never hard labels.
+(or the token ids and every sequence's length), the position masks and position ids; never
+hard labels.
 """
 
 from __future__ import annotations
@@ -61,11 +71,13 @@ import pyarrow as pa
 import torch
 
 from distill.errors import ConfigError
+from distill.pipeline.chat import TRAIN_ON
 from distill.pipeline.config import check_settings, setting
+from distill.pipeline.context import DEFAULT_SEQ_LEN, SEQ_LEN_HELP
 from distill.pipeline.fingerprint import Fingerprint
 from distill.pipeline.specs import resolve_callable, split_builtin
 from distill.pipeline.tasks import TASKS
-from distill.pipeline.tables import read_saved_dataset, read_table, table_arrays, table_from_python
+from distill.pipeline.tables import read_saved_dataset, read_table, sequence_arrays, table_arrays, table_from_python
 from distill.pipeline.tokenize import load_tokenizer, require_tokenizer, tokenize_text_files
 
 __all__ = ["DataFlags", "DataConfig", "ExampleSet", "load_data", "load_tokenizer"]
@@ -84,13 +96,22 @@ class DataFlags:
     split: str = setting("train", "Data split: train or test for mnist1d; a single file is the train split.")
     tokenizer: str | None = setting(None, "Tokenizer for text data: a local Hugging Face directory or `bytes`.",
                                     default_help="the model's own, when it is a Hugging Face directory")
-    seq_len: int = setting(256, "Tokens per sequence cut from text files; longest tokenised entry of a text column.",
-                           minimum=2)
+    seq_len: int | None = setting(None, "Tokens per sequence: causal-LM documents are cut (or packed) into windows "
+                                        "of this many; classification text is truncated to it.", minimum=2,
+                                  default_help=SEQ_LEN_HELP)
     text_column: str | None = setting(None, "Column of text to tokenise.", default_help="text, when present")
     ids_column: str | None = setting(None, "Column of token id lists.", default_help="input_ids, when present")
     label_column: str | None = setting(None, "Column of integer class labels.",
                                        default_help="label, else labels, when present")
     limit: int | None = setting(None, "Use only the first N examples.", minimum=1)
+    stride: int = setting(0, "Causal LM: tokens each window of a long document repeats from the window before, as "
+                             "context (its positions are stored once).", minimum=0)
+    pack: bool = setting(False, "Causal LM: pack short documents into each sequence, each followed by the "
+                                "tokenizer's end-of-text token.")
+    chat_template: str | None = setting(None, "Jinja chat template file for a messages column (chat data).",
+                                        default_help="the tokenizer's own")
+    train_on: str = setting("assistant", "Chat data: the tokens whose prediction is kept as a position.",
+                            choices=TRAIN_ON)
 
     def data_config(self, spec: str, *, task: str | None = None, **changes) -> "DataConfig":
         """A DataConfig for ``spec`` with these flags (``changes`` override them, e.g. split=)."""
@@ -118,7 +139,14 @@ class DataConfig(DataFlags):
         for name in ("seq_len", "limit"):
             if getattr(self, name) is not None and not _is_int(getattr(self, name)):
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer, got {getattr(self, name)!r}")
+        if self.seq_len is None:  # the stages resolve it from the model (resolve_seq_len); without one, the old default
+            object.__setattr__(self, "seq_len", DEFAULT_SEQ_LEN)
         check_settings(self)
+        if not _is_int(self.stride) or self.stride >= self.seq_len:
+            raise ConfigError(f"--stride {self.stride} must be an integer less than --seq-len {self.seq_len}, so each "
+                              f"window adds new tokens: e.g. --stride {self.seq_len // 4}")
+        if self.pack and self.stride:
+            raise ConfigError("--pack cuts the packed documents without overlap: drop --stride or --pack")
 
 
 def _is_int(x: Any) -> bool:
@@ -136,14 +164,18 @@ class ExampleSet:
     """Examples held as whole tensors, of which items are slices.
 
     Float features: ``inputs`` (N, F) float32. Token ids: one flat (T,) int64 tensor with
-    offsets (N+1,), and for causal-lm an optional flat (T,) bool position mask. Labels (N,)
-    int64 in both, -1 = none.
+    offsets (N+1,), and for causal-lm an optional flat (T,) bool position mask and, for packed
+    documents, flat (T,) int64 position ids. Labels (N,) int64 in both, -1 = none. ``stats``
+    says what the documents became (documents, sequences, tokens, positions, dropped_tokens,
+    packed, stride; see ``distill.pipeline.documents``); empty when not known.
     """
 
     def __init__(self, task: str, *, inputs=None, input_ids=None, lengths=None, labels=None,
-                 position_mask=None, num_classes: int | None = None, vocab_size: int | None = None):
+                 position_mask=None, num_classes: int | None = None, vocab_size: int | None = None,
+                 position_ids=None, stats: dict | None = None):
         """Either ``inputs`` (N, F) or ``input_ids`` (T,) flat with ``lengths`` (N,); ``labels``
-        (N,) (default all -1); ``position_mask`` (T,) bool for causal-lm. Arrays are copied."""
+        (N,) (default all -1); ``position_mask`` (T,) bool and ``position_ids`` (T,) int64 for
+        causal-lm. Arrays are copied."""
         assert task in TASKS and (inputs is None) != (input_ids is None)
         self.task = task
         self.num_classes = num_classes
@@ -152,17 +184,25 @@ class ExampleSet:
         self._ids = None if input_ids is None else _tensor(input_ids, np.int64)
         self._offsets = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         self._mask = None if position_mask is None else _tensor(position_mask, np.bool_)
+        self._position_ids = None if position_ids is None else _tensor(position_ids, np.int64)
+        self.stats = dict(stats or {})
         n = len(self._inputs) if inputs is not None else len(self._offsets) - 1
         self._labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else _tensor(labels, np.int64)
         assert len(self._labels) == n
         assert self._offsets is None or self._offsets[-1] == len(self._ids)
         assert self._mask is None or (task == "causal-lm" and len(self._mask) == len(self._ids))
+        assert self._position_ids is None or (task == "causal-lm" and len(self._position_ids) == len(self._ids))
         self._fingerprint: str | None = None
 
     @property
     def has_position_mask(self) -> bool:
         """True when examples mark positions to skip (causal-lm only)."""
         return self._mask is not None
+
+    @property
+    def packed(self) -> bool:
+        """True when examples carry position ids: several documents packed per sequence."""
+        return self._position_ids is not None
 
     @property
     def num_features(self) -> int | None:
@@ -188,8 +228,11 @@ class ExampleSet:
         item = {"input_ids": self._ids[start:end].clone()}
         if self.task == "classification":
             item["labels"] = self._labels[i].clone()
-        elif self._mask is not None:
+            return item
+        if self._mask is not None:
             item["position_mask"] = self._mask[start:end].clone()
+        if self._position_ids is not None:
+            item["position_ids"] = self._position_ids[start:end].clone()
         return item
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -197,7 +240,10 @@ class ExampleSet:
         (B, Lmax) right-padded with 0, plus labels (B,) or position_mask (B, Lmax) bool and
         position_index (P,) int64, the flat indices into the B * Lmax tokens of the kept
         positions: computed here, on the host, so no device has to tell the host how many
-        positions a batch keeps (see ``distill.pipeline.tasks.position_logits``)."""
+        positions a batch keeps (see ``distill.pipeline.tasks.position_logits``). Packed items
+        add position_ids (B, Lmax) int64; padding continues its row's last position, so it
+        joins the row's last document (Hugging Face finds documents where positions do not
+        step by 1), and no real token attends to it in a causal model."""
         if "inputs" in items[0]:
             return {"inputs": torch.stack([it["inputs"] for it in items]),
                     "labels": torch.stack([it["labels"] for it in items])}
@@ -217,6 +263,13 @@ class ExampleSet:
                 position_mask[row, :n] &= item["position_mask"]
         batch["position_mask"] = position_mask
         batch["position_index"] = position_mask.reshape(-1).nonzero()[:, 0]
+        if "position_ids" in items[0]:
+            position_ids = torch.zeros_like(input_ids)
+            for row, (item, n) in enumerate(zip(items, lengths)):
+                last = item["position_ids"][-1]
+                position_ids[row, :n] = item["position_ids"]
+                position_ids[row, n:] = last + torch.arange(1, input_ids.shape[1] - n + 1)
+            batch["position_ids"] = position_ids
         return batch
 
     def fingerprint(self) -> str:
@@ -229,19 +282,26 @@ class ExampleSet:
                 fp.tensor("lengths", np.diff(self._offsets)).tensor("input_ids", self._ids)
                 if self._mask is not None:
                     fp.tensor("position_mask", self._mask)
+                if self._position_ids is not None:
+                    fp.tensor("position_ids", self._position_ids)
             self._fingerprint = fp.hexdigest()
         return self._fingerprint
 
     def head(self, n: int) -> "ExampleSet":
-        """The first ``n`` examples (all when there are fewer)."""
+        """The first ``n`` examples (all when there are fewer). Its stats count the stored
+        tokens of the examples left out as dropped (an overlap of --stride counted too)."""
         if n >= len(self):
             return self
         common = dict(labels=self._labels[:n], num_classes=self.num_classes, vocab_size=self.vocab_size)
         if self._inputs is not None:
             return ExampleSet(self.task, inputs=self._inputs[:n], **common)
         end = int(self._offsets[n])
+        stats = self.stats and {**self.stats, "sequences": n,
+                                "dropped_tokens": self.stats.get("dropped_tokens", 0) + len(self._ids) - end}
         return ExampleSet(self.task, input_ids=self._ids[:end], lengths=np.diff(self._offsets[: n + 1]),
-                          position_mask=None if self._mask is None else self._mask[:end], **common)
+                          position_mask=None if self._mask is None else self._mask[:end],
+                          position_ids=None if self._position_ids is None else self._position_ids[:end],
+                          stats=stats, **common)
 
     def __repr__(self) -> str:
         what = f"features={self.num_features}" if self._inputs is not None else f"tokens={len(self._ids)}"
@@ -264,6 +324,9 @@ def load_data(config: DataConfig) -> ExampleSet:
                           "check the path, or the spelling of the built-in or the module")
     if config.task is not None and data.task != config.task:
         raise ConfigError(f"data {spec!r} is {data.task} data, not {config.task}: pass --task {data.task}")
+    if data.task == "classification" and (config.pack or config.stride):
+        raise ConfigError(f"--pack and --stride cut causal-lm documents, and data {spec!r} is classification data "
+                          "(one example per row): drop them")
     return data if config.limit is None else data.head(config.limit)
 
 
@@ -394,10 +457,10 @@ def _from_text_files(files: list[Path], config: DataConfig) -> ExampleSet:
         raise ConfigError(f"{origin} is causal-lm data: for classification pass a parquet/jsonl table "
                           "with a label column")
     tokenizer = require_tokenizer(config.tokenizer, origin)
-    ids, lengths = tokenize_text_files(files, tokenizer, config.seq_len)
-    if not len(lengths):
-        raise ConfigError(f"{origin} has fewer than 2 tokens: nothing to label")
-    return ExampleSet("causal-lm", input_ids=ids, lengths=lengths, vocab_size=tokenizer.vocab_size)
+    ids, lengths = tokenize_text_files(files, tokenizer)
+    if not len(ids):
+        raise ConfigError(f"{origin} has no tokens: nothing to label")
+    return ExampleSet(**vars(sequence_arrays(ids, lengths, None, config, origin, tokenizer.vocab_size)))
 
 
 # --- package.module:function --------------------------------------------------------------

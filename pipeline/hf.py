@@ -8,6 +8,7 @@ progress bars are kept out of batch-job logs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -130,8 +131,24 @@ def stable_config(d: dict) -> dict:
             for k, v in d.items() if not str(k).startswith("_") and k not in VOLATILE_KEYS}
 
 
+def _takes_position_ids(module: nn.Module) -> bool:
+    base = getattr(module, "get_base_model", None)  # a peft (LoRA) wrapper passes them on to the model it wraps
+    module = base() if callable(base) else module
+    try:
+        return "position_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def hf_logits(module: nn.Module, batch: dict, task: str) -> torch.Tensor:
-    """Logits of a transformers model (or its DDP wrapper) on token ids (B, L) and their attention mask (B, L)."""
+    """Logits of a transformers model (or its DDP wrapper) on token ids (B, L) and their attention mask (B, L).
+
+    A packed causal-LM batch also holds ``position_ids`` (B, L): they go to the model with no
+    attention mask, from which transformers' ``create_causal_mask`` keeps attention within
+    each document (where position ids do not step by 1), in the models that build their
+    masks with it. Right padding needs no mask in a causal model: no real token attends to it.
+    A model whose forward takes no position ids sees each packed sequence whole.
+    """
     if "input_ids" not in batch:
         raise ConfigError("Hugging Face models read token ids, but the data gives float features; "
                           "use a tokenized dataset or a built-in/factory model for features")
@@ -143,6 +160,8 @@ def hf_logits(module: nn.Module, batch: dict, task: str) -> torch.Tensor:
         # The data pads with 0; classifiers that pool the last token find it by the model's own pad id.
         ids = ids.masked_fill(mask == 0, pad)
     kwargs = {"use_cache": False} if task == "causal-lm" else {}
+    if task == "causal-lm" and "position_ids" in batch and _takes_position_ids(inner):
+        kwargs["position_ids"], mask = batch["position_ids"].to(device), None
     try:
         return module(input_ids=ids, attention_mask=mask, **kwargs).logits
     except ValueError as e:

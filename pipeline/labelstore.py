@@ -9,6 +9,7 @@ the model's output size.
 from __future__ import annotations
 
 from distill.errors import ConfigError, StoreError
+from distill.pipeline.chat import chat_rule_difference
 from distill.pipeline.data import ExampleSet
 from distill.storage import StoreReader, open_store
 
@@ -25,12 +26,24 @@ def open_complete_store(url: str) -> StoreReader:
 
 
 def check_store_matches(store: StoreReader, url: str, data: ExampleSet, output_size: int, what: str) -> None:
-    """Refuse a store made from other data, or for another output size than the ``what`` (student, model) has."""
+    """Refuse a store made from other data, or for another output size than the ``what`` (student, model) has.
+
+    A causal LM with more outputs than the store's vocabulary (an embedding padded to a
+    multiple of 64, say) is accepted: the caller restricts it with ``LoadedModel.use_vocabulary``.
+    """
     spec = store.spec
+    chat = chat_rule_difference(spec.extra.get("data", {}).get("chat"), data.stats.get("chat"))
+    if data.fingerprint() != spec.dataset_fingerprint and chat:
+        raise ConfigError(f"the store {url} was made from chat data {chat}")
     if data.fingerprint() != spec.dataset_fingerprint:
         raise ConfigError(f"the store {url} was made from other data (dataset fingerprint "
                           f"{spec.dataset_fingerprint[:19]}..., this data {data.fingerprint()[:19]}...): pass the "
                           "same --data, --split, --seq-len and --limit as generate-labels")
-    if output_size != spec.vocab_size:
+    padded = output_size > spec.vocab_size and (spec.task or data.task) == "causal-lm"
+    if output_size < spec.vocab_size and (spec.task or data.task) == "causal-lm":
+        raise ConfigError(f"the {what} outputs {output_size:,} values but the teacher's vocabulary is "
+                          f"{spec.vocab_size:,}: use a {what} with at least {spec.vocab_size:,} outputs (a larger, "
+                          "padded vocabulary is fine)")
+    if output_size != spec.vocab_size and not padded:
         raise ConfigError(f"the {what} outputs {output_size} values but the store's vocabulary is "
                           f"{spec.vocab_size}: use a {what} with the teacher's output size")

@@ -89,41 +89,63 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: str) -
                           "check the model spec and its options match the weights") from None
 
 
-def save_weights(module: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``module``'s state dict as safetensors, storing tied weights once (loads back with ``weights=``)."""
-    from safetensors.torch import save_model
+def save_weights(module: nn.Module, path: str | os.PathLike, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``module``'s state dict as safetensors, storing tied weights once (loads back with ``weights=``).
 
-    save_model(module, os.fspath(path))
+    ``state``: the weights to write instead of the module's own, under its names (an FSDP
+    module's, gathered whole, where tied weights are copies); tied weights are stored once
+    all the same, under the name safetensors' ``save_model`` keeps (the first in sorted order).
+    """
+    from safetensors.torch import save_file, save_model
+
+    if state is None:
+        save_model(module, os.fspath(path))
+        return
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    dropped = {name: min(names) for names in groups.values() for name in names if name != min(names)}
+    save_file({k: v.contiguous() for k, v in state.items() if k not in dropped}, os.fspath(path),
+              metadata=dropped or None)
 
 
 # --- a trained model --------------------------------------------------------------------------------
 
 
-def save_model(model: LoadedModel, directory: str) -> None:
+def save_model(model: LoadedModel, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
     """Save ``model`` into ``directory`` (replaced whole: written beside it, then renamed into place).
+
+    ``state``: the weights to save instead of the module's own (an FSDP-sharded module's, gathered whole).
 
     A full disk or a read-only directory is a one-line WriteError, and no half-written
     directory is left under the final name.
     """
     try:
-        _save_model_files(model, directory)
+        _save_model_files(model, directory, state)
     except OSError as e:
         shutil.rmtree(directory + ".tmp", ignore_errors=True)
         raise write_error(e, f"the model in {directory}") from None
 
 
-def _save_model_files(model: LoadedModel, directory: str) -> None:
+def _save_model_files(model: LoadedModel, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if model.describe.get("kind") == "hf":
+        if state is not None:  # gathered copies: leave out the tied ones, as transformers does with shared tensors
+            kept = dict(model.module.named_parameters())
+            state = {k: v for k, v in state.items() if k in kept or k not in _parameter_names(model.module)}
         with quiet_hf():
-            model.module.save_pretrained(tmp)
+            model.module.save_pretrained(tmp, state_dict=state)
     else:
-        save_weights(model.module, os.path.join(tmp, "model.safetensors"))
+        save_weights(model.module, os.path.join(tmp, "model.safetensors"), state)
         write_json(os.path.join(tmp, "model.json"), model.describe)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
+
+
+def _parameter_names(module: nn.Module) -> set[str]:
+    return {name for name, _ in module.named_parameters(remove_duplicate=False)}
 
 
 def model_bytes(model: LoadedModel) -> tuple[int, str]:

@@ -36,6 +36,7 @@ from torch import nn
 from distill.errors import ConfigError, first_line
 from distill.pipeline.architectures import BUILTINS, build_builtin, resolve_options
 from distill.pipeline.config import setting
+from distill.pipeline.context import module_context_length
 from distill.pipeline.fingerprint import Fingerprint
 from distill.pipeline.hf import hf_logits, hf_output_size, load_hf
 from distill.pipeline.modelfiles import load_weights, read_state_dict
@@ -44,7 +45,8 @@ from distill.pipeline.specs import resolve_callable, split_builtin
 from distill.pipeline.tasks import TASKS
 
 __all__ = ["BUILTINS", "ModelFlags", "ModelConfig", "LoadedModel", "load_model", "model_fingerprint",
-           "build_builtin", "output_layer", "float32_output_layer"]
+           "build_builtin", "output_layer", "float32_output_layer", "PER_DOCUMENT", "CROSSES_DOCUMENTS",
+           "packed_attention"]
 
 # describe() keys that say where a model was read from, not what it is: left out of the fingerprint
 _LOCATION_KEYS = ("spec", "weights")
@@ -102,16 +104,36 @@ class LoadedModel:
     """``model_fingerprint(module, describe)``: changes when any weight or the architecture changes."""
     describe: dict
     """JSON-able: kind, spec, weights, task and the kind's own settings; enough to rebuild the model."""
+    vocab_limit: int | None = None
+    """Logits beyond the first ``vocab_limit`` are left out (``use_vocabulary``): a padded vocabulary's extra ids."""
+    context_length: int | None = None
+    """The most tokens one sequence may hold (``distill.pipeline.context``); None when the model does not say."""
+
+    def use_vocabulary(self, size: int) -> None:
+        """From now on ``logits`` gives the first ``size`` of a causal LM's ``output_size`` logits.
+
+        A student whose embedding is padded (32,064 outputs for a teacher's 32,000 ids) is
+        trained and scored over the teacher's ids: its extra logits take no part in any softmax.
+        """
+        if not 0 < size <= self.output_size or self.task != "causal-lm":
+            raise ValueError(f"a {self.task} model of {self.output_size} outputs cannot be restricted to {size}")
+        self.vocab_limit = size if size < self.output_size else None
 
     def logits(self, batch: dict) -> torch.Tensor:
-        """Raw logits in the module's dtype: classification (B, C), causal-lm (B, L, V).
+        """Raw logits in the module's dtype: classification (B, C), causal-lm (B, L, V), where V is
+        ``vocab_limit`` when set (the first V of the model's ``output_size``).
 
         ``batch`` holds float features ``inputs`` (B, F), or token ids ``input_ids`` (B, L)
-        right-padded and their ``attention_mask`` (B, L). Tensors are moved to the
+        right-padded and their ``attention_mask`` (B, L), and for packed documents
+        ``position_ids`` (B, L), which Hugging Face models and the built-in gpt read (see
+        ``packed_attention``); other models get the token ids alone. Tensors are moved to the
         module's device; float features are cast to its dtype.
         """
         if self.describe.get("kind") == "hf":
             out = hf_logits(self.module, batch, self.task)
+        elif self.describe.get("kind") == "builtin" and self.task == "causal-lm" and "position_ids" in batch:
+            ids = _model_input(self.module, batch)
+            out = self.module(ids, position_ids=batch["position_ids"].to(ids.device))
         else:
             out = self.module(_model_input(self.module, batch))
         if hasattr(out, "logits"):
@@ -121,7 +143,7 @@ class LoadedModel:
         elif isinstance(out, Mapping) and "logits" in out:
             out = out["logits"]
         _check_logits(out, batch, self.task, self.output_size, self.describe.get("spec"))
-        return out
+        return out if self.vocab_limit is None else out[..., : self.vocab_limit]
 
 
 def load_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
@@ -151,7 +173,8 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: t
     fingerprint = model_fingerprint(module, describe)
     module.to(device)
     module.eval()
-    return LoadedModel(module=module, task=task, output_size=output_size, fingerprint=fingerprint, describe=describe)
+    return LoadedModel(module=module, task=task, output_size=output_size, fingerprint=fingerprint, describe=describe,
+                       context_length=module_context_length(module, hf=kind == "hf"))
 
 
 def _saved_model(config: ModelConfig) -> ModelConfig:
@@ -244,6 +267,35 @@ def float32_output_layer(model: LoadedModel) -> bool:
             setattr(head, name, nn.Parameter(param.detach().float(), requires_grad=False))
     head.forward = types.MethodType(_float32_linear, head)
     return True
+
+
+PER_DOCUMENT, CROSSES_DOCUMENTS = "per-document", "crosses documents"
+
+
+@torch.no_grad()
+def packed_attention(model: LoadedModel) -> str:
+    """Whether ``model``'s attention stays within each of the documents packed into a sequence.
+
+    PER_DOCUMENT for the built-in gpt (by construction) and for a Hugging Face causal LM
+    when a probe shows it: two documents A and B of equal length, run as [A | B] and
+    [B | A] with position ids restarting at each, give B the same logits in both only when
+    B neither attends to A nor sees A's positions. CROSSES_DOCUMENTS otherwise (factories,
+    TorchScript, Hugging Face models that ignore packed position ids): those models see
+    each whole packed sequence.
+    """
+    kind = model.describe.get("kind")
+    if model.task != "causal-lm" or kind not in ("builtin", "hf"):
+        return CROSSES_DOCUMENTS
+    if kind == "builtin":
+        return PER_DOCUMENT
+    n = 4
+    a, b = torch.arange(1, n + 1) % model.output_size, torch.arange(n + 1, 2 * n + 1) % model.output_size
+    ids = torch.stack([torch.cat([a, b]), torch.cat([b, a])])  # (2, 2n)
+    positions = torch.arange(n).repeat(2).expand(2, -1)  # (2, 2n)
+    logits = model.logits({"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": positions}).float()
+    first, second = logits[0, n:], logits[1, :n]  # B's logits after A, and alone at the start
+    scale = 1.0 + float(second.abs().max())
+    return PER_DOCUMENT if float((first - second).abs().max()) <= 1e-3 * scale else CROSSES_DOCUMENTS
 
 
 def _float32_linear(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

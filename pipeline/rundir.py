@@ -22,7 +22,8 @@ __all__ = ["RunDir", "is_run_dir", "is_quantized_dir", "load_run", "eval_metric"
            "RESUMABLE_CHANGES"]
 
 # settings that may change between a run and its resumption
-RESUMABLE_CHANGES = ("progress", "workers", "device", "log_every", "checkpoint_every", "eval_every", "overwrite")
+RESUMABLE_CHANGES = ("progress", "workers", "device", "log_every", "checkpoint_every", "eval_every", "overwrite",
+                     "log_to", "gradient_checkpointing")  # the last two change how, not what, it computes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +149,9 @@ def _check_same_run(config, path: str) -> None:
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} is damaged: use --overwrite to start over, or a new --out")
     theirs = {k: v for k, v in saved.items() if k not in RESUMABLE_CHANGES}
+    for field in dataclasses.fields(config):  # a setting added since the run was made: the run had its default
+        if field.name not in saved and field.default is not dataclasses.MISSING:
+            theirs[field.name] = list(field.default) if isinstance(field.default, tuple) else field.default
     diff = next((k for k in mine if mine[k] != theirs.get(k)), None)
     if diff is not None:
         raise ConfigError(f"{config.out} holds a run with {diff}={theirs.get(diff)!r}, not {mine[diff]!r}: "

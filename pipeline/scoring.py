@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from distill.pipeline.models import LoadedModel
 from distill.pipeline.runtime import Workers, to_device
+from distill.pipeline.sharding import is_sharded
 from distill.pipeline.tasks import IGNORE_INDEX, Positions, chunk_spans
 
 __all__ = ["Score", "held_out_evaluator", "metric_name"]
@@ -130,16 +131,23 @@ def held_out_evaluator(model: LoadedModel, data, batch_size: int, device: torch.
     train-student and train-teacher write to metrics.jsonl. ``autocast()`` makes the context
     each forward pass runs in. Under a process group (``team.distributed``) rank r scores
     batches r, r + world, ... and the ranks sum their scores, so every rank returns the
-    whole set's result, as one process would; every rank must call the function.
+    whole set's result, as one process would; every rank must call the function. An FSDP-sharded
+    model gathers its weights in every forward pass, with every rank: a rank whose batches run
+    out first runs its first batch again, unscored, until the others are done.
     """
     rank, world = (team.rank, team.world) if team is not None and team.distributed else (0, 1)
 
     def run() -> dict:
         score = Score()
-        for a in range(rank * batch_size, len(data), world * batch_size):
+        starts = list(range(rank * batch_size, len(data), world * batch_size))
+        rounds = -(-len(data) // (world * batch_size)) if world > 1 and is_sharded(model.module) else len(starts)
+        for n in range(rounds):
+            a = starts[n] if n < len(starts) else 0
             batch = to_device(data.collate([data[i] for i in range(a, min(a + batch_size, len(data)))]), device)
             with autocast():
                 logits = model.logits(batch)  # (B, C) or (B, L, V)
+            if n >= len(starts):  # in step with the other ranks' forward passes, not scored
+                continue
             positions = Positions.of(batch, model.task, logits.device)
             for span in positions.spans(logits.shape[-1], chunk_elements):
                 score.add(positions.rows(logits, span), positions.hard[span], chunk_elements)

@@ -23,13 +23,15 @@ import pyarrow.parquet as pq
 import torch
 
 from distill.errors import ConfigError, first_line
+from distill.pipeline.documents import documents_to_sequences
+from distill.pipeline.chat import chat_documents, chat_rule, conversations_from_column, resolve_chat_template
 from distill.pipeline.tasks import IGNORE_INDEX
 from distill.pipeline.tokenize import flatten, load_tokenizer, require_tokenizer
 
 if TYPE_CHECKING:  # data.py imports this module
     from distill.pipeline.data import DataConfig
 
-__all__ = ["Arrays", "read_table", "read_saved_dataset", "table_from_python", "table_arrays"]
+__all__ = ["Arrays", "read_table", "read_saved_dataset", "table_from_python", "table_arrays", "sequence_arrays"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,11 @@ class Arrays:
     """(T,) bool, aligned with input_ids (causal-lm); None keeps every position."""
     num_classes: int | None = None
     vocab_size: int | None = None
+    position_ids: np.ndarray | None = None
+    """(T,) int64 position of each token in its document (packed causal-lm only)."""
+    stats: dict | None = None
+    """What the documents became (``distill.pipeline.documents.Sequences.stats``); for
+    classification text also truncated_tokens."""
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -169,6 +176,8 @@ def table_arrays(table: pa.Table, config: DataConfig, origin: str) -> Arrays:
     names = table.column_names
     if table.num_rows == 0:
         raise ConfigError(f"{origin} has no rows: pass data with at least one example")
+    if "messages" in names and not (config.ids_column or config.text_column or "input_ids" in names):
+        return _chat_arrays(table, config, origin)
     kind, column = _input_column(names, config, origin)
     label_column = config.label_column or next(
         (c for c in ("label", "labels") if c in names and not _is_list_column(table, c)), None)
@@ -187,21 +196,77 @@ def table_arrays(table: pa.Table, config: DataConfig, origin: str) -> Arrays:
     if kind == "features":
         inputs = _features(table.column(column), column, origin)
         return Arrays(task, inputs=inputs, labels=labels, num_classes=num_classes)
-    ids, lengths, vocab_size = _token_ids(table.column(column), kind, column, task, config, origin)
-    mask = _position_mask(table, lengths, origin) if task == "causal-lm" and has_masks else None
-    return Arrays(task, input_ids=ids, lengths=lengths, labels=labels, position_mask=mask,
-                  num_classes=num_classes, vocab_size=vocab_size)
+    ids, lengths, vocab_size, truncated = _token_ids(table.column(column), kind, column, task, config, origin)
+    if task == "causal-lm":
+        mask = _position_mask(table, lengths, origin) if has_masks else None
+        return sequence_arrays(ids, lengths, mask, config, origin, vocab_size)
+    stats = {"documents": len(lengths), "sequences": len(lengths), "tokens": int(lengths.sum()) + truncated,
+             "truncated_tokens": truncated}
+    return Arrays(task, input_ids=ids, lengths=lengths, labels=labels, num_classes=num_classes,
+                  vocab_size=vocab_size, stats=stats)
+
+
+def sequence_arrays(ids: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None, config: DataConfig, origin: str,
+                    vocab_size: int | None) -> Arrays:
+    """Causal-LM documents -> Arrays of sequences, cut or packed as the data flags say.
+
+    Every causal-lm source (text files, text and ids columns, chat) ends here: ``ids`` (T,)
+    int64 documents end to end, ``lengths`` (D,), ``mask`` (T,) bool positions each keeps
+    (None: all); see ``distill.pipeline.documents.documents_to_sequences``.
+    """
+    eos_id = _eos_id(config, origin) if config.pack else None  # DataConfig checked stride and pack
+    out = documents_to_sequences(ids, lengths, config.seq_len, position_mask=mask, stride=config.stride,
+                                 pack=config.pack, eos_id=eos_id, limit=config.limit)
+    return Arrays("causal-lm", input_ids=out.input_ids, lengths=out.lengths, position_mask=out.position_mask,
+                  position_ids=out.position_ids, stats=out.stats, vocab_size=vocab_size)
+
+
+def _eos_id(config: DataConfig, origin: str) -> int:
+    """The end-of-text id that separates packed documents: the tokenizer's eos token."""
+    if config.tokenizer is None:
+        raise ConfigError(f"--pack separates the documents of {origin} with the tokenizer's end-of-text id: "
+                          "pass --tokenizer DIR")
+    eos_id = load_tokenizer(config.tokenizer).eos_id
+    if eos_id is None:
+        raise ConfigError(f"--pack needs an end-of-text token, and tokenizer {config.tokenizer!r} has none: "
+                          "set its eos_token and save it again, or drop --pack")
+    return int(eos_id)
+
+
+def _chat_arrays(table: pa.Table, config: DataConfig, origin: str) -> Arrays:
+    """A ``messages`` column of conversations -> causal-lm sequences with position masks (pipeline/chat.py)."""
+    if config.task == "classification":
+        raise ConfigError(f"{origin}: column 'messages' is chat data, which is causal-lm: pass --task causal-lm, "
+                          "or --text-column/--ids-column for another input")
+    table = table if config.limit is None else table.slice(0, config.limit)
+    tokenizer = require_tokenizer(config.tokenizer, f"{origin} column 'messages'")
+    conversations = conversations_from_column(table.column("messages").to_pylist(), "messages", origin)
+    template = resolve_chat_template(tokenizer, config.tokenizer, config.chat_template)
+    ids, lengths, mask = chat_documents(conversations, tokenizer, template, config.train_on, origin)
+    arrays = sequence_arrays(ids, lengths, mask, config, origin, tokenizer.vocab_size)
+    # the manifest keeps the stats: train-student names a different rule rather than "other data"
+    return dataclasses.replace(arrays, stats={**arrays.stats, "chat": chat_rule(template, config.train_on)})
 
 
 def _token_ids(column: pa.ChunkedArray, kind: str, name: str, task: str, config: DataConfig,
-               origin: str) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """A text or ids column -> (flat ids (T,) int64, lengths (N,), vocabulary size or None)."""
+               origin: str) -> tuple[np.ndarray, np.ndarray, int | None, int]:
+    """A text or ids column -> (flat ids (T,) int64, lengths (N,), vocabulary size or None, tokens truncated).
+
+    Causal-LM text is tokenised whole (documents_to_sequences cuts it); classification text
+    is truncated to seq_len, and the tokens cut off are counted.
+    """
+    truncated = 0
     if kind == "text":
         tokenizer = require_tokenizer(config.tokenizer, f"{origin} column {name!r}")
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or column.null_count:
             raise ConfigError(f"{origin}: column {name!r} must hold strings with no nulls; fix --text-column")
-        ids, lengths = flatten(tokenizer.encode_batch(column.to_pylist(), special_tokens=task == "classification",
-                                                      max_length=config.seq_len))
+        texts, classify = column.to_pylist(), task == "classification"
+        encoded = tokenizer.encode_batch(texts, special_tokens=classify, max_length=config.seq_len if classify else None)
+        ids, lengths = flatten(encoded)
+        if classify:  # only a text that filled seq_len may have been cut
+            full = [i for i, n in enumerate(lengths) if n == config.seq_len]
+            whole = tokenizer.encode_batch([texts[i] for i in full], special_tokens=True) if full else []
+            truncated = sum(len(w) for w in whole) - config.seq_len * len(full)
         vocab_size = tokenizer.vocab_size
     else:
         ids, lengths = _ragged(column, name, origin, pa.types.is_integer)
@@ -213,7 +278,7 @@ def _token_ids(column: pa.ChunkedArray, kind: str, name: str, task: str, config:
                               f"(size {vocab_size}); check --tokenizer and --ids-column")
     if (lengths == 0).any():
         raise ConfigError(f"{origin}: row {int(np.argmax(lengths == 0))} has no tokens; drop empty rows")
-    return ids, lengths, vocab_size
+    return ids, lengths, vocab_size, truncated
 
 
 def _input_column(names: list[str], config: DataConfig, origin: str) -> tuple[str, str]:

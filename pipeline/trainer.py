@@ -9,6 +9,10 @@ restored exactly.
 Steps: every rank takes the same number of optimiser steps per epoch (DDP needs it):
 with one process, ceil(batches / grad_accum); with several, the smallest rank's
 floor(batches / grad_accum), dropping the larger ranks' last batches of that epoch.
+
+Several processes (torchrun) train with DDP (a whole copy of the model per rank) or, with
+``distributed="fsdp"``, FSDP2 (``distill.pipeline.sharding``: each rank holds a shard of the
+weights, gradients and optimiser state; checkpoints are sharded). Resuming is exact either way.
 """
 
 from __future__ import annotations
@@ -25,10 +29,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.errors import ConfigError, DistillError, write_error
-from distill.pipeline.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from distill.pipeline.checkpoint import (SHARDS, latest_checkpoint, load_trainer_state, save_checkpoint,
+                                         save_sharded_checkpoint)
 from distill.pipeline.config import setting
+from distill.pipeline.metricsinks import open_sinks
 from distill.pipeline.progress import Progress
 from distill.pipeline.runtime import Workers, to_device
+from distill.pipeline.sharding import (DISTRIBUTED, check_team, load_shards, replicated_value, shard_model,
+                                       shard_writer)
 from distill.storage.stream import LabelStream
 
 __all__ = ["Schedule", "RunPlace", "fit", "make_optimizer", "steps_per_epoch", "total_steps"]
@@ -55,6 +63,9 @@ class Schedule:
     checkpoint_every: int = setting(500, "Checkpoint every N steps (and at the end).", minimum=1)
     log_every: int = setting(10, "Metrics line every N steps.", minimum=1)
     workers: int = setting(1, "DataLoader worker processes (0: load in the training process).", minimum=0)
+    distributed: str = setting("ddp", "How torchrun's processes train together: ddp (a whole model per process) or "
+                                      "fsdp (FSDP2: weights, gradients and optimiser state sharded across them).",
+                               choices=DISTRIBUTED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +82,8 @@ class RunPlace:
     """A new context to run each micro-batch's forward pass and loss under (bf16 autocast, or a null context)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    log_to: tuple[str, ...] = ()
+    """Live metrics sinks besides metrics.jsonl (``distill.pipeline.metricsinks``): tensorboard, wandb."""
 
 
 def steps_per_epoch(stream: LabelStream, epoch: int, world: int, accum: int) -> int:
@@ -166,8 +179,11 @@ def fit(module: torch.nn.Module, stream: LabelStream, batch_loss: Callable[[torc
     """
     torch.manual_seed(schedule.seed)
     loop = _Loop(module, stream, batch_loss, schedule, place, evaluate)  # resumes from the newest checkpoint
-    while loop.pos.step < loop.total:
-        loop.run_epoch()
+    try:
+        while loop.pos.step < loop.total:
+            loop.run_epoch()
+    finally:
+        loop.metrics.close()
     loop.bar.close()
     return loop.last
 
@@ -180,6 +196,10 @@ class _Loop:
                  evaluate: Callable[[], dict] | None):
         self.module, self.stream, self.batch_loss = module, stream, batch_loss
         self.schedule, self.place, self.evaluate = schedule, place, evaluate
+        check_team(schedule.distributed, place.team)
+        self.sharded = schedule.distributed == "fsdp"
+        if self.sharded:  # before the optimiser: its parameters are the shards
+            shard_model(module, place.device, place.team.world)
         self.optimizer = make_optimizer(module, schedule)
         self.total = total_steps(stream, schedule, place.team.world)
         # (with --steps too: an epoch of no step per rank, e.g. fewer shards than ranks, would loop for ever)
@@ -187,9 +207,9 @@ class _Loop:
             raise ConfigError("the data gives no full optimiser step per rank: use a smaller --batch-size or "
                               "--grad-accum, or fewer ranks than the store has shards")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(self.total, schedule))
-        self.pos = _resume(place.run_dir, module, self.optimizer, self.scheduler, place.device)
+        self.pos = _resume(place.run_dir, module, self.optimizer, self.scheduler, place.device, self.sharded)
         self.model = self._wrapped()
-        self.metrics = _Metrics(place.run_dir, self.pos.step, enabled=place.team.rank == 0)
+        self.metrics = _Metrics(place.run_dir, self.pos.step, enabled=place.team.rank == 0, log_to=place.log_to)
         self.bar = Progress(self.total, unit="steps", rate_unit="examples",
                             enabled=place.progress and place.team.rank == 0)
         self.bar.done = self.pos.step
@@ -197,8 +217,9 @@ class _Loop:
         self.window = _Window()
 
     def _wrapped(self) -> torch.nn.Module:
-        """The module the loss calls: DDP around it when several processes train together."""
-        if not self.place.team.distributed:
+        """The module the loss calls: DDP around it when several processes train together (and not FSDP,
+        which shards the module itself)."""
+        if not self.place.team.distributed or self.sharded:
             return self.module
         device = self.place.device
         device_ids = [device.index] if device.type == "cuda" else None
@@ -235,7 +256,9 @@ class _Loop:
         for micro in range(n_micro):
             batch = to_device(_next_batch(it), self.place.device)  # pinned by the loader: an asynchronous copy
             sync = micro == n_micro - 1 or not self.place.team.distributed  # DDP all-reduces on the last only
-            with (self.model.no_sync() if not sync else nullcontext()), self.place.autocast():
+            if self.sharded:  # FSDP: reduce-scatter on the last only
+                self.module.set_requires_gradient_sync(sync)
+            with (self.model.no_sync() if not sync and not self.sharded else nullcontext()), self.place.autocast():
                 out = self.batch_loss(self.model, batch)
             (out["loss"] / n_micro).backward()
             _add_scalars(sums, out, n_micro)
@@ -250,6 +273,8 @@ class _Loop:
         grad_norm = None
         if self.schedule.clip_grad:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.schedule.clip_grad).detach()
+            if self.sharded:  # over FSDP's shards: a DTensor every rank holds whole
+                grad_norm = replicated_value(grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         return grad_norm
@@ -279,12 +304,16 @@ class _Loop:
         saved = dataclasses.replace(self.pos)
         if end_of_epoch:  # resume at the next epoch's start, not at an exhausted one
             saved.epoch, saved.batches_in_epoch = self.pos.epoch + 1, 0
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "position": dataclasses.asdict(saved)}
+        state = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                 "position": dataclasses.asdict(saved)}
         if torch.cuda.is_available() and next(self.module.parameters()).is_cuda:
             state["cuda_rng"] = torch.cuda.get_rng_state(next(self.module.parameters()).device)
-        if self.place.team.rank == 0:
-            save_checkpoint(self.place.run_dir, self.pos.step, self.module, state)
+        if self.sharded:  # the optimiser's state is in the shards
+            save_sharded_checkpoint(self.place.run_dir, self.pos.step, shard_writer(self.module, self.optimizer),
+                                    state, self.place.team)
+        elif self.place.team.rank == 0:
+            save_checkpoint(self.place.run_dir, self.pos.step, self.module,
+                            {"optimizer": self.optimizer.state_dict(), **state})
         self.place.team.barrier()
 
 
@@ -314,15 +343,22 @@ def _next_batch(it):
         raise type(e)(last[len(name):] if last.startswith(name) else last) from None
 
 
-def _resume(run_dir, module, optimizer, scheduler, device) -> _Position:
+def _resume(run_dir, module, optimizer, scheduler, device, sharded: bool) -> _Position:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return _Position()
-    from safetensors.torch import load_model
-
-    load_model(module, os.path.join(ckpt, "model.safetensors"), device=str(device))
+    if os.path.isdir(os.path.join(ckpt, SHARDS)) != sharded:
+        how = "without" if sharded else "with"
+        raise ConfigError(f"checkpoint {ckpt} was written {how} --distributed fsdp: resume it the way it was "
+                          "written, or use a new --out")
     state = load_trainer_state(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        load_shards(os.path.join(ckpt, SHARDS), module, optimizer)
+    else:
+        from safetensors.torch import load_model
+
+        load_model(module, os.path.join(ckpt, "model.safetensors"), device=str(device))
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and "cuda_rng" in state:
@@ -343,9 +379,10 @@ def _eval(metrics: "_Metrics", evaluate, pos: _Position, module: torch.nn.Module
 class _Metrics:
     """``metrics.jsonl``: one JSON object per line; a resumed run drops lines past its checkpoint."""
 
-    def __init__(self, run_dir: str, resumed_step: int, enabled: bool):
+    def __init__(self, run_dir: str, resumed_step: int, enabled: bool, log_to: tuple[str, ...] = ()):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = enabled
+        self.sinks = open_sinks(log_to, run_dir, resumed_step) if enabled else None  # TensorBoard, wandb
         if enabled and os.path.exists(self.path):
             with open(self.path) as f:
                 keep = [ln for ln in f if ln.strip() and _step(ln) <= resumed_step]
@@ -362,6 +399,12 @@ class _Metrics:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
                 raise write_error(e, self.path) from None
+            if self.sinks is not None:
+                self.sinks.write(record)
+
+    def close(self) -> None:
+        if self.sinks is not None:
+            self.sinks.close()
 
 
 def _step(line: str) -> int:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the project venv, install torch, then `pip install -e '.[test]'`.
+# Create (or reuse) the project venv, install torch, then `pip install -e '.[test]'` (the test extra
+# includes the lora, tensorboard and wandb extras, so `make test` runs their tests rather than skipping them).
 #
 #   VENV=.venv               where the venv lives
 #   PYTHON=python3           interpreter that creates it

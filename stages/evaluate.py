@@ -50,10 +50,12 @@ from distill.pipeline.losses import bucket_divergence, student_buckets
 from distill.pipeline.modelfiles import model_bytes, pinned_device
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
 from distill.pipeline.config import check_settings, setting
+from distill.pipeline.context import check_fits_context, resolve_seq_len, stored_seq_len
 from distill.pipeline.runtime import DeviceFlags, autocast, resolve_device, to_device
 from distill.pipeline.scoring import Score
 from distill.pipeline.tasks import Positions
 from distill.pipeline.tokenize import tokenizer_beside
+from distill.pipeline.tokenfiles import looked_for_tokenizer
 
 __all__ = ["EvaluateConfig", "evaluate_model", "format_report", "retention_line"]
 
@@ -101,7 +103,12 @@ def evaluate_model(config: EvaluateConfig) -> dict:
     teacher = None if not config.teacher else load_model(
         ModelConfig(config.teacher, trust_remote_code=config.trust_remote_code), device=device)
     tokenizer = config.tokenizer or tokenizer_beside(config.model) or tokenizer_beside(config.teacher)
-    data = load_data(config.data_config(config.data, task=model.task, tokenizer=tokenizer))
+    stored = open_complete_store(config.labels).spec.extra if config.labels else None  # the data cut as it was
+    seq_len = (stored_seq_len(config.seq_len, stored, config.labels, model, "model") if stored is not None
+               else resolve_seq_len(config.seq_len, model=model, teacher=teacher))
+    with looked_for_tokenizer(model=config.model, teacher=config.teacher):
+        data = load_data(config.data_config(config.data, task=model.task, tokenizer=tokenizer, seq_len=seq_len))
+    check_fits_context(data, f"data {config.data!r}", model=model, teacher=teacher)
     if len(data) == 0:
         raise ConfigError(f"data {config.data!r} (split {config.split!r}) has no examples: check the spec and --split")
     store = _open_labels(config, model, data) if config.labels else None
@@ -153,7 +160,9 @@ def _check_teacher(config: EvaluateConfig, model: LoadedModel, teacher: LoadedMo
     if teacher.task != model.task:
         raise ConfigError(f"the teacher {config.teacher!r} does {teacher.task} but the model {config.model!r} "
                           f"does {model.task}: compare models of one task")
-    if teacher.output_size != model.output_size:
+    if model.task == "causal-lm" and model.output_size > teacher.output_size:
+        model.use_vocabulary(teacher.output_size)  # a padded vocabulary: compared over the teacher's ids
+    elif teacher.output_size != model.output_size:
         raise ConfigError(f"the teacher outputs {teacher.output_size} values but the model {model.output_size}: "
                           "agreement needs one vocabulary (or set of classes)")
 
@@ -161,6 +170,8 @@ def _check_teacher(config: EvaluateConfig, model: LoadedModel, teacher: LoadedMo
 def _open_labels(config: EvaluateConfig, model: LoadedModel, data: ExampleSet):
     store = open_complete_store(config.labels)
     check_store_matches(store, config.labels, data, model.output_size, "model")
+    if model.output_size > store.spec.vocab_size:  # a padded vocabulary: scored over the teacher's ids
+        model.use_vocabulary(store.spec.vocab_size)
     return store
 
 

@@ -27,13 +27,17 @@ import torch
 
 from distill.errors import ConfigError
 from distill.pipeline.data import DataFlags, ExampleSet, load_data
-from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, float32_output_layer, load_model
+from distill.pipeline.formatting import data_summary
+from distill.pipeline.models import (LoadedModel, ModelConfig, ModelFlags, float32_output_layer, load_model,
+                                     packed_attention)
 from distill.pipeline.progress import Progress
 from distill.pipeline.config import check_settings, setting
+from distill.pipeline.context import DEFAULT_SEQ_LEN, check_fits_context, resolve_seq_len
 from distill.pipeline.runtime import (PRECISION_ALIASES, PRECISIONS, DeviceFlags, Workers, autocast, compute_dtype,
                                       parse_shard, pin, resolve_device, to_device, weight_dtype, workers)
 from distill.pipeline.tasks import Positions
 from distill.pipeline.tokenize import tokenizer_beside
+from distill.pipeline.tokenfiles import looked_for_tokenizer
 from distill.storage import (BACKENDS, METHODS, SAMPLINGS, VALUE_ENCODINGS, SoftLabels, StoreSpec, StoreWriter,
                              concat_labels, create_store, empty_labels, open_store, open_store_writer, sampled_labels,
                              topk_labels)
@@ -144,16 +148,20 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
                                      trust_remote_code=config.trust_remote_code),
                          device=device, dtype=weight_dtype(config.precision, device))
     exact_head = float32_output_layer(teacher)  # the logits the exact log-probs come from: never bf16
+    config = dataclasses.replace(config, seq_len=resolve_seq_len(config.seq_len, teacher=teacher))
     tokenizer = config.tokenizer if config.tokenizer is not None else tokenizer_beside(config.teacher)
-    data = load_data(config.data_config(config.data, task=teacher.task, tokenizer=tokenizer))
+    with looked_for_tokenizer(teacher=config.teacher):
+        data = load_data(config.data_config(config.data, task=teacher.task, tokenizer=tokenizer))
     _check_compatible(config, teacher, data)
+    check_fits_context(data, f"data {config.data!r}", teacher=teacher)
     spec = store_spec(config, teacher, data, device, exact_head)
     writer = _open_store(config, spec, team, say)
     pending = writer.pending_shards()
     mine = [i for i in pending if i % team.world == team.rank]
     say(f"generate-labels: {len(data):,} examples in {spec.num_shards:,} shard(s), {len(pending):,} to do"
         + (f", {len(mine):,} for worker {team.rank} of {team.world}" if team.world > 1 else "")
-        + f"; teacher {teacher.fingerprint[:19]} on {device}")
+        + f"; teacher {teacher.fingerprint[:19]} on {device}"
+        + (f"; data: {data_summary(spec.extra['data'])}" if "data" in spec.extra else ""))
 
     start = time.perf_counter()
     counts = _label_shards(config, teacher, data, writer, mine, device, team, say)
@@ -218,6 +226,10 @@ def store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, d
     draws = config.method == "sample" or tail_samples > 0
     compute = compute_dtype(config.precision, device)
     extra = {"compute_dtype": str(compute).removeprefix("torch.")}
+    if data.stats:  # what the documents became, for `distill inspect`
+        extra["data"] = {**data.stats, **({"attention": packed_attention(teacher)} if data.packed else {})}
+    if data.lengths is not None and len(data):  # train-student cuts text as this did, and checks its context
+        extra.update(seq_len=config.seq_len or DEFAULT_SEQ_LEN, longest_sequence=int(data.lengths.max()))
     if compute != torch.float32:  # the body ran in 16 bits; say what the logits were computed in
         extra["logits_dtype"] = "float32" if exact_head else extra["compute_dtype"]
     if draws:

@@ -8,7 +8,8 @@ and the "same model trained from scratch" baseline every distillation result is 
 
 A run directory holds ``config.json``, ``metrics.jsonl``, ``checkpoints/`` and, at the
 end, ``model/`` (a Hugging Face model saved with ``save_pretrained``; any other model as
-``model.safetensors`` plus ``model.json``, which says how to rebuild it) and ``summary.json``.
+``model.safetensors`` plus ``model.json``, which says how to rebuild it; beside either, the
+tokenizer the run read text with, saved with ``save_pretrained``) and ``summary.json``.
 Rerunning the same command resumes from the newest checkpoint.
 """
 
@@ -17,22 +18,30 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 import torch.nn.functional as F
 
 from distill.errors import ConfigError, StoreError
+from distill.pipeline.adapters import (ADAPTER_DIR, StudentFlags, check_student_flags, is_adapted, merged,
+                                      prepare_student, save_adapter)
 from distill.pipeline.config import check_settings, setting, settings
+from distill.pipeline.context import check_fits_context, resolve_seq_len, stored_seq_len
 from distill.pipeline.data import DataConfig, DataFlags, ExampleSet, load_data
 from distill.pipeline.files import write_json
 from distill.pipeline.labelstore import check_store_matches, open_complete_store
 from distill.pipeline.losses import LOSS_NAMES, OnlineDistillationLoss, TopKDistillationLoss, make_loss
+from distill.pipeline.metricsinks import LogFlags, check_sinks
 from distill.pipeline.modelfiles import save_model
-from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
+from distill.pipeline.models import (CROSSES_DOCUMENTS, LoadedModel, ModelConfig, ModelFlags, load_model,
+                                    packed_attention)
 from distill.pipeline.rundir import prepare_run_dir
 from distill.pipeline.runtime import TRAINING_PRECISIONS, DeviceFlags, autocast, resolve_device, workers
 from distill.pipeline.scoring import held_out_evaluator
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
 from distill.pipeline.tokenize import tokenizer_beside
+from distill.pipeline.tokenfiles import looked_for_tokenizer, save_tokenizer
+from distill.pipeline.sharding import check_team, gathered_weights
 from distill.pipeline.trainer import RunPlace, Schedule, fit
 from distill.storage.stream import LabelStream, labels_from_batch
 
@@ -58,7 +67,7 @@ def _default_help(name: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(Schedule, DataFlags, ModelFlags, DeviceFlags):
+class TrainConfig(Schedule, DataFlags, ModelFlags, DeviceFlags, StudentFlags, LogFlags):
     """Settings of a training run: the flags of `distill train-teacher` (train-student adds its own).
 
     Each field's help is its flag's; the optimiser and loop settings are the ``Schedule``'s,
@@ -171,6 +180,8 @@ def train_student(config: StudentConfig, online_teacher: LoadedModel | None = No
 
     def check(student: LoadedModel, data: ExampleSet) -> None:
         check_store_matches(store, config.labels, data, student.output_size, "student")
+        if student.output_size > spec.vocab_size:  # a padded vocabulary: its extra logits leave both terms
+            student.use_vocabulary(spec.vocab_size)
 
     def loss(model, batch, student: LoadedModel) -> dict:
         logits, hard = position_logits(student, batch, task, module=model)
@@ -198,12 +209,25 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
     device = resolve_device(config.device)
     team = workers(None, device)
     try:
-        prepare_run_dir(config, team.rank)
-        team.barrier()
+        check_team(config.distributed, team)  # before anything is written
+        check_student_flags(config, config.model, config.distributed)
+        check_sinks(config.log_to)
         student = load_model(ModelConfig(config.model, weights=config.weights, task=task,
                                          trust_remote_code=config.trust_remote_code), device=device)
-        data = load_data(_data_config(config, config.data, config.split, student.task))
+        config = dataclasses.replace(config, seq_len=_seq_len(config, student, store))  # refused before the run dir
+        student.module = prepare_student(student.module, student.task, config, config.seed)  # checkpointing, LoRA
+        role = "student" if store is not None else "model"  # how messages name it
+        with looked_for_tokenizer(**{role: config.model}):
+            data = load_data(_data_config(config, config.data, config.split, student.task))
         check(student, data)
+        check_fits_context(data, f"data {config.data!r}", **{role: student})
+        attention = packed_attention(student) if data.packed else None  # probed in eval mode, before .train()
+        if attention == CROSSES_DOCUMENTS and team.rank == 0:
+            print(f"{'train-student' if store is not None else 'train-teacher'}: the data is packed, but the {role}'s "
+                  "attention crosses documents (only Hugging Face models that read packed position ids, and the "
+                  "built-in gpt, keep it within each)", file=sys.stderr, flush=True)
+        prepare_run_dir(config, team.rank)  # only once the data is known to fit: bad input writes nothing
+        team.barrier()
         student.module.train()
         stream = LabelStream(data, store, batch_size=config.batch_size, seed=config.seed, rank=team.rank,
                              world=team.world, shuffle_buffer=config.shuffle_buffer, workers=config.workers)
@@ -217,12 +241,20 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
         if schedule.eval_every is None and evaluate is not None:
             schedule = dataclasses.replace(schedule, eval_every=1 << 62)  # at the end only
         last = fit(student.module, stream, lambda model, batch: loss(model, batch, student), schedule,
-                   RunPlace(config.out, team, device, lambda: autocast(config.precision, device), progress=config.progress),
+                   RunPlace(config.out, team, device, lambda: autocast(config.precision, device),
+                            progress=config.progress, log_to=config.log_to),
                    evaluate=evaluate)
         summary = {"out": config.out, "model": student.describe, "task": student.task, "metrics": last,
-                   "params": sum(p.numel() for p in student.module.parameters())}
+                   **({"packed_attention": attention} if attention else {}),
+                   "params": sum(p.numel() for p in student.module.parameters()),
+                   "trainable_params": sum(p.numel() for p in student.module.parameters() if p.requires_grad)}
+        if team.rank == 0 and is_adapted(student.module):  # RUN/adapter: the adapter alone; RUN/model: merged
+            save_adapter(student.module, os.path.join(config.out, ADAPTER_DIR))
+            student.module = merged(student.module)
+        weights = gathered_weights(student.module, team.rank)  # FSDP: every rank sends its shards to rank 0
         if team.rank == 0:
-            save_model(student, os.path.join(config.out, "model"))
+            save_model(student, os.path.join(config.out, "model"), weights)
+            save_tokenizer(_tokenizer(config), os.path.join(config.out, "model"))  # the run works as a --teacher
             write_json(os.path.join(config.out, "summary.json"), summary)
         team.barrier()
         return summary
@@ -233,5 +265,16 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
 # --- pieces ---------------------------------------------------------------------------------
 
 def _data_config(config: TrainConfig, spec: str, split: str, task: str) -> DataConfig:
-    tokenizer = config.tokenizer or tokenizer_beside(config.model)  # a Hugging Face student's own tokenizer
-    return config.data_config(spec, task=task, split=split, tokenizer=tokenizer)
+    return config.data_config(spec, task=task, split=split, tokenizer=_tokenizer(config))
+
+
+def _tokenizer(config: TrainConfig) -> str | None:
+    """--tokenizer, else the one beside the model (a Hugging Face student's own, a run directory's)."""
+    return config.tokenizer or tokenizer_beside(config.model)
+
+
+def _seq_len(config: TrainConfig, student: LoadedModel, store) -> int:
+    """--seq-len resolved for the model trained; a student's defaults to the store's (the data cut as for the teacher)."""
+    if store is None:
+        return resolve_seq_len(config.seq_len, model=student)
+    return stored_seq_len(config.seq_len, store.spec.extra, config.labels, student)

@@ -173,7 +173,9 @@ class StoreSpec:
 
     def check_same(self, other: "StoreSpec") -> None:
         """Raise IncompatibleStoreError naming the first setting that differs."""
-        mine, theirs = {**OPTIONAL_KEYS, **self.to_json()}, {**OPTIONAL_KEYS, **other.to_json()}
+        mine, theirs = ({**OPTIONAL_KEYS, **spec.to_json()} for spec in (self, other))
+        for d in (mine, theirs):  # what describes the data is covered by its fingerprint: stores made before it resume
+            d["extra"] = {k: v for k, v in d["extra"].items() if k not in DESCRIPTIVE_EXTRA}
         what = {"teacher_fingerprint": "another teacher", "dataset_fingerprint": "other data"}
         for key, thing in what.items():  # the likeliest mistakes first, in words
             if mine[key] != theirs[key]:
@@ -197,6 +199,8 @@ _FIELD_TYPES = {"method": (str,), "k": (int,), "vocab_size": (int,), "num_exampl
 
 
 OPTIONAL_KEYS = {"tail_samples": 0}  # spec keys a manifest holds only when they differ from these defaults
+# extra keys that describe the data (sequences, sizes), which the dataset fingerprint already pins: not compared
+DESCRIPTIVE_EXTRA = ("data", "seq_len", "longest_sequence")
 
 
 def _optional(d: dict, keys: tuple[str, ...]) -> dict:

@@ -179,6 +179,7 @@ class StoreReader:
             "backend": spec.backend,
             "value_encoding": spec.value_encoding.to_json(),
             "examples": spec.num_examples,
+            **({"data": spec.extra["data"]} if isinstance(spec.extra.get("data"), dict) else {}),
             "positions": positions,
             "k": spec.k,
             **({"tail_samples": spec.tail_samples, "sampling": spec.extra.get("sampling", "iid"),

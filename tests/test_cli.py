@@ -127,3 +127,12 @@ def test_console_script_subprocess(tmp_path):
         missing = subprocess.run([script, "inspect", "missing"], capture_output=True, text=True, cwd=tmp_path)
         assert missing.returncode == 2
         assert missing.stderr.startswith("distill: error: ") and missing.stderr.count("\n") == 1
+
+
+def test_python_dash_m_distill_is_the_command(tmp_path):
+    """`python -m distill` (what `torchrun -m distill` runs) is the same command, exit codes included."""
+    version = subprocess.run([sys.executable, "-m", "distill", "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert (version.returncode, version.stdout) == (0, f"distill {distill.__version__}\n")
+    missing = subprocess.run([sys.executable, "-m", "distill", "inspect", "missing"], capture_output=True, text=True,
+                             cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("distill: error: ")

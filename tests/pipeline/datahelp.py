@@ -19,23 +19,27 @@ SENTENCES = [
 ]
 
 
-def make_hf_tokenizer(directory: str | Path, vocab_size: int = 300) -> Path:
+def make_hf_tokenizer(directory: str | Path, vocab_size: int = 300, eos_token: str | None = None) -> Path:
     """Train a tiny byte-level BPE on SENTENCES and save it as a Hugging Face tokenizer.
 
     Its post-processor prepends [BOS] when special tokens are added, so tests can tell
-    whether they were. Returns the directory, loadable with AutoTokenizer.from_pretrained.
+    whether they were. ``eos_token`` (e.g. "[EOS]") adds that special token as the
+    end-of-text token (none by default). Returns the directory, loadable with
+    AutoTokenizer.from_pretrained.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[BOS]"],
+    specials = ["[PAD]", "[UNK]", "[BOS]"] + ([eos_token] if eos_token else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(SENTENCES, trainer=trainer)
     bos = tok.token_to_id("[BOS]")
     tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", bos)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   **({"eos_token": eos_token} if eos_token else {}))
     directory = Path(directory)
     fast.save_pretrained(str(directory))
     return directory
@@ -82,3 +86,22 @@ def write_module(directory: str | Path, name: str, source: str, monkeypatch) -> 
     Path(directory, f"{name}.py").write_text(textwrap.dedent(source), encoding="utf-8")
     monkeypatch.syspath_prepend(str(directory))
     return name
+
+
+CHATML_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_chat_tokenizer(directory: str | Path, template: str | None = CHATML_TEMPLATE) -> Path:
+    """``make_hf_tokenizer`` plus the ChatML turn markers <|im_start|> and <|im_end|> as special
+    tokens, and ``template`` (ChatML by default; None for none) as its chat template."""
+    from tokenizers import decoders
+    from transformers import AutoTokenizer
+
+    directory = make_hf_tokenizer(directory)
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.backend_tokenizer.decoder = decoders.ByteLevel()  # so that decode() gives the text back
+    tok.chat_template = template
+    tok.save_pretrained(str(directory))
+    return directory

@@ -87,10 +87,11 @@ class TinyTokenLM(nn.Module):
     task = "causal-lm"
     vocab_size = 50
 
-    def __init__(self):
+    def __init__(self, vocab: int = 50):
         super().__init__()
-        self.emb = nn.Embedding(50, 12)
-        self.head = nn.Linear(12, 50)
+        self.vocab_size = vocab
+        self.emb = nn.Embedding(vocab, 12)
+        self.head = nn.Linear(12, vocab)
 
     def forward(self, input_ids):
         class Output:
@@ -115,6 +116,12 @@ def tiny_feature_classifier() -> nn.Module:
 def tiny_token_lm() -> nn.Module:
     torch.manual_seed(0)
     return TinyTokenLM()
+
+
+def tiny_token_lm_300() -> nn.Module:
+    """TinyTokenLM over 300 ids (tests/pipeline/datahelp.make_hf_tokenizer's vocabulary): no attention at all."""
+    torch.manual_seed(0)
+    return TinyTokenLM(300)
 
 
 def needs_an_argument(width) -> nn.Module:

@@ -8,7 +8,7 @@ from datahelp import (MNIST1D_SMALL, SENTENCES, make_hf_tokenizer, save_hf_datas
                       write_parquet, write_text)
 from distill.errors import ConfigError
 from distill.pipeline.data import DataConfig, ExampleSet, load_data
-from distill.pipeline.tokenize import ByteTokenizer, cut_lengths, load_tokenizer
+from distill.pipeline.tokenize import ByteTokenizer, load_tokenizer
 
 IDS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 LABELS = [2, 0, 1]
@@ -272,10 +272,11 @@ def test_saved_dataset_dict_splits(tmp_path):
 # --- text files --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, expected", [(23, [5, 5, 5, 5, 3]), (21, [5, 5, 5, 5]), (22, [5, 5, 5, 5, 2]),
-                                         (1, []), (5, [5])])
-def test_cut_rule(n, expected):
-    assert cut_lengths(n, 5).tolist() == expected
+@pytest.mark.parametrize("n, expected", [(23, [5, 5, 5, 5, 3]), (21, [5, 5, 5, 5, 1]), (22, [5, 5, 5, 5, 2]),
+                                         (1, [1]), (5, [5])])
+def test_cut_rule(tmp_path, n, expected):
+    data = load(write_text(tmp_path / "c.txt", "x" * n), tokenizer="bytes", seq_len=5)
+    assert data.lengths.tolist() == expected  # nothing dropped: a last piece of one token is kept
 
 
 def test_text_file_is_cut_into_seq_len_sequences(tmp_path):
@@ -292,10 +293,10 @@ def test_text_file_is_cut_into_seq_len_sequences(tmp_path):
 def test_text_directory_never_crosses_files(tmp_path):
     write_text(tmp_path / "b.txt", "wxyz")
     write_text(tmp_path / "a.txt", "abcdefg")
-    write_text(tmp_path / "c.txt", "q")  # a single token: no sequence
+    write_text(tmp_path / "c.txt", "q")  # a single token: a sequence of its own
     write_text(tmp_path / "notes.md", "ignored")
     data = load(tmp_path, tokenizer="bytes", seq_len=5)
-    assert ids_of(data) == [list(b"abcde"), list(b"fg"), list(b"wxyz")]
+    assert ids_of(data) == [list(b"abcde"), list(b"fg"), list(b"wxyz"), list(b"q")]
 
 
 def test_hf_tokenizer_directory(tmp_path, hf_tokenizer):
@@ -307,7 +308,7 @@ def test_hf_tokenizer_directory(tmp_path, hf_tokenizer):
     text = " ".join(SENTENCES * 3)
     expected = reference(text, add_special_tokens=False)["input_ids"]
     data = load(write_text(tmp_path / "c.txt", text), tokenizer=str(hf_tokenizer), seq_len=8)
-    assert sum(ids_of(data), []) == expected[: int(cut_lengths(len(expected), 8).sum())]
+    assert sum(ids_of(data), []) == expected
     assert data.lengths[:-1].eq(8).all()
     assert data.vocab_size == len(reference)
     # classification over a text column: special tokens ([BOS] here) are added, then truncated to seq_len
@@ -455,8 +456,8 @@ def test_path_errors(tmp_path, ids_parquet):
         load(text, tokenizer="bytes", task="classification")
     with pytest.raises(ConfigError, match="pass --tokenizer"):
         load(text)
-    with pytest.raises(ConfigError, match="fewer than 2 tokens"):
-        load(write_text(tmp_path / "one.txt", "a"), tokenizer="bytes")
+    with pytest.raises(ConfigError, match="has no tokens"):
+        load(write_text(tmp_path / "none.txt", ""), tokenizer="bytes")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8"):
         load(tmp_path / "latin1.txt", tokenizer="bytes")

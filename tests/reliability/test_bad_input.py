@@ -123,6 +123,73 @@ CASES = {
 }
 
 
+# language-model data and models (issue 16); {lm} = the lm_world folder. Besides nothing complete: nothing at all written
+LM_GPT = "gpt:d_model=16,n_layers=1,n_heads=2,max_len=32"
+LM_TEXT = ["--data", "{lm}/corpus.txt", "--tokenizer", "bytes", "--no-progress"]
+LM_STUDENT = ["--labels", "{lm}/labels", *LM_TEXT, "--steps", "1", "--workers", "0"]
+LM_CASES = {
+    "generate seq-len past the context": (["generate-labels", "--teacher", LM_GPT, *LM_TEXT, "--seq-len", "64", "--out", "{out}"],
+                                          "--seq-len 64 is longer than the teacher's context length (32 tokens)",
+                                          "pass --seq-len 32 or less"),
+    "teacher seq-len past the context": (["train-teacher", "--model", LM_GPT, *LM_TEXT, "--seq-len", "64", "--out", "{out}"],
+                                         "--seq-len 64 is longer than the model's context length (32 tokens)",
+                                         "pass --seq-len 32 or less"),
+    "student seq-len past the context": (["train-student", "--student", LM_GPT, *LM_STUDENT, "--seq-len", "64", "--out",
+                                          "{out}"], "longer than the student's context length (32 tokens)", "32 or less"),
+    "student vocabulary smaller than the teacher's": (
+        ["train-student", "--student", "gpt:vocab_size=200,d_model=16,n_layers=1,n_heads=2,max_len=32", *LM_STUDENT,
+         "--out", "{out}"], "outputs 200 values but the teacher's vocabulary is 256", "at least 256 outputs"),
+    "chat data without a chat template": (["generate-labels", "--teacher", "{lm}/plain-teacher", "--data", "{lm}/chat.jsonl",
+                                           "--out", "{out}", "--no-progress"], "has no chat template",
+                                          "pass --chat-template FILE"),
+    "chat message of an unknown role": (["generate-labels", "--teacher", "{lm}/chat-teacher", "--data", "{lm}/robot.jsonl",
+                                         "--out", "{out}", "--no-progress"], "role 'robot'",
+                                        "roles must be one of system, user, assistant, tool"),
+    "pack without an end-of-text token": (["generate-labels", "--teacher", LM_GPT, *LM_TEXT, "--pack", "--out", "{out}"],
+                                          "--pack needs an end-of-text token", "drop --pack"),
+    "stride as long as the window": (["generate-labels", "--teacher", LM_GPT, *LM_TEXT, "--seq-len", "16", "--stride", "16",
+                                      "--out", "{out}"], "--stride 16 must be an integer less than --seq-len 16",
+                                     "e.g. --stride 4"),
+    "lora on a built-in student": (["train-teacher", "--model", LM_GPT, *LM_TEXT, "--steps", "1", "--lora-r", "4", "--out",
+                                    "{out}"], "--lora-r 4 applies to Hugging Face models", "drop the flag"),
+    "gradient checkpointing on a built-in": (["train-teacher", "--model", LM_GPT, *LM_TEXT, "--steps", "1",
+                                              "--gradient-checkpointing", "--out", "{out}"],
+                                             "--gradient-checkpointing applies to Hugging Face models", "drop the flag"),
+    "fsdp in one process": (["train-teacher", "--model", LM_GPT, *LM_TEXT, "--steps", "1", "--distributed", "fsdp",
+                             "--out", "{out}"], "--distributed fsdp shards the model across torchrun's processes",
+                            "launch with torchrun"),
+    "unknown metrics sink": (["train-teacher", "--model", LM_GPT, *LM_TEXT, "--steps", "1", "--log-to", "mlflow", "--out",
+                              "{out}"], "unknown --log-to 'mlflow'", "use tensorboard, wandb"),
+}
+
+
+@pytest.fixture(scope="module")
+def lm_world(tmp_path_factory):
+    """A byte-level corpus and its store, chat data, and Hugging Face teachers with and without a chat template."""
+    from datahelp import make_chat_tokenizer, make_hf_tokenizer, write_jsonl
+    from modelhelp import make_hf_causal_lm
+
+    root = tmp_path_factory.mktemp("bad-lm-input")
+    (root / "corpus.txt").write_text("offline labels teach a small student. " * 20)
+    run("generate-labels", "--teacher", LM_GPT, *[a.format(lm=root) for a in LM_TEXT], "--out", root / "labels",
+        "--k", "4")
+    make_hf_tokenizer(make_hf_causal_lm(root / "plain-teacher", vocab=300))
+    make_chat_tokenizer(make_hf_causal_lm(root / "chat-teacher", vocab=302))
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    write_jsonl(root / "chat.jsonl", [{"messages": chat}])
+    write_jsonl(root / "robot.jsonl", [{"messages": chat}, {"messages": [{"role": "robot", "content": "beep"}]}])
+    return root
+
+
+@pytest.mark.parametrize("case", LM_CASES)
+def test_a_wrong_language_model_invocation_is_one_line_exit_2_and_writes_nothing(case, lm_world, tmp_path):
+    argv, problem, fix = LM_CASES[case]
+    argv = [a.format(lm=lm_world, out=tmp_path / "out") for a in argv]
+    before = _complete_things(lm_world)
+    one_line_error(run(*argv, ok=False), problem, fix)
+    assert not (tmp_path / "out").exists() and _complete_things(lm_world) == before
+
+
 def _complete_things(root: Path) -> set:
     """What a later run would take for complete under ``root``: commit records, sealed manifests, checkpoints, models."""
     found = {str(p.relative_to(root)) for p in root.rglob("*.commit.json")}
@@ -137,5 +204,5 @@ def test_a_wrong_invocation_is_one_line_exit_2_and_leaves_nothing_complete(case,
     argv, problem, fix = CASES[case]
     argv = [a.format(w=world, out=tmp_path / "out", ro=read_only) for a in argv]
     before = _complete_things(world), _complete_things(tmp_path)
-    line = one_line_error(run(*argv, ok=False), problem, fix)
+    one_line_error(run(*argv, ok=False), problem, fix)
     assert (_complete_things(world), _complete_things(tmp_path)) == before

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from distill.cli import cli
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, load_model
-from distill.storage import open_store, sampled_labels, topk_labels
+from distill.storage import open_store, topk_labels
 
 REPO = Path(__file__).resolve().parents[2]
 MNIST = "mnist1d:num_samples=600"  # 480 train examples

@@ -10,26 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from distill.cli import cli
 from distill.pipeline.models import ModelConfig, load_model
+from clihelp import metrics, run
 
 REPO = Path(__file__).resolve().parents[2]
 MNIST = "mnist1d:num_samples=600"  # 480 train, 120 test examples
 
 
-def run(command, *args, ok=True):
-    """``distill COMMAND ARGS`` in this process, on the CPU (auto would take a GPU, and bf16 with it)."""
-    result = CliRunner().invoke(cli, [command, "--no-progress", "--device", "cpu", *map(str, args)])
-    if ok and result.exit_code != 0:
-        raise AssertionError(f"exit {result.exit_code}: {result.output}\n{result.stderr}") from result.exception
-    return result
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +101,19 @@ def test_a_run_directory_with_other_settings_is_refused(labelled, tmp_path):
     result = run("train-student", *args[:-4], "--steps", 3, "--workers", 0, "--lr", "0.1", ok=False)
     assert result.exit_code == 2 and "holds a run with lr=0.001, not 0.1" in result.stderr
     run("train-student", *args[:-4], "--steps", 3, "--workers", 0, "--lr", "0.1", "--overwrite")
+
+
+def test_a_run_made_before_a_setting_existed_resumes_at_that_settings_default(labelled, tmp_path):
+    args = ["--labels", labelled / "labels", "--student", "mlp:hidden=16", "--data", MNIST, "--out", tmp_path / "s",
+            "--workers", 0, "--checkpoint-every", 2]
+    run("train-student", *args, "--steps", 2)
+    saved = json.loads((tmp_path / "s" / "config.json").read_text())
+    for newer in ("distributed", "lora_r", "gradient_checkpointing"):  # settings added after such a run was made
+        saved.pop(newer)
+    (tmp_path / "s" / "config.json").write_text(json.dumps(saved))
+    run("train-student", *args, "--steps", 2)  # resumed (already done), not refused as another run
+    result = run("train-student", *args, "--steps", 2, "--lr", "0.1", ok=False)  # an actual difference still is
+    assert result.exit_code == 2 and "holds a run with lr=0.001, not 0.1" in result.stderr
 
 
 def _env(extra=""):

@@ -77,3 +77,15 @@ def test_empty_labels_fill_a_shard_of_examples_without_positions(tmp_path, metho
     create_store(str(tmp_path / "s"), spec).write_shard(0, labels)
     back = open_store(str(tmp_path / "s")).read_shard(0)
     assert back.num_examples == 3 and back.num_positions == 0 and back.temperatures == (2.0,)
+
+
+def test_a_store_resumes_whatever_it_records_about_the_data_but_not_other_settings():
+    from distill.errors import IncompatibleStoreError
+
+    old = StoreSpec("topk", k=K, vocab_size=V, num_examples=10, extra={"seed": 1})
+    described = StoreSpec("topk", k=K, vocab_size=V, num_examples=10,
+                          extra={"seed": 1, "seq_len": 64, "data": {"documents": 3, "sequences": 10}})
+    old.check_same(described)  # a store made before the data was described: the fingerprint pins the data
+    described.check_same(old)
+    with pytest.raises(IncompatibleStoreError, match="extra"):
+        old.check_same(StoreSpec("topk", k=K, vocab_size=V, num_examples=10, extra={"seed": 2}))

@@ -1,7 +1,6 @@
 """The store's conformance suite: every test runs against every backend."""
 
 import json
-import zlib
 
 import pytest
 import torch
