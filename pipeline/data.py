@@ -68,13 +68,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from distill.errors import ConfigError
 from distill.pipeline.chat import TRAIN_ON
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.context import DEFAULT_SEQ_LEN, SEQ_LEN_HELP
-from distill.pipeline.fingerprint import Fingerprint
+from distill.pipeline.examples import ExampleSet
 from distill.pipeline.specs import resolve_callable, split_builtin
 from distill.pipeline.tasks import TASKS
 from distill.pipeline.tables import read_saved_dataset, read_table, sequence_arrays, table_arrays, table_from_python
@@ -151,161 +150,6 @@ class DataConfig(DataFlags):
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _tensor(a: Any, dtype: np.dtype) -> torch.Tensor:
-    """A C-contiguous tensor that owns its (copied) memory."""
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    return torch.from_numpy(np.array(a, dtype=dtype, order="C"))
-
-
-class ExampleSet:
-    """Examples held as whole tensors, of which items are slices.
-
-    Float features: ``inputs`` (N, F) float32. Token ids: one flat (T,) int64 tensor with
-    offsets (N+1,), and for causal-lm an optional flat (T,) bool position mask and, for packed
-    documents, flat (T,) int64 position ids. Labels (N,) int64 in both, -1 = none. ``stats``
-    says what the documents became (documents, sequences, tokens, positions, dropped_tokens,
-    packed, stride; see ``distill.pipeline.documents``); empty when not known.
-    """
-
-    def __init__(self, task: str, *, inputs=None, input_ids=None, lengths=None, labels=None,
-                 position_mask=None, num_classes: int | None = None, vocab_size: int | None = None,
-                 position_ids=None, stats: dict | None = None):
-        """Either ``inputs`` (N, F) or ``input_ids`` (T,) flat with ``lengths`` (N,); ``labels``
-        (N,) (default all -1); ``position_mask`` (T,) bool and ``position_ids`` (T,) int64 for
-        causal-lm. Arrays are copied."""
-        assert task in TASKS and (inputs is None) != (input_ids is None)
-        self.task = task
-        self.num_classes = num_classes
-        self.vocab_size = vocab_size
-        self._inputs = None if inputs is None else _tensor(inputs, np.float32)
-        self._ids = None if input_ids is None else _tensor(input_ids, np.int64)
-        self._offsets = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        self._mask = None if position_mask is None else _tensor(position_mask, np.bool_)
-        self._position_ids = None if position_ids is None else _tensor(position_ids, np.int64)
-        self.stats = dict(stats or {})
-        n = len(self._inputs) if inputs is not None else len(self._offsets) - 1
-        self._labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else _tensor(labels, np.int64)
-        assert len(self._labels) == n
-        assert self._offsets is None or self._offsets[-1] == len(self._ids)
-        assert self._mask is None or (task == "causal-lm" and len(self._mask) == len(self._ids))
-        assert self._position_ids is None or (task == "causal-lm" and len(self._position_ids) == len(self._ids))
-        self._fingerprint: str | None = None
-
-    @property
-    def has_position_mask(self) -> bool:
-        """True when examples mark positions to skip (causal-lm only)."""
-        return self._mask is not None
-
-    @property
-    def packed(self) -> bool:
-        """True when examples carry position ids: several documents packed per sequence."""
-        return self._position_ids is not None
-
-    @property
-    def num_features(self) -> int | None:
-        """F for float features, else None."""
-        return None if self._inputs is None else int(np.prod(self._inputs.shape[1:]))
-
-    @property
-    def lengths(self) -> torch.Tensor | None:
-        """Tokens per example (N,) int64 for token ids, else None."""
-        return None if self._offsets is None else torch.from_numpy(np.diff(self._offsets))
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"example {i} out of range for {n} examples")
-        i = int(i) % n
-        if self._inputs is not None:
-            return {"inputs": self._inputs[i].clone(), "labels": self._labels[i].clone()}
-        start, end = int(self._offsets[i]), int(self._offsets[i + 1])
-        item = {"input_ids": self._ids[start:end].clone()}
-        if self.task == "classification":
-            item["labels"] = self._labels[i].clone()
-            return item
-        if self._mask is not None:
-            item["position_mask"] = self._mask[start:end].clone()
-        if self._position_ids is not None:
-            item["position_ids"] = self._position_ids[start:end].clone()
-        return item
-
-    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        """Items -> a batch: inputs (B, F) and labels (B,); or input_ids and attention_mask
-        (B, Lmax) right-padded with 0, plus labels (B,) or position_mask (B, Lmax) bool and
-        position_index (P,) int64, the flat indices into the B * Lmax tokens of the kept
-        positions: computed here, on the host, so no device has to tell the host how many
-        positions a batch keeps (see ``distill.pipeline.tasks.position_logits``). Packed items
-        add position_ids (B, Lmax) int64; padding continues its row's last position, so it
-        joins the row's last document (Hugging Face finds documents where positions do not
-        step by 1), and no real token attends to it in a causal model."""
-        if "inputs" in items[0]:
-            return {"inputs": torch.stack([it["inputs"] for it in items]),
-                    "labels": torch.stack([it["labels"] for it in items])}
-        lengths = [len(it["input_ids"]) for it in items]
-        input_ids = torch.zeros(len(items), max(lengths), dtype=torch.int64)  # (B, Lmax)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, (item, n) in enumerate(zip(items, lengths)):
-            input_ids[row, :n] = item["input_ids"]
-            attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.task == "classification":
-            batch["labels"] = torch.stack([it["labels"] for it in items])
-            return batch
-        position_mask = attention_mask.bool()
-        for row, (item, n) in enumerate(zip(items, lengths)):
-            if "position_mask" in item:
-                position_mask[row, :n] &= item["position_mask"]
-        batch["position_mask"] = position_mask
-        batch["position_index"] = position_mask.reshape(-1).nonzero()[:, 0]
-        if "position_ids" in items[0]:
-            position_ids = torch.zeros_like(input_ids)
-            for row, (item, n) in enumerate(zip(items, lengths)):
-                last = item["position_ids"][-1]
-                position_ids[row, :n] = item["position_ids"]
-                position_ids[row, n:] = last + torch.arange(1, input_ids.shape[1] - n + 1)
-            batch["position_ids"] = position_ids
-        return batch
-
-    def fingerprint(self) -> str:
-        """sha256 over the task and what the teacher sees, in order (not the hard labels)."""
-        if self._fingerprint is None:
-            fp = Fingerprint("dataset").text("task", self.task)
-            if self._inputs is not None:
-                fp.tensor("inputs", self._inputs)
-            else:
-                fp.tensor("lengths", np.diff(self._offsets)).tensor("input_ids", self._ids)
-                if self._mask is not None:
-                    fp.tensor("position_mask", self._mask)
-                if self._position_ids is not None:
-                    fp.tensor("position_ids", self._position_ids)
-            self._fingerprint = fp.hexdigest()
-        return self._fingerprint
-
-    def head(self, n: int) -> "ExampleSet":
-        """The first ``n`` examples (all when there are fewer). Its stats count the stored
-        tokens of the examples left out as dropped (an overlap of --stride counted too)."""
-        if n >= len(self):
-            return self
-        common = dict(labels=self._labels[:n], num_classes=self.num_classes, vocab_size=self.vocab_size)
-        if self._inputs is not None:
-            return ExampleSet(self.task, inputs=self._inputs[:n], **common)
-        end = int(self._offsets[n])
-        stats = self.stats and {**self.stats, "sequences": n,
-                                "dropped_tokens": self.stats.get("dropped_tokens", 0) + len(self._ids) - end}
-        return ExampleSet(self.task, input_ids=self._ids[:end], lengths=np.diff(self._offsets[: n + 1]),
-                          position_mask=None if self._mask is None else self._mask[:end],
-                          position_ids=None if self._position_ids is None else self._position_ids[:end],
-                          stats=stats, **common)
-
-    def __repr__(self) -> str:
-        what = f"features={self.num_features}" if self._inputs is not None else f"tokens={len(self._ids)}"
-        return f"ExampleSet(task={self.task!r}, examples={len(self)}, {what})"
 
 
 def load_data(config: DataConfig) -> ExampleSet:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -112,22 +112,27 @@ def save_weights(module: nn.Module, path: str | os.PathLike, state: dict[str, to
 # --- a trained model --------------------------------------------------------------------------------
 
 
-def save_model(model: LoadedModel, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
+def save_model(model: LoadedModel, directory: str, state: dict[str, torch.Tensor] | None = None,
+               also: Callable[[str], Any] | None = None) -> None:
     """Save ``model`` into ``directory`` (replaced whole: written beside it, then renamed into place).
 
     ``state``: the weights to save instead of the module's own (an FSDP-sharded module's, gathered whole).
+    ``also(path)`` writes more files into the directory before it takes its final name (the
+    tokenizer), so a model directory is never found without them.
 
     A full disk or a read-only directory is a one-line WriteError, and no half-written
     directory is left under the final name.
     """
     try:
-        _save_model_files(model, directory, state)
+        _save_model_files(model, directory, state, also)
     except OSError as e:
-        shutil.rmtree(directory + ".tmp", ignore_errors=True)
         raise write_error(e, f"the model in {directory}") from None
+    finally:
+        shutil.rmtree(directory + ".tmp", ignore_errors=True)  # gone once renamed; a failure's leftovers
 
 
-def _save_model_files(model: LoadedModel, directory: str, state: dict[str, torch.Tensor] | None = None) -> None:
+def _save_model_files(model: LoadedModel, directory: str, state: dict[str, torch.Tensor] | None,
+                      also: Callable[[str], Any] | None) -> None:
     tmp = directory + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -140,6 +145,8 @@ def _save_model_files(model: LoadedModel, directory: str, state: dict[str, torch
     else:
         save_weights(model.module, os.path.join(tmp, "model.safetensors"), state)
         write_json(os.path.join(tmp, "model.json"), model.describe)
+    if also is not None:
+        also(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
 

@@ -253,8 +253,9 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
             student.module = merged(student.module)
         weights = gathered_weights(student.module, team.rank)  # FSDP: every rank sends its shards to rank 0
         if team.rank == 0:
-            save_model(student, os.path.join(config.out, "model"), weights)
-            save_tokenizer(_tokenizer(config), os.path.join(config.out, "model"))  # the run works as a --teacher
+            # with the tokenizer it was trained with: the run directory works as a --teacher, the model with AutoTokenizer
+            save_model(student, os.path.join(config.out, "model"), weights,
+                       also=lambda path: save_tokenizer(_tokenizer(config), path))
             write_json(os.path.join(config.out, "summary.json"), summary)
         team.barrier()
         return summary

@@ -3,6 +3,7 @@ code; fingerprints follow the weights, not the path; every bad spec is one Confi
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +261,20 @@ def test_loaded_model_wraps_a_module_built_elsewhere():
     describe = {"kind": "builtin", "name": "mlp", "options": {"hidden": 8}}
     student = LoadedModel(module, "classification", 10, model_fingerprint(module, describe), describe)
     assert student.logits(features()).shape == (3, 10)
+
+
+def test_a_model_directory_appears_only_with_everything_saved_into_it(tmp_path):
+    from distill.errors import WriteError
+    from distill.pipeline.modelfiles import save_model
+
+    model = load_model(ModelConfig("mlp:hidden=8"))
+
+    def tokenizer_fails(path):
+        (Path(path) / "tokenizer.json").write_text("{")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(WriteError, match="no space left writing the model"):
+        save_model(model, str(tmp_path / "model"), also=tokenizer_fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the model nor its temporary directory
+    save_model(model, str(tmp_path / "model"), also=lambda path: (Path(path) / "tokenizer.json").write_text("{}"))
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.json", "model.safetensors", "tokenizer.json"]
