@@ -19,6 +19,7 @@ import os
 
 from distill.errors import ConfigError, first_line
 from distill.pipeline.config import setting
+from distill.pipeline.files import write_text
 
 __all__ = ["LogFlags", "SINKS", "sink_names", "check_sinks", "MetricSinks", "open_sinks", "scalars"]
 
@@ -80,7 +81,7 @@ class MetricSinks:
             self.tensorboard = SummaryWriter(os.path.join(run_dir, "tensorboard"),
                                              purge_step=resumed_step + 1 if resumed_step else None)
         if "wandb" in names:
-            self.wandb = _start_wandb(run_dir)
+            self.wandb = _start_wandb(run_dir, resumed_step)
 
     def write(self, record: dict) -> None:
         values, step = scalars(record), int(record.get("step", 0))
@@ -105,15 +106,28 @@ def open_sinks(log_to, run_dir: str, resumed_step: int = 0) -> MetricSinks | Non
     return MetricSinks(names, run_dir, resumed_step) if names else None
 
 
-def _start_wandb(run_dir: str):
+WANDB_ID_FILE = os.path.join("wandb", "distill-run-id")  # in the run directory: a resumed run continues its wandb run
+
+
+def _start_wandb(run_dir: str, resumed_step: int = 0):
     """A wandb run in ``run_dir/wandb`` named after the run directory; its mode, project and entity from the
-    usual WANDB_* variables (WANDB_MODE=offline: no network)."""
+    usual WANDB_* variables (WANDB_MODE=offline: no network). A run resumed from a checkpoint
+    continues the wandb run it started with (its id is kept in ``run_dir/WANDB_ID_FILE``)."""
     import wandb
 
+    id_file = os.path.join(run_dir, WANDB_ID_FILE)
+    run_id = None
+    if resumed_step and os.path.isfile(id_file):
+        with open(id_file) as f:
+            run_id = f.read().strip() or None
     try:
-        return wandb.init(dir=run_dir, project=os.environ.get("WANDB_PROJECT", "distill"),
-                          name=os.path.basename(os.path.normpath(run_dir)),
-                          settings=wandb.Settings(silent=True, console="off"))
+        run = wandb.init(dir=run_dir, project=os.environ.get("WANDB_PROJECT", "distill"), id=run_id,
+                         resume="allow" if run_id else None,
+                         name=os.path.basename(os.path.normpath(run_dir)),
+                         settings=wandb.Settings(silent=True, console="off"))
     except Exception as e:  # noqa: BLE001 - wandb raises its own types (UsageError, CommError) for login and network
         raise ConfigError(f"--log-to wandb could not start a run ({first_line(e)}): run `wandb login`, or set "
                           "WANDB_MODE=offline") from None
+    os.makedirs(os.path.dirname(id_file), exist_ok=True)
+    write_text(id_file, run.id + "\n")
+    return run

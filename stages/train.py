@@ -252,6 +252,7 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
             save_adapter(student.module, os.path.join(config.out, ADAPTER_DIR))
             student.module = merged(student.module)
         weights = gathered_weights(student.module, team.rank)  # FSDP: every rank sends its shards to rank 0
+        _suppress_padding(student)
         if team.rank == 0:
             # with the tokenizer it was trained with: the run directory works as a --teacher, the model with AutoTokenizer
             save_model(student, os.path.join(config.out, "model"), weights,
@@ -264,6 +265,13 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
 
 
 # --- pieces ---------------------------------------------------------------------------------
+
+def _suppress_padding(student: LoadedModel) -> None:
+    """A padded vocabulary's extra ids were never trained: a Hugging Face student's generate() never picks them."""
+    generation = getattr(student.module, "generation_config", None)
+    if student.vocab_limit is not None and generation is not None:
+        generation.suppress_tokens = list(range(student.vocab_limit, student.output_size))
+
 
 def _data_config(config: TrainConfig, spec: str, split: str, task: str) -> DataConfig:
     return config.data_config(spec, task=task, split=split, tokenizer=_tokenizer(config))

@@ -235,3 +235,17 @@ def test_wandb_logs_offline_into_the_run_directory(corpus, tmp_path, monkeypatch
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))  # what `wandb sync` uploads later
     assert os.path.getsize(next(runs[0].glob("*.wandb"))) > 0
+    run_id = (out / "wandb" / "distill-run-id").read_text().strip()
+    assert runs[0].name.endswith(f"-{run_id}")
+
+    # killed after the step-1 checkpoint and rerun: the resumed run continues the same wandb run
+    resumed = tmp_path / "wb-resumed"
+    teacher_run(root, common, resumed, "--steps", 2, "--checkpoint-every", 1, "--log-to", "wandb")
+    first_id = (resumed / "wandb" / "distill-run-id").read_text().strip()
+    for name in ("checkpoints/step-00000002", "model", "summary.json"):
+        shutil.rmtree(resumed / name) if (resumed / name).is_dir() else (resumed / name).unlink()
+    (resumed / "checkpoints" / "latest").write_text("step-00000001\n")
+    teacher_run(root, common, resumed, "--steps", 2, "--checkpoint-every", 1, "--log-to", "wandb")
+    assert (resumed / "wandb" / "distill-run-id").read_text().strip() == first_id
+    parts = list((resumed / "wandb").glob("offline-run-*"))  # one per process; both of the one wandb run
+    assert len(parts) == 2 and all(f"-{first_id}" in p.name and list(p.glob(f"run-{first_id}.wandb")) for p in parts)

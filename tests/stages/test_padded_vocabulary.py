@@ -60,3 +60,28 @@ def test_a_student_smaller_than_the_teachers_vocabulary_is_refused(store, tmp_pa
     assert result.exit_code == 2
     assert "outputs 200 values but the teacher's vocabulary is 256" in result.output
     assert "at least 256 outputs" in result.output and not (tmp_path / "s" / "model").exists()
+
+
+def test_a_padded_hugging_face_student_never_generates_its_padding(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datahelp import SENTENCES, make_hf_tokenizer, write_jsonl
+    from modelhelp import make_hf_causal_lm
+
+    teacher = make_hf_causal_lm(tmp_path / "teacher", vocab=300)
+    make_hf_tokenizer(teacher)
+    student = make_hf_causal_lm(tmp_path / "student", vocab=320)  # 300 ids padded to 320
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": s} for s in SENTENCES])
+    common = ["--data", data, "--task", "causal-lm", "--tokenizer", teacher]
+    run("generate-labels", "--teacher", teacher, *common, "--out", tmp_path / "labels", "--k", 4)
+    run("train-student", "--labels", tmp_path / "labels", "--student", student, *common, "--out", tmp_path / "run",
+        "--steps", 1, "--batch-size", 4, "--workers", 0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert model.generation_config.suppress_tokens == list(range(300, 320))
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits + (torch.arange(320) >= 300) * 1e4)
+    prompt = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")("offline", return_tensors="pt")
+    n = prompt["input_ids"].shape[1]
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape[1] > n and int(out[0, n:].max()) < 300  # the padding's logits are the largest, and never win
+    model.generation_config.suppress_tokens = None
+    assert int(model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)[0, n:].min()) >= 300
