@@ -39,6 +39,12 @@ train-student's default, 4,096 examples, which the small store does not fill. Th
 itself (token ids) is held in memory and does grow 10x (8 bytes a token, against about
 780 bytes a position of decoded top-64 labels).
 
+Loss memory (``loss_peak_memory``, with the ``lm`` workload): one forward + backward of the
+loss alone on (2,048 x 32,000) float32 logits behind an output layer, alpha 0.5, T 2, top-64 +
+tail: the fused top-k loss, the plain one (``fused=False``) and ``F.cross_entropy``, as the
+peak bytes of the tensors they allocate (a dispatch mode on the CPU; the allocator's peak on
+CUDA). ``fused_ce_ratio`` should be at most 1.1.
+
 Workloads: ``lm``, a causal LM (built-in ``gpt``, vocabulary 4,096, 64-token random
 sequences, top-64 labels), student 0.9M and teacher 10M parameters; ``classifier``,
 mnist1d-shaped inputs (40 float features, 10 classes, random), student the built-in
@@ -62,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from itertools import islice
 from unittest import mock
 
@@ -70,16 +77,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from distill.pipeline.data import DataConfig, load_data
-from distill.pipeline.losses import make_loss
+from distill.pipeline.losses import TopKDistillationLoss, make_loss
 from distill.pipeline.models import ModelConfig, load_model
 from distill.pipeline.runtime import Workers, autocast, resolve_device
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
 from distill.pipeline.trainer import RunPlace, Schedule, fit, make_optimizer
 from distill.stages.generate import GenerateConfig, generate_labels
 from distill.stages.train import StudentConfig, TrainConfig, train_student, train_teacher
-from distill.storage import open_store
+from distill.storage import open_store, topk_labels
 from distill.storage.stream import LabelStream, labels_from_batch
 
 TRAIN_STAGE = importlib.import_module("distill.stages.train")
@@ -327,6 +336,79 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
     }
 
 
+# --- the loss's own peak memory: fused, plain and cross-entropy ------------------------------
+
+LOSS_MEMORY = dict(positions=2048, vocab_size=32000, k=64)
+
+
+class _PeakBytes(TorchDispatchMode):
+    """Peak bytes of CPU tensor storages alive at once among those created inside it (as
+    tests/devicehelp.py's ``PeakMemory``, but a view or in-place result of a tensor made before it is
+    not counted as new): what a caching allocator would have to hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self.live and key not in inputs:
+                    self.live[key] = size
+                    self.now += size
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+
+def _loss_peak_bytes(fn, hidden: torch.Tensor, head: torch.Tensor, device: torch.device) -> int:
+    """Peak bytes allocated by one forward + backward of ``fn(logits)``, beyond the logits themselves, with the
+    logits (P, V) = hidden (P, D) @ head (D, V) as behind an output layer (whose backward takes the gradient)."""
+    x = hidden.detach().requires_grad_() @ head.detach().requires_grad_()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn(x).backward()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with _PeakBytes() as peak:
+        fn(x).backward()
+    return peak.peak
+
+
+def loss_peak_memory(device_name: str = "cpu") -> dict:
+    """One forward + backward of each loss on (P, V) float32 logits, alpha 0.5, T 2, top-k + tail labels:
+    the fused top-k loss, the plain one (``fused=False``) and ``F.cross_entropy``; peak bytes in MB and the
+    ratios to cross-entropy's (target for the fused loss: at most 1.1)."""
+    p, v, k = LOSS_MEMORY["positions"], LOSS_MEMORY["vocab_size"], LOSS_MEMORY["k"]
+    device = resolve_device(device_name)
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(p, v, generator=g) * 3
+    labels = topk_labels(teacher, k, temperatures=(TEMPERATURE,))
+    del teacher
+    hidden, head = torch.randn(p, 64, generator=g).to(device), (torch.randn(64, v, generator=g) * 0.4).to(device)
+    hard = torch.randint(0, v, (p,), generator=g).to(device)
+    hard[::7] = IGNORE_INDEX
+    labels = labels.to(device)
+    fused, plain = (TopKDistillationLoss("kl", TEMPERATURE, ALPHA, fused=f) for f in (True, False))
+    mb = {
+        "ce": _loss_peak_bytes(lambda x: F.cross_entropy(x, hard, ignore_index=IGNORE_INDEX), hidden, head, device),
+        "fused": _loss_peak_bytes(lambda x: fused(x, labels, hard)["loss"], hidden, head, device),
+        "plain": _loss_peak_bytes(lambda x: plain(x, labels, hard)["loss"], hidden, head, device),
+    }
+    return {"positions": p, "vocab_size": v, "k": k, "device": str(device),
+            **{f"{name}_peak_mb": round(b / 2**20, 1) for name, b in mb.items()},
+            "fused_ce_ratio": round(mb["fused"] / mb["ce"], 3), "plain_ce_ratio": round(mb["plain"] / mb["ce"], 3)}
+
+
 # --- memory: the real CLI in a subprocess, at two store sizes ---------------------------------
 
 def _peak_rss_mb(store: str, data: str, out: str, device: str, shuffle_buffer: int | None) -> dict:
@@ -421,6 +503,13 @@ def main(argv=None) -> dict:
                   f"(ratio {r['stream_overhead_ratio']:.3f}; the loss alone {r['loss_only_ratio']:.3f}), online KD "
                   f"{r['online_kd_steps_per_s']:.2f} (offline / online {r['offline_speedup']:.2f}, ideal "
                   f"{r['ideal_offline_speedup']:.2f})", file=sys.stderr)
+        loss_memory = None
+        if "lm" in names:  # the vocabulary-sized case: one loss step at V = 32,000 (a few seconds on a CPU)
+            loss_memory = loss_peak_memory(args.device)
+            print(f"      loss: peak memory of one step at V = {loss_memory['vocab_size']:,}: fused "
+                  f"{loss_memory['fused_peak_mb']:.0f} MB, plain {loss_memory['plain_peak_mb']:.0f} MB, "
+                  f"cross-entropy {loss_memory['ce_peak_mb']:.0f} MB (fused / CE {loss_memory['fused_ce_ratio']:.2f}, "
+                  "target <= 1.1)", file=sys.stderr)
         if not args.no_memory:
             start = time.perf_counter()
             stores = memory_stores(args.quick, args.device, tmp, args.memory_examples)
@@ -440,6 +529,7 @@ def main(argv=None) -> dict:
         "workloads": results,
         "memory": memory,
         "memory_default_buffer": memory_default,
+        "loss_peak_memory": loss_memory,
         "meets_target": all(r["stream_overhead_ratio"] >= 0.90 for r in results.values()) if results else None,
     }
     print(json.dumps(out))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
+from distill.pipeline.fused import fused_bucket_loss
 from distill.pipeline.models import LoadedModel
 from distill.pipeline.runtime import module_device, to_device
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
@@ -247,6 +248,13 @@ class TopKDistillationLoss(_HintonMix):
     and only the forward KL decomposes this way: other temperatures and divergences are
     refused unless ``tail_samples=False`` (use the K+1 buckets alone).
 
+    ``fused=True`` (the default) computes it with ``distill.pipeline.fused.fused_bucket_loss``: one
+    softmax per chunk of positions, shared by both terms, and no (P, V) intermediates kept for
+    backward beyond the gradient itself. Its ``soft`` and ``ce`` are then detached values (only
+    ``loss`` carries the gradient; ``soft`` is ``loss / T^2`` when alpha == 0, ``ce`` is ``loss`` when
+    alpha == 1, so both keep theirs there). ``fused=False`` is the plain autograd path, kept as the
+    reference the fused one is tested against.
+
     forward(student_logits (P, V), labels (P positions), hard_labels (P,) int64 or None)
         -> {"loss": scalar, "soft": scalar mean divergence (unscaled), "ce": scalar or None}
     ``soft`` with tail draws is the estimate above (a cross-entropy in the tail: it exceeds the
@@ -257,9 +265,10 @@ class TopKDistillationLoss(_HintonMix):
 
     def __init__(self, kind: str = "kl", temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5,
                  skew: float = 0.1, ignore_index: int = IGNORE_INDEX, tail: bool = True, tail_samples: bool = True,
-                 sample_temperature: float = 1.0):
+                 sample_temperature: float = 1.0, fused: bool = True, chunk_positions: int | None = None):
         super().__init__(temperature, alpha, ignore_index)
-        self.tail, self.tail_samples = bool(tail), bool(tail_samples)
+        self.tail, self.tail_samples, self.fused = bool(tail), bool(tail_samples), bool(fused)
+        self.chunk_positions = chunk_positions  # the fused loss's positions per chunk; None: ~8 MiB of float32
         if kind not in LOSSES:
             raise ConfigError(f"unknown loss {kind!r}: pass --loss one of {', '.join(LOSSES)}")
         for name, value in (("beta", beta), ("skew", skew)):
@@ -273,17 +282,39 @@ class TopKDistillationLoss(_HintonMix):
         teacher_lp, teacher_tail = _teacher_tempered(labels, self.temperature)  # (P, K), (P,)
         kept = None if labels.counts is None else labels.counts > 0
         draws = self._tail_draws(labels)
+        targets = (teacher_lp, teacher_tail) if draws is None else (teacher_lp, teacher_tail, draws[1])
+        if self.fused:
+            return self._fused(student_logits, labels.topk_ids, kept, targets, draws, hard_labels)
         student = student_buckets(student_logits, labels.topk_ids, self.temperature, kept,
                                   None if draws is None else draws[0])
-        student_lp, student_tail = student[:2]
+        div = self._divergence(student[0], student[1], student[2] if draws is not None else None, *targets)  # (P,)
+        return self._mix(student_logits, div.mean(), hard_labels)
+
+    def _divergence(self, student_lp: Tensor, student_tail: Tensor, within: Tensor | None, teacher_lp: Tensor,
+                    teacher_tail: Tensor, tail_counts: Tensor | None = None) -> Tensor:
+        """(n,) the soft term per position from both sides' bucket log-probs (and the tail draws' term)."""
         if not self.tail:
             teacher_lp, teacher_tail = renormalised(teacher_lp, teacher_tail)
             student_lp, student_tail = renormalised(student_lp, student_tail)
         div = bucket_divergence(self.kind, teacher_lp, teacher_tail, student_lp, student_tail,
-                                beta=self.beta, skew=self.skew)  # (P,)
-        if draws is not None:
-            div = div + teacher_tail.exp() * tail_cross_entropy(student[2], draws[1])
-        return self._mix(student_logits, div.mean(), hard_labels)
+                                beta=self.beta, skew=self.skew)  # (n,)
+        if within is not None:
+            div = div + teacher_tail.to(div.device, div.dtype).exp() * tail_cross_entropy(within, tail_counts)
+        return div
+
+    def _fused(self, student_logits: Tensor, ids: Tensor, kept: Tensor | None, targets: tuple, draws,
+               hard_labels: Tensor | None) -> dict[str, Tensor | None]:
+        if self.alpha > 0 and hard_labels is None:
+            raise ConfigError(f"alpha = {self.alpha} mixes in hard labels but the data has none: pass --alpha 0")
+        loss, soft, ce = fused_bucket_loss(
+            student_logits, ids, kept, self._divergence, targets, temperature=self.temperature, alpha=self.alpha,
+            hard_labels=hard_labels, ignore_index=self.ignore_index, tail_ids=None if draws is None else draws[0],
+            chunk_positions=self.chunk_positions)
+        if self.alpha == 0.0:
+            soft = loss / self.temperature**2  # the same value, and differentiable
+        elif self.alpha == 1.0:
+            ce = loss
+        return {"loss": loss, "soft": soft, "ce": ce}
 
     def _tail_draws(self, labels: SoftLabels) -> tuple[Tensor, Tensor] | None:
         """(tail_ids, tail_counts) when the loss uses them, after checking that it can."""

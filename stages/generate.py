@@ -41,6 +41,7 @@ from distill.pipeline.tokenfiles import looked_for_tokenizer
 from distill.storage import (BACKENDS, METHODS, SAMPLINGS, VALUE_ENCODINGS, SoftLabels, StoreSpec, StoreWriter,
                              concat_labels, create_store, empty_labels, open_store, open_store_writer, sampled_labels,
                              topk_labels)
+from distill.storage.codecs import VALUE_BITS, ValueEncoding
 
 __all__ = ["GenerateConfig", "generate_labels", "DEFAULTS", "store_spec", "batch_labels"]
 
@@ -92,6 +93,9 @@ class GenerateConfig(DataFlags, ModelFlags, DeviceFlags):
     backend: str = setting("zarr", "Store backend.", choices=BACKENDS)
     value_encoding: str = setting("sqrt", "How log-probs are stored: sqrt (1 byte, error measured in "
                                           "docs/FORMAT.md) or lossless.", choices=VALUE_ENCODINGS)
+    value_bits: int | None = setting(None, "Precision of --value-encoding sqrt: 2^N - 1 levels, N from 2 to 16 "
+                                           "(fewer bytes, more KL: see benchmarks/store.py).", minimum=VALUE_BITS[0],
+                                     default_help="8 (255 levels, 1 byte)")
     examples_per_shard: int | None = setting(None, "Shard size.", minimum=1, default_help="about 65,536 positions")
     shard: str | None = setting(None, "I/N: do only this job-array task's shards; seal with --finalize afterwards.")
     finalize: bool = setting(False, "Only check that every shard is complete and seal the store.")
@@ -124,6 +128,19 @@ class GenerateConfig(DataFlags, ModelFlags, DeviceFlags):
         if self.shard is not None and self.overwrite:
             raise ConfigError("--overwrite with --shard would let array tasks delete each other's shards: "
                               "remove the old store once, before the array starts")
+        if self.value_bits is not None and self.value_encoding == "lossless":
+            raise ConfigError("--value-bits sets the precision of --value-encoding sqrt, but lossless stores float32: "
+                              "drop --value-bits or use --value-encoding sqrt")
+        if self.value_bits is not None and self.value_bits > VALUE_BITS[1]:
+            raise ConfigError(f"--value-bits must be at most {VALUE_BITS[1]}, got {self.value_bits}: "
+                              "use --value-encoding lossless for exact values")
+
+    @property
+    def stored_value_encoding(self) -> ValueEncoding:
+        """The store's value encoding: --value-encoding, with --value-bits' levels when given."""
+        if self.value_bits is None:
+            return ValueEncoding.named(self.value_encoding)
+        return ValueEncoding.from_bits(self.value_bits)
 
 
 def generate_labels(config: GenerateConfig) -> dict:
@@ -244,7 +261,7 @@ def store_spec(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, d
         num_examples=len(data),
         examples_per_shard=_examples_per_shard(config, data),
         temperatures=config.temperatures,
-        value_encoding=config.value_encoding,
+        value_encoding=config.stored_value_encoding,
         backend=config.backend,
         teacher_fingerprint=teacher.fingerprint,
         dataset_fingerprint=data.fingerprint(),

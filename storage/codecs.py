@@ -7,6 +7,7 @@ log2(V/k) + 1.5 bits per id instead of log2(V). Values follow their ids.
 Value encodings:
     lossless: ``logprobs`` float32 as given; tail and normalisers float32.
     sqrt:     ``logprob_codes`` = round(L * sqrt(p / p_max)), uint8 (L <= 255) or uint16,
+              L = 2^bits - 1 for ``ValueEncoding.from_bits`` (2..16 bits; 8 is the default),
               with p_max the position's largest stored probability. Uniform steps in
               sqrt(p) are uniform steps in the Fisher metric, so every entry costs about
               the same KL, about p_max / (6 L^2) nats (less in the zero bin). Decoding
@@ -27,13 +28,20 @@ import torch
 
 from distill.storage.labels import SoftLabels
 
-__all__ = ["ValueEncoding", "encode_labels", "decode_labels", "DEFAULT_LEVELS", "VALUE_ENCODINGS"]
+__all__ = ["ValueEncoding", "encode_labels", "decode_labels", "DEFAULT_LEVELS", "VALUE_ENCODINGS", "VALUE_BITS",
+           "codes_dtype"]
 
 # One byte per code: zstd's entropy stage works on bytes, so 255 levels cost about the
 # information they carry; more levels (uint16 codes) compress markedly worse.
 DEFAULT_LEVELS = 255
 _NAMED_LEVELS = {"sqrt": DEFAULT_LEVELS, "lossless": 0}  # what ValueEncoding.named(name) gets, default first
 VALUE_ENCODINGS = tuple(_NAMED_LEVELS)
+VALUE_BITS = (2, 16)  # the bits ValueEncoding.from_bits accepts, inclusive: 3 to 65,535 levels
+
+
+def codes_dtype(levels: int):
+    """The smallest unsigned dtype that holds codes 0..levels: uint8 up to 255 levels (8 bits), else uint16."""
+    return np.uint8 if levels <= 255 else np.uint16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +67,13 @@ class ValueEncoding:
     @classmethod
     def from_json(cls, d: dict) -> "ValueEncoding":
         return cls(name=d["name"], levels=int(d.get("levels", 0)))
+
+    @classmethod
+    def from_bits(cls, bits: int) -> "ValueEncoding":
+        """``sqrt`` with 2^bits - 1 levels (bits in VALUE_BITS; 8 is the default's 255); others raise ValueError."""
+        if not VALUE_BITS[0] <= bits <= VALUE_BITS[1]:
+            raise ValueError(f"value bits must be {VALUE_BITS[0]} to {VALUE_BITS[1]}, got {bits}")
+        return cls("sqrt", (1 << bits) - 1)
 
     @classmethod
     def named(cls, name: str) -> "ValueEncoding":
@@ -92,7 +107,7 @@ def encode_labels(labels: SoftLabels, vocab_size: int, encoding: ValueEncoding) 
         top = logprobs.amax(dim=1, keepdim=True) if logprobs.shape[1] else logprobs
         root = torch.exp(0.5 * (logprobs - top))  # (P, K) sqrt(p / p_max) in [0, 1]; -inf -> 0
         codes = torch.round(root * encoding.levels).numpy()
-        columns["logprob_codes"] = codes.astype(np.uint8 if encoding.levels <= 255 else np.uint16)
+        columns["logprob_codes"] = codes.astype(codes_dtype(encoding.levels))
     columns["tail_logprob"] = _numpy(labels.tail_logprob).astype(float_dtype)
     lse = _numpy(labels.tempered_lse)
     if lse is not None and lse.shape[1]:

@@ -2,7 +2,10 @@
 
 Order of writes for one shard, which is what makes a crash at any moment safe:
 1. remove whatever an earlier, interrupted attempt left of the shard;
-2. write every data file of the shard and fsync it and its directory;
+2. write every data file of the shard, then make the files and their directories durable
+   together: one syncfs(2) of the shard's filesystem where it covers them (Linux >= 5.8 on
+   ext4, xfs, btrfs, tmpfs: ~3 ms instead of 27 fsyncs of ~3 ms each for a zarr shard),
+   else an fsync of each file as it is written and of each directory (``StoreFS.sync_dirs``);
 3. write the shard's commit record (sizes + CRC-32 of every file), atomically, last.
 A shard without a valid commit record is pending and is rewritten from step 1.
 

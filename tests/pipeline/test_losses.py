@@ -436,3 +436,127 @@ def test_tail_draws_refuse_other_divergences_and_temperatures_unless_left_out():
     buckets = make_loss("topk", "kl", 2.0, 0.0, tail_samples=False)(s, labels)["soft"]
     plain = labels.__class__(**{**labels.__dict__, "tail_ids": None, "tail_counts": None})
     torch.testing.assert_close(buckets, make_loss("topk", "kl", 2.0, 0.0)(s, plain)["soft"])
+
+
+# --- the fused loss against the plain one -----------------------------------------------------------
+
+FUSED_CASES = ["random", "head-holds-all", "peaked", "flat", "sampled-padding", "masked-vocab"]
+
+
+def fused_inputs(case, dtype, seed=60, p=7, v=40, k=6):
+    """(student logits (P, V), labels, hard labels with IGNORE_INDEX): one of the extreme cases."""
+    t = logits(p, v, 2.0, seed).float()
+    scale = {"peaked": 60.0, "flat": 1e-3}.get(case, 2.0)
+    s = logits(p, v, scale, seed + 1)
+    if case == "masked-vocab":
+        t[:, v - 8:], s[:, v - 8:] = -math.inf, -math.inf
+    if case == "sampled-padding":
+        labels = sampled_labels(t, 10, temperatures=(2.0,), generator=torch.Generator().manual_seed(seed))
+        assert (labels.counts == 0).any()
+    else:
+        labels = topk_labels(t, k, temperatures=(2.0,))
+    if case == "head-holds-all":  # the student's tail ~ 1e-20 of its mass: log(1 - head) would cancel to -inf
+        s = s.scatter(1, labels.topk_ids, 50.0 + s.gather(1, labels.topk_ids))
+    hard = torch.randint(0, v - 8, (p,), generator=torch.Generator().manual_seed(seed))
+    hard[::3] = -100
+    return s.to(dtype), labels, hard
+
+
+def fused_and_plain(student, labels, hard, **kwargs):
+    """{"loss", "soft", "ce"} and the gradient of the loss, from the fused and the plain path."""
+    got = []
+    for fused in (True, False):
+        x = student.clone().requires_grad_()
+        out = TopKDistillationLoss(fused=fused, **kwargs)(x, labels, hard)
+        (grad,) = torch.autograd.grad(out["loss"], x)
+        got.append(({name: None if val is None else val.detach() for name, val in out.items()}, grad))
+    return got
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-9, 1e-12), (torch.float32, 2e-5, 1e-6)])
+@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("temperature, alpha", [(1.0, 0.3), (2.0, 0.5), (2.0, 0.0), (1.0, 1.0)])
+def test_the_fused_loss_equals_the_plain_one(dtype, rtol, atol, case, kind, temperature, alpha):
+    student, labels, hard = fused_inputs(case, dtype)
+    (fused, g_fused), (plain, g_plain) = fused_and_plain(student, labels, hard, kind=kind, temperature=temperature,
+                                                         alpha=alpha, chunk_positions=3)
+    for name in ("loss", "soft", "ce"):
+        assert (fused[name] is None) == (plain[name] is None)
+        if fused[name] is not None:
+            torch.testing.assert_close(fused[name], plain[name], rtol=rtol, atol=atol)
+    assert torch.isfinite(g_fused).all() and g_fused.dtype == dtype
+    torch.testing.assert_close(g_fused, g_plain, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-9, 1e-12), (torch.float32, 2e-5, 1e-6)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("scale", [0.01, 2.0, 60.0])
+def test_the_fused_loss_equals_the_plain_one_with_tail_draws(dtype, rtol, atol, temperature, scale):
+    t, s = logits(9, 30, 2.0, 61).float(), logits(9, 30, scale, 62).to(dtype)
+    labels = topk_labels(t, 4, temperatures=(temperature,), tail_samples=6, sample_temperature=temperature,
+                         generator=torch.Generator().manual_seed(63))
+    hard = torch.tensor([1, -100, 3, 4, 5, -100, 7, 8, 9])
+    (fused, g_fused), (plain, g_plain) = fused_and_plain(s, labels, hard, temperature=temperature, alpha=0.2,
+                                                         sample_temperature=temperature, chunk_positions=4)
+    for name in ("loss", "soft", "ce"):
+        torch.testing.assert_close(fused[name], plain[name], rtol=rtol, atol=atol)
+    torch.testing.assert_close(g_fused, g_plain, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_fused_loss_passes_gradcheck_in_chunks_with_padding_slots_and_ignored_labels(kind, temperature):
+    student, labels, hard = fused_inputs("sampled-padding", torch.float64, seed=64, p=3, v=10)
+    loss = TopKDistillationLoss(kind, temperature, alpha=0.4, chunk_positions=2)
+    assert torch.autograd.gradcheck(lambda x: loss(x, labels, hard)["loss"], (student.requires_grad_(),))
+
+
+def test_the_fused_loss_with_tail_draws_passes_gradcheck():
+    t = logits(3, 12, 3.0, 65).float()
+    labels = topk_labels(t, 3, temperatures=(2.0,), tail_samples=6, sample_temperature=2.0,
+                         generator=torch.Generator().manual_seed(66))
+    loss = TopKDistillationLoss("kl", 2.0, alpha=0.5, sample_temperature=2.0, chunk_positions=2)
+    hard = torch.tensor([0, -100, 11])
+    assert torch.autograd.gradcheck(lambda x: loss(x, labels, hard)["loss"], (logits(3, 12, 1.0, 67).requires_grad_(),))
+
+
+def test_a_scaled_fused_loss_scales_its_gradient_also_on_a_second_backward():
+    student, labels, hard = fused_inputs("random", torch.float64)
+    x = student.clone().requires_grad_()
+    loss = TopKDistillationLoss("kl", 1.0, alpha=0.5)(x, labels, hard)["loss"]
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    g1 = g1.clone()  # the returned gradient shares the loss's buffer
+    (g3,) = torch.autograd.grad(loss * 3.0, x)
+    torch.testing.assert_close(g3, 3.0 * g1)
+
+
+def test_bfloat16_logits_get_a_bfloat16_gradient_close_to_the_plain_one():
+    student, labels, hard = fused_inputs("random", torch.float32)
+    (fused, g_fused), (plain, g_plain) = fused_and_plain(student.bfloat16(), labels, hard, temperature=2.0, alpha=0.5)
+    assert g_fused.dtype == torch.bfloat16 and fused["loss"].dtype == torch.float32
+    torch.testing.assert_close(fused["loss"], plain["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_fused.float(), g_plain.float(), rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_fused_loss_allocates_at_most_what_cross_entropy_does(temperature):
+    """Peak bytes of one forward + backward, logits made behind an output layer inside the count: the fused
+    loss keeps its (P, V) gradient and a chunk; cross-entropy its log-softmax, then two (P, V) in backward."""
+    from devicehelp import PeakMemory
+
+    p, v, d = 256, 2000, 16
+    g = torch.Generator().manual_seed(70)
+    labels = topk_labels(torch.randn(p, v, generator=g) * 3, 8, temperatures=(2.0,))
+    hard = torch.randint(0, v, (p,), generator=g)
+    hard[::5] = -100
+    hidden, head = torch.randn(p, d, generator=g).requires_grad_(), torch.randn(d, v, generator=g).requires_grad_()
+    losses = {"ce": lambda x: F.cross_entropy(x, hard),
+              "fused": lambda x: TopKDistillationLoss("kl", temperature, 0.5, chunk_positions=32)(x, labels, hard)["loss"]}
+    peak = {}
+    for name, loss in losses.items():
+        with PeakMemory() as mem:
+            loss(hidden @ head).backward()
+        peak[name] = mem.peak
+    chunk = 32 * v * 4
+    assert peak["fused"] <= 2 * p * v * 4 + 4 * chunk < peak["ce"], peak

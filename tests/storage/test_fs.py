@@ -9,6 +9,7 @@ from distill.storage import fs as store_fs
 
 def test_shard_files_and_all_their_directories_are_synced_before_the_commit_record(tmp_path, monkeypatch):
     events = []
+    monkeypatch.setattr(store_fs, "SYNCFS", None)  # file by file; tests/storage/test_syncs.py checks the one-syncfs path
     real_fsync, real_fsync_dir = os.fsync, store_fs.fsync_dir
     monkeypatch.setattr(store_fs.fsync_dir.__globals__["os"], "fsync", lambda fd: (events.append(("file", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
     monkeypatch.setattr(store_fs, "fsync_dir", lambda path: (events.append(("dir", path)), real_fsync_dir(path))[1])

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from storehelp import make_labels, write_store
 
@@ -40,7 +41,7 @@ def test_inspect_verify_names_a_damaged_shard(tmp_path):
 
 def test_store_benchmark_prints_one_json_object_last():
     bench = Path(__file__).resolve().parents[2] / "benchmarks" / "store.py"
-    out = subprocess.run([sys.executable, str(bench), "--quick", "--positions", "64"], capture_output=True,
+    out = subprocess.run([sys.executable, str(bench), "--quick", "--positions", "64", "--no-sweep"], capture_output=True,
                          text=True, timeout=300, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     for key in ("V32000_k64", "V128256_k50"):
@@ -49,3 +50,15 @@ def test_store_benchmark_prints_one_json_object_last():
                       "kl_mean", "naive_bytes_per_position", "packed_bytes_per_position"):
             assert r[field] > 0, field
         assert r["kl_mean"] < 1e-3
+
+
+@pytest.mark.slow
+def test_store_benchmark_sweeps_the_value_bits_and_k():
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "store.py"
+    out = subprocess.run([sys.executable, str(bench), "--quick", "--positions", "64"], capture_output=True,
+                         text=True, timeout=600, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    sweep = result["V128256_k50"]["sweep"]
+    assert sweep["bits4"]["bytes_per_position"] < sweep["bits8"]["bytes_per_position"] < sweep["lossless"]["bytes_per_position"]
+    assert sweep["bits4"]["kl_mean"] > sweep["bits8"]["kl_mean"] > sweep["lossless"]["kl_mean"] >= 0
+    assert "budget_point" in result and result["k_sweep"]

@@ -104,3 +104,52 @@ def test_encoder_sorts_unsorted_ids_and_keeps_pairs():
     back = decode_labels(encode_labels(shuffled, 60, enc), 6, enc, ())
     assert torch.equal(back.topk_ids, labels.topk_ids) and torch.equal(back.topk_logprobs, labels.topk_logprobs)
     assert np.all(np.diff(back.topk_ids.numpy(), axis=1) > 0)
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8, 12, 16])
+def test_value_bits_round_trip_within_one_step(bits):
+    """Codes of 2^bits - 1 levels in the smallest dtype; decoded sqrt(p / p_max) within half a step of the truth."""
+    k, v = 16, 400
+    labels = topk_labels(torch.randn(300, v, generator=torch.Generator().manual_seed(bits)) * 2.5, k)
+    enc = ValueEncoding.from_bits(bits)
+    assert enc.levels == 2**bits - 1 and enc.to_json() == {"name": "sqrt", "levels": 2**bits - 1}
+    columns = encode_labels(labels, v, enc)
+    assert columns["logprob_codes"].dtype == (np.uint8 if bits <= 8 else np.uint16)
+    back = decode_labels(columns, k, enc, ())
+    assert torch.equal(back.topk_ids, labels.topk_ids)
+    exact, got = labels.topk_logprobs.double(), back.topk_logprobs.double()
+    root = (0.5 * (exact - exact.amax(1, keepdim=True))).exp()  # (P, K) sqrt(p / p_max) in float64
+    root_back = (0.5 * (got - got.amax(1, keepdim=True))).exp()
+    assert float((root - root_back).abs().max()) <= 0.5 / enc.levels + 1e-6  # float32 logs: ~1e-7 relative
+    q = torch.cat([got, back.tail_logprob[:, None].double()], 1)
+    assert torch.allclose(q.exp().sum(1), torch.ones(len(q), dtype=torch.float64), atol=1e-5)
+    if bits >= 6:  # FORMAT.md's estimate k p_max / (6 L^2) holds once few entries fall in the zero bin
+        p = torch.cat([exact, labels.tail_logprob[:, None].double()], 1)
+        kl = (p.exp() * (p - q)).sum(1)
+        bound = k * exact.exp().amax(1) / (6 * enc.levels**2)
+        assert float(kl.mean()) < 2 * float(bound.mean()) + 1e-7  # + the float32 decode's floor (12, 16 bits)
+
+
+@pytest.mark.parametrize("bits", [1, 17, 0])
+def test_value_bits_out_of_range_is_refused(bits):
+    with pytest.raises(ValueError, match="value bits must be 2 to 16"):
+        ValueEncoding.from_bits(bits)
+
+
+@pytest.mark.parametrize("bits", [4, 12])
+def test_store_with_value_bits_reads_back_on_every_backend(backend, store_url, bits):
+    """A store written with any levels records them in its manifest, and the reader decodes with them."""
+    from distill.storage import open_store
+    from storehelp import by_id, make_labels, write_store
+
+    labels = make_labels("topk", n_examples=40)
+    enc = ValueEncoding.from_bits(bits)
+    write_store(store_url, labels, backend=backend, encoding=enc)
+    reader = open_store(store_url)
+    assert reader.spec.value_encoding == enc and reader.summary()["value_encoding"] == enc.to_json()
+    back = reader.read_all()
+    ids, lp, _ = by_id(labels)
+    assert torch.equal(back.topk_ids, ids)
+    root = (0.5 * (lp - lp.amax(1, keepdim=True))).double().exp()
+    root_back = (0.5 * (back.topk_logprobs - back.topk_logprobs.amax(1, keepdim=True))).double().exp()
+    assert float((root - root_back).abs().max()) <= 0.5 / enc.levels + 1e-6

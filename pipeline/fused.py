@@ -1,0 +1,205 @@
+"""A fused top-k distillation loss: one pass over the student's logits per chunk of positions.
+
+The plain loss (``distill.pipeline.losses.TopKDistillationLoss`` with ``fused=False``) takes
+the student's log-softmax for the soft term, again for the hard cross-entropy, copies the
+logits to mask the kept ids for the tail's logsumexp, and autograd keeps each of those (P, V)
+intermediates for the backward pass. Here, for each chunk of positions:
+
+1. gather the kept ids' logits (and the drawn tail ids', and at T = 1 the hard labels'), then
+   mask the kept ids to -inf in place;
+2. one max and one softmax kernel over what is left give r, the softmax *within the tail*, and
+   the tail's logsumexp exactly (``max - log r[argmax]``: no cancellation and no underflow
+   however small the tail, unlike ``log(1 - sum of the kept q)``); the full normaliser is
+   ``logaddexp(logsumexp(kept), tail)``, so the bucket log-probs and at T = 1 the
+   cross-entropy come from that one pass (at T != 1 the cross-entropy needs its own softmax);
+3. the divergence over the K+1 buckets (and the tail draws' term) runs on the small (n, K+1)
+   tensors under autograd, which gives its gradient w.r.t. the buckets' log-probs;
+4. the chain rule through the log-softmax and the tail's logsumexp is applied by hand: on the
+   tail the gradient is r times a per-position weight, on the kept ids a scatter; it is
+   written straight into the one (P, V) gradient (the dtype of the logits).
+
+The forward pass computes the gradient, and backward only scales it (in place, no second
+(P, V)): peak memory is that gradient (what ``F.cross_entropy``'s backward produces anyway)
+plus one or two chunk-sized float32 buffers (two when T != 1: the cross-entropy's own softmax).
+No step reads a value back to the host (no ``.item()``, ``nonzero`` or masks of data-dependent
+size). The gradient is not differentiable again (no double backward); a second backward with
+``retain_graph`` gets the right scale, but a gradient returned earlier shares the buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["CHUNK_ELEMENTS", "fused_bucket_loss"]
+
+CHUNK_ELEMENTS = 1 << 21  # positions x vocabulary per chunk: 8 MiB of float32 per buffer
+_NEG_INF = float("-inf")
+
+# divergence(student_lp (n, K), student_tail (n,), within (n, M) or None, *target rows) -> (n,)
+Divergence = Callable[..., Tensor]
+
+
+def fused_bucket_loss(
+    student_logits: Tensor, ids: Tensor, kept: Tensor | None, divergence: Divergence, targets: tuple[Tensor, ...], *,
+    temperature: float, alpha: float, hard_labels: Tensor | None, ignore_index: int, tail_ids: Tensor | None = None,
+    chunk_positions: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Hinton's mix ``alpha * CE(student, hard) + (1 - alpha) * T^2 * mean_P divergence`` in chunks.
+
+    student_logits: (P, V) any float dtype (math in float32, float64 stays float64). ids: (P, K)
+    int64 kept ids; kept: (P, K) bool, False on padding slots (which repeat a kept id), or None.
+    divergence: called on each chunk of n positions as ``divergence(student_lp (n, K),
+    student_tail (n,), within (n, M) or None, *rows of targets)`` -> (n,), differentiable in the
+    first three (the student's tempered bucket log-probs, -inf on padding slots, and the
+    log-probabilities of ``tail_ids`` within its tail). targets: tensors with P rows (the
+    teacher's side), sliced per chunk. hard_labels: (P,) int64 or None (only with alpha == 0).
+    Returns ``(loss, soft, ce)``: loss a scalar differentiable w.r.t. the logits; soft (the mean
+    divergence) and ce (mean over labelled positions, None when alpha == 0) are detached values.
+    """
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    spec = _Spec(ids, kept, divergence, targets, float(temperature), float(alpha), hard_labels, ignore_index,
+                 tail_ids, chunk_positions, need_grad)
+    loss, soft, ce = _FusedBucketLoss.apply(student_logits, spec)
+    return loss, soft, (ce if alpha > 0 else None)
+
+
+class _Spec:
+    """Everything but the logits, handed through ``autograd.Function.apply`` as one object."""
+
+    def __init__(self, ids, kept, divergence, targets, temperature, alpha, hard_labels, ignore_index, tail_ids,
+                 chunk_positions, need_grad):
+        self.ids, self.kept, self.divergence, self.targets = ids, kept, divergence, targets
+        self.temperature, self.alpha, self.hard, self.ignore_index = temperature, alpha, hard_labels, ignore_index
+        self.tail_ids, self.chunk_positions, self.need_grad = tail_ids, chunk_positions, need_grad
+
+
+class _FusedBucketLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, spec: _Spec):
+        p, v = logits.shape
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        dev = logits.device
+        t, alpha = spec.temperature, spec.alpha
+        hard = None if alpha == 0.0 else spec.hard.to(dev)
+        labelled = None if hard is None else (hard != spec.ignore_index).sum().clamp_min(1)
+        grad = torch.empty_like(logits) if spec.need_grad else None
+        soft_sum = torch.zeros((), dtype=dtype, device=dev)
+        ce_sum = torch.zeros((), dtype=dtype, device=dev)
+        step = spec.chunk_positions or max(1, CHUNK_ELEMENTS // max(v, 1))
+        for lo in range(0, p, step):
+            rows = slice(lo, min(p, lo + step))
+            out = None if grad is None or grad.dtype != dtype else grad[rows]  # written in place where it can be
+            div, ce, dz = _chunk(logits[rows], spec, rows, dtype, hard, labelled, p, out)
+            soft_sum += div.sum()
+            if ce is not None:
+                ce_sum += ce
+            if grad is not None and dz is not out:
+                grad[rows] = dz
+        soft = soft_sum / max(p, 1)
+        ce = ce_sum / labelled if labelled is not None else ce_sum
+        loss = (1.0 - alpha) * t * t * soft + (alpha * ce if alpha > 0 else 0.0)
+        ctx.mark_non_differentiable(soft, ce)
+        ctx.has_grad = grad is not None
+        if grad is not None:  # saved, so autograd frees it with the graph (or keeps it for retain_graph)
+            ctx.save_for_backward(grad, torch.ones((), dtype=grad.dtype, device=dev))  # and the scale it holds
+        return loss, soft, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_soft, _grad_ce):
+        if not ctx.has_grad:
+            return None, None
+        grad, scale = ctx.saved_tensors
+        # a scaled loss (gradient accumulation, AMP): rescale in place, with no second (P, V) and no host
+        # read of grad_loss; .data, as the saved tensors' version counters must not see it
+        want = grad_loss.to(grad.dtype)
+        grad.data.mul_(want / scale)
+        scale.data.copy_(want)
+        return grad, None
+
+
+def _chunk(x: Tensor, spec: _Spec, rows: slice, dtype: torch.dtype, hard: Tensor | None, labelled: Tensor | None,
+           p_total: int, out: Tensor | None):
+    """(divergence (n,), summed CE or None, gradient (n, V) or None, written into ``out`` if given) for one chunk
+    of n positions."""
+    t, alpha, dev = spec.temperature, spec.alpha, x.device
+    ids = spec.ids[rows].to(dev)
+    kept = None if spec.kept is None else spec.kept[rows].to(dev)
+    tail_ids = None if spec.tail_ids is None else spec.tail_ids[rows].to(dev)
+    y = None if hard is None else hard[rows]
+    labelled_rows = None if y is None else y != spec.ignore_index
+    y_safe = None if y is None else torch.where(labelled_rows, y, 0)[:, None]  # (n, 1)
+
+    z = x.to(dtype, copy=True) if t == 1.0 else x.to(dtype) / t  # (n, V) a new buffer, masked in place below
+    head_z = z.gather(1, ids)  # (n, K), padding slots too (they repeat a kept id)
+    head_x = head_z if kept is None else torch.where(kept, head_z, _NEG_INF)
+    draw_z = None if tail_ids is None else z.gather(1, tail_ids)  # (n, M)
+    y_z = None if y is None or t != 1.0 else z.gather(1, y_safe)[:, 0]
+    z.scatter_(1, ids, _NEG_INF)  # the tail alone
+    m, top = z.max(1, keepdim=True)  # (n, 1) the tail's largest logit and where it is
+    empty = torch.isneginf(m)  # (n, 1) every id kept: no tail
+    z[:, :1] = torch.where(empty, 0.0, z[:, :1])  # so that the softmax of an empty tail is not 0 / 0 (r is unused)
+    r = z.softmax(1)  # (n, V) the softmax within the tail, 0 on the kept ids (one fused kernel)
+    del z
+    tail_lse = torch.where(empty, _NEG_INF, m - r.gather(1, top).log())[:, 0]  # (n,) r at the max is 1 / sum exp(z - m)
+    head_lse = torch.logsumexp(head_x, 1)  # (n,)
+    lse = torch.logaddexp(head_lse, tail_lse)  # (n,) the full normaliser
+    head_lp, tail_lp = head_x - lse[:, None], tail_lse - lse
+    within = None if draw_z is None else draw_z - torch.where(torch.isfinite(tail_lse), tail_lse, 0.0)[:, None]
+
+    targets = tuple(a[rows].to(dev) for a in spec.targets)
+    leaves = [None if a is None else a.detach().requires_grad_(spec.need_grad) for a in (head_lp, tail_lp, within)]
+    with torch.enable_grad():
+        div = spec.divergence(*leaves, *targets)  # (n,)
+        if spec.need_grad:
+            live = [a for a in leaves if a is not None]
+            grads = torch.autograd.grad(div.sum(), live, allow_unused=True)
+    div = div.detach()
+    ce, ce_w, ce_grad = None, None, None
+    if y is not None:
+        ce_w = torch.where(labelled_rows, alpha / labelled.to(dtype), 0.0)  # (n,) d loss / d CE of each row
+        if t == 1.0:  # the soft term's softmax is the cross-entropy's: share it
+            ce = torch.where(labelled_rows, lse - y_z, 0.0).sum()
+        else:
+            ce, ce_grad = _cross_entropy(x, y_safe, labelled_rows, ce_w, dtype, spec.need_grad)
+    if not spec.need_grad:
+        return div, ce, None
+
+    ks = (1.0 - alpha) * t / p_total  # d loss / d divergence row ((1 - alpha) T^2 / P) times d z / d x (1 / T)
+    g = [torch.zeros_like(a) if d is None else d * ks for a, d in zip(live, grads)]
+    g_head, g_tail = g[0], g[1]  # (n, K), (n,)
+    if kept is not None:
+        g_head = torch.where(kept, g_head, 0.0)
+    c = g[2] if within is not None else None  # (n, M)
+    # d/dz_j = a0 q_j + g_k [j = id_k] + (g_t - sum_m c_m) r_j [j in the tail] + c_m [j = t_m], a0 = -(sum_k g_k + g_t),
+    # q the softmax, r the softmax within the tail. On the tail q_j = q_t r_j, and the weight of r_j,
+    # g_t (1 - q_t) - sum c + (a0 + g_t) q_t, takes 1 - q_t as the kept mass itself: no cancellation when q_t ~ 1
+    a0 = -(g_head.sum(1) + g_tail)  # (n,) weight of q
+    if ce_w is not None and t == 1.0:
+        a0 = a0 + ce_w
+    w_r = g_tail * torch.exp(head_lse - lse) + (a0 + g_tail) * torch.exp(tail_lp)  # (n,) weight of r
+    if c is not None:
+        w_r = w_r - c.sum(1)
+    w_r = torch.where(empty[:, 0], 0.0, w_r)
+    dz = torch.mul(r, w_r[:, None], out=r if out is None else out)  # (n, V), 0 on the kept ids
+    dz.scatter_(1, ids, torch.exp(head_z - lse[:, None]) * a0[:, None])  # a padding slot writes its kept id's value
+    dz.scatter_add_(1, ids, g_head)
+    if c is not None:
+        dz.scatter_add_(1, tail_ids, c)
+    if ce_w is not None and t == 1.0:
+        dz.scatter_add_(1, y_safe, -ce_w[:, None])
+    if ce_grad is not None:
+        dz += ce_grad
+    return div, ce, dz
+
+
+def _cross_entropy(x: Tensor, y: Tensor, labelled: Tensor, weight: Tensor, dtype: torch.dtype, need_grad: bool):
+    """Summed untempered CE of a chunk (x (n, V), y (n, 1)), and its weighted gradient (n, V) or None."""
+    logp = x.to(dtype).log_softmax(1)  # (n, V) one fused kernel
+    ce = torch.where(labelled, -logp.gather(1, y)[:, 0], 0.0).sum()
+    if not need_grad:
+        return ce, None
+    return ce, logp.exp_().mul_(weight[:, None]).scatter_add_(1, y, -weight[:, None])
