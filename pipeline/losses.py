@@ -29,6 +29,7 @@ from distill.storage import METHODS
 from distill.storage.labels import SoftLabels
 
 __all__ = [
+    "FUSED_MIN_OUTPUTS",
     "LOSSES",
     "LOSS_NAMES",
     "OnlineDistillationLoss",
@@ -213,6 +214,11 @@ class _HintonMix(nn.Module):
             )
 
 
+# From about this many outputs the fused loss is faster than the plain one (and it always holds less
+# memory); below it (classifiers) its per-chunk bookkeeping costs more than the tiny (P, C) tensors it saves.
+FUSED_MIN_OUTPUTS = 1024
+
+
 class TopKDistillationLoss(_HintonMix):
     """Hinton's mix over top-k labels:
 
@@ -248,7 +254,8 @@ class TopKDistillationLoss(_HintonMix):
     and only the forward KL decomposes this way: other temperatures and divergences are
     refused unless ``tail_samples=False`` (use the K+1 buckets alone).
 
-    ``fused=True`` (the default) computes it with ``distill.pipeline.fused.fused_bucket_loss``: one
+    ``fused=True`` (the default, None, for outputs of FUSED_MIN_OUTPUTS or more: a language model's
+    vocabulary) computes it with ``distill.pipeline.fused.fused_bucket_loss``: one
     softmax per chunk of positions, shared by both terms, and no (P, V) intermediates kept for
     backward beyond the gradient itself. Its ``soft`` and ``ce`` are then detached values (only
     ``loss`` carries the gradient; ``soft`` is ``loss / T^2`` when alpha == 0, ``ce`` is ``loss`` when
@@ -265,9 +272,9 @@ class TopKDistillationLoss(_HintonMix):
 
     def __init__(self, kind: str = "kl", temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5,
                  skew: float = 0.1, ignore_index: int = IGNORE_INDEX, tail: bool = True, tail_samples: bool = True,
-                 sample_temperature: float = 1.0, fused: bool = True, chunk_positions: int | None = None):
+                 sample_temperature: float = 1.0, fused: bool | None = None, chunk_positions: int | None = None):
         super().__init__(temperature, alpha, ignore_index)
-        self.tail, self.tail_samples, self.fused = bool(tail), bool(tail_samples), bool(fused)
+        self.tail, self.tail_samples, self.fused = bool(tail), bool(tail_samples), fused
         self.chunk_positions = chunk_positions  # the fused loss's positions per chunk; None: ~8 MiB of float32
         if kind not in LOSSES:
             raise ConfigError(f"unknown loss {kind!r}: pass --loss one of {', '.join(LOSSES)}")
@@ -283,7 +290,7 @@ class TopKDistillationLoss(_HintonMix):
         kept = None if labels.counts is None else labels.counts > 0
         draws = self._tail_draws(labels)
         targets = (teacher_lp, teacher_tail) if draws is None else (teacher_lp, teacher_tail, draws[1])
-        if self.fused:
+        if self.fused or (self.fused is None and student_logits.shape[-1] >= FUSED_MIN_OUTPUTS):
             return self._fused(student_logits, labels.topk_ids, kept, targets, draws, hard_labels)
         student = student_buckets(student_logits, labels.topk_ids, self.temperature, kept,
                                   None if draws is None else draws[0])

@@ -560,3 +560,16 @@ def test_the_fused_loss_allocates_at_most_what_cross_entropy_does(temperature):
         peak[name] = mem.peak
     chunk = 32 * v * 4
     assert peak["fused"] <= 2 * p * v * 4 + 4 * chunk < peak["ce"], peak
+
+
+def test_the_default_path_is_fused_for_a_vocabulary_and_plain_for_a_classifier(monkeypatch):
+    import distill.pipeline.losses as losses_module
+
+    calls = []
+    real = losses_module.fused_bucket_loss
+    monkeypatch.setattr(losses_module, "fused_bucket_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for outputs in (10, losses_module.FUSED_MIN_OUTPUTS):
+        t = torch.randn(6, outputs, dtype=torch.float64)
+        s = torch.randn(6, outputs, dtype=torch.float64, requires_grad=True)
+        TopKDistillationLoss("kl", 2.0, alpha=0.5)(s, topk_labels(t, 4, temperatures=(2.0,)), t.argmax(1))["loss"].backward()
+    assert len(calls) == 1  # the vocabulary's call only: a classifier's (P, C) tensors are too small to gain from it
