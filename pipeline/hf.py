@@ -8,6 +8,7 @@ progress bars are kept out of batch-job logs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from typing import TYPE_CHECKING, Any
@@ -133,9 +134,14 @@ def stable_config(d: dict) -> dict:
 
 def _takes_position_ids(module: nn.Module) -> bool:
     base = getattr(module, "get_base_model", None)  # a peft (LoRA) wrapper passes them on to the model it wraps
-    module = base() if callable(base) else module
+    return _forward_takes_position_ids(type(base() if callable(base) else module))
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_takes_position_ids(cls: type) -> bool:
+    """Per class, once: this is asked on every packed batch, and inspect.signature is not free."""
     try:
-        return "position_ids" in inspect.signature(module.forward).parameters
+        return "position_ids" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 
