@@ -20,7 +20,16 @@ over random token sequences; ``lm-small``, the same with a 19M-parameter teacher
 wide, 4 layers), where the fixed cost of reducing 32,000 logits per position weighs more;
 ``classifier``, a built-in 1-D CNN over mnist1d-shaped inputs (k=5 of 10 classes).
 
-    python benchmarks/generate.py [--quick] [--workload lm|classifier|all] [--device auto]
+Memory (``memory``): `distill generate-labels` (the real CLI, in a subprocess) on two Parquet
+files of token ids (a ``input_ids`` list column, as users write them) 10 times apart in size,
+with a small teacher (vocabulary 1,024, 64-token sequences, k=16) and 64-example shards,
+so that both runs are past the bound a shard's buffer sets. Each run's peak RSS is the
+process's ``ru_maxrss`` plus its children's, taken at exit; ``peak_rss_ratio = large / small``
+(target at most 1.05): the data is read a batch of rows at a time into temporary files
+(``distill.pipeline.diskarrays``) and the store is written a shard at a time, so neither
+stays in memory.
+
+    python benchmarks/generate.py [--quick] [--workload lm|classifier|all] [--device auto] [--precision auto]
 
 Prints one line per workload, then one JSON object as the last line.
 """
@@ -33,6 +42,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +54,7 @@ import torch
 
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, float32_output_layer, load_model
-from distill.pipeline.runtime import autocast, resolve_device, weight_dtype
+from distill.pipeline.runtime import PRECISIONS, autocast, resolve_device, weight_dtype
 from distill.stages.generate import GenerateConfig, generate_labels
 
 WORKLOADS = {
@@ -55,13 +65,28 @@ WORKLOADS = {
                      examples=(384, 32), seq_len=128, k=64, batch_size=8),
     "classifier": dict(teacher="cnn:channels=256,depth=4", examples=(32768, 4096), seq_len=None, k=5, batch_size=512),
 }
+MEMORY = dict(teacher="gpt:vocab_size=1024,d_model=32,n_layers=1,n_heads=2,max_len=64", vocab_size=1024, seq_len=64,
+              k=16, batch_size=64, examples_per_shard=64,
+              examples=(4096, 128))  # the small data (full, quick); the large one is 10 times bigger
+
+# Runs `python -m distill.cli ...` and, at exit, writes its peak RSS and its children's.
+RSS_WRAPPER = """
+import atexit, json, os, resource, runpy, sys
+def _peak():
+    with open(os.environ["DISTILL_BENCH_RSS"], "w") as f:
+        json.dump({"self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   "children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, f)
+atexit.register(_peak)
+sys.argv = ["distill", *sys.argv[1:]]
+runpy.run_module("distill.cli", run_name="__main__")
+"""
 
 
-def write_data(name: str, n: int, seq_len: int | None, tmp: str) -> str:
+def write_data(name: str, n: int, seq_len: int | None, tmp: str, vocab_size: int = 32000) -> str:
     """A Parquet file of seeded inputs: token ids for the LM, 40 float features for the classifier."""
     rng = np.random.default_rng(0)
     if seq_len is not None:
-        ids = rng.integers(0, 32000, size=(n, seq_len), dtype=np.int64)
+        ids = rng.integers(0, vocab_size, size=(n, seq_len), dtype=np.int64)
         table = pa.table({"input_ids": pa.array(list(ids))})
     else:
         x = rng.standard_normal((n, 40), dtype=np.float32)
@@ -80,7 +105,7 @@ def teacher_only(config: GenerateConfig, device: torch.device) -> tuple[float, i
     start = time.perf_counter()
     with torch.inference_mode(), autocast(config.precision, device):
         for a in range(0, len(data), config.batch_size):
-            batch = data.collate([data[i] for i in range(a, min(a + config.batch_size, len(data)))])
+            batch = data.gather(torch.arange(a, min(a + config.batch_size, len(data))))  # as generate-labels builds them
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             teacher.logits(batch)
             positions += len(batch["position_index"]) if "position_index" in batch else len(next(iter(batch.values())))
@@ -98,13 +123,14 @@ def generate(config: GenerateConfig, tmp: str, name: str, round_: int) -> tuple[
     return seconds, result["positions"], result["seconds"]
 
 
-def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: str, examples: int | None = None) -> dict:
+def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: str, examples: int | None = None,
+                 precision: str = "auto") -> dict:
     w = WORKLOADS[name]
     n = examples or w["examples"][1 if quick else 0]
     data = write_data(name, n, w["seq_len"], tmp)
     device = resolve_device(device_name)
     config = GenerateConfig(teacher=w["teacher"], data=data, out=os.path.join(tmp, "unused"), k=w["k"],
-                            batch_size=w["batch_size"], device=device_name, progress=False,
+                            batch_size=w["batch_size"], device=device_name, progress=False, precision=precision,
                             task="causal-lm" if w["seq_len"] else "classification")
     teacher_runs, generate_runs, loop_runs, setup = [], [], [], []
     positions = None
@@ -122,7 +148,7 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
     params = sum(p.numel() for p in load_model(ModelConfig(config.teacher)).module.parameters())
     return {
         "teacher": w["teacher"], "teacher_params": params, "examples": n, "positions": positions, "k": w["k"],
-        "batch_size": w["batch_size"], "device": str(device), "repeats": repeats,
+        "batch_size": w["batch_size"], "device": str(device), "precision": precision, "repeats": repeats,
         "teacher_only_positions_per_s": round(t, 1), "generate_positions_per_s": round(g, 1),
         "overhead_ratio": round(g / t, 4),
         # the labelling loop alone (no model load, fingerprints, store creation or sealing)
@@ -133,31 +159,83 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
     }
 
 
+# --- memory: the real CLI in a subprocess, at two data sizes --------------------------------
+
+def peak_rss_mb(data: str, out: str, device: str) -> float:
+    """Peak RSS (MB) of `distill generate-labels` over ``data``: the process's plus its children's."""
+    m, report = MEMORY, out + ".rss.json"
+    cmd = [sys.executable, "-c", RSS_WRAPPER, "generate-labels", "--teacher", m["teacher"], "--data", data,
+           "--out", out, "--k", str(m["k"]), "--batch-size", str(m["batch_size"]), "--device", device,
+           "--examples-per-shard", str(m["examples_per_shard"]),
+           "--task", "causal-lm", "--seq-len", str(m["seq_len"]), "--no-progress"]
+    proc = subprocess.run(cmd, env=dict(os.environ, DISTILL_BENCH_RSS=report), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"generate-labels failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    with open(report) as f:
+        rss = json.load(f)
+    return (rss["self_kb"] + rss["children_kb"]) / 1024
+
+
+def run_memory(quick: bool, device: str, tmp: str, examples: int | None) -> dict:
+    """generate-labels' peak RSS on data 10 times apart in size."""
+    m = MEMORY
+    sizes = {"small": examples or m["examples"][quick]}
+    sizes["large"] = 10 * sizes["small"]
+    rss, positions = {}, {}
+    for label, n in sizes.items():
+        data = write_data(f"memory-{label}", n, m["seq_len"], tmp, m["vocab_size"])
+        start = time.perf_counter()
+        rss[label] = peak_rss_mb(data, os.path.join(tmp, f"memory-{label}-store"), device)
+        positions[label] = n * m["seq_len"]
+        print(f"    memory: {n:,} examples, peak RSS {rss[label]:.0f} MB ({time.perf_counter() - start:.1f} s)",
+              file=sys.stderr)
+    return {"teacher": m["teacher"], "seq_len": m["seq_len"], "k": m["k"], "batch_size": m["batch_size"],
+            "examples_per_shard": m["examples_per_shard"],
+            "data": "parquet input_ids", **{f"examples_{k}": n for k, n in sizes.items()},
+            **{f"positions_{k}": p for k, p in positions.items()},
+            **{f"peak_rss_mb_{k}": round(v, 1) for k, v in rss.items()},
+            "peak_rss_ratio": round(rss["large"] / rss["small"], 4), "target_peak_rss_ratio": 1.05}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small inputs: under a minute on 2 CPU cores")
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="generate-labels' --precision (auto: a bf16 teacher on CUDA, fp32 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 3, quick 2)")
     parser.add_argument("--examples", type=int, default=None, help="override the workload's number of examples")
+    parser.add_argument("--memory-examples", type=int, default=None,
+                        help="examples of the small data of the memory check (the large one has 10 times more)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the memory check (it runs with --workload all, the default, or --only-memory)")
+    parser.add_argument("--only-memory", action="store_true", help="run the memory check alone")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
-    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
-    results = {}
+    names = [] if args.only_memory else list(WORKLOADS) if args.workload == "all" else [args.workload]
+    results, memory = {}, None
     with tempfile.TemporaryDirectory(prefix="distill-bench-gen-") as tmp:
         for name in names:
-            results[name] = r = run_workload(name, args.quick, args.device, repeats, tmp, args.examples)
+            results[name] = r = run_workload(name, args.quick, args.device, repeats, tmp, args.examples, args.precision)
             print(f"{name:>10}: teacher only {r['teacher_only_positions_per_s']:>10,.0f} pos/s, "
                   f"generate-labels {r['generate_positions_per_s']:>10,.0f} pos/s, ratio {r['overhead_ratio']:.3f} "
                   f"(loop alone {r['loop_overhead_ratio']:.3f}; set-up {r['setup_seconds']:.1f} s)",
                   file=sys.stderr)
+        if args.only_memory or (args.workload == "all" and not args.no_memory):
+            memory = run_memory(args.quick, "cpu" if args.device == "auto" else args.device, tmp,
+                                args.memory_examples)
+            print(f"    memory: generate-labels peak RSS {memory['peak_rss_mb_small']:.0f} MB at "
+                  f"{memory['positions_small']:,} positions, {memory['peak_rss_mb_large']:.0f} MB at "
+                  f"{memory['positions_large']:,} (ratio {memory['peak_rss_ratio']:.3f})", file=sys.stderr)
     out = {
         "benchmark": "generate", "quick": args.quick, "target_overhead_ratio": 0.95,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.machine(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__},
-        "workloads": results,
+        "workloads": results, "memory": memory,
         "meets_target": all(r["overhead_ratio"] >= 0.95 for r in results.values()),
+        "meets_memory_target": None if memory is None else memory["peak_rss_ratio"] <= 1.05,
     }
     print(json.dumps(out))
     return out

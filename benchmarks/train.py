@@ -35,9 +35,11 @@ both sizes); ``peak_rss_ratio = large / small`` should be about 1: stage two hol
 student, a shuffle buffer and the shards it draws from, never the store. ``memory`` runs
 with a shuffle buffer of 64 examples, smaller than both stores, so both runs are past the
 bound it sets; ``memory_default_buffer`` (not with ``--quick``) repeats the pair at
-train-student's default, 4,096 examples, which the small store does not fill. The data
-itself (token ids) is held in memory and does grow 10x (8 bytes a token, against about
-780 bytes a position of decoded top-64 labels).
+train-student's default, 4,096 examples, which the small store does not fill. The data (a
+Parquet file of token ids, an ``input_ids`` list column, 10 times apart too) is read a batch
+of rows at a time into temporary files and each example's tokens read back when it is
+drawn (``distill.pipeline.diskarrays``), so it does not stay in memory either: what grows
+with it is per sequence (offsets and labels, 16 bytes each), not per token.
 
 Loss memory (``loss_peak_memory``, with the ``lm`` workload): one forward + backward of the
 loss alone on (2,048 x 32,000) float32 logits behind an output layer, alpha 0.5, T 2, top-64 +
@@ -50,7 +52,7 @@ sequences, top-64 labels), student 0.9M and teacher 10M parameters; ``classifier
 mnist1d-shaped inputs (40 float features, 10 classes, random), student the built-in
 ``mlp`` (79k parameters) and teacher ``mlp:hidden=864`` (0.79M).
 
-    python benchmarks/train.py [--quick] [--workload lm|classifier|all|none] [--device auto]
+    python benchmarks/train.py [--quick] [--workload lm|classifier|all|none] [--device auto] [--precision auto]
 
 Prints one line per workload, then one JSON object as the last line.
 """
@@ -83,7 +85,7 @@ from torch.utils._pytree import tree_flatten
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.losses import TopKDistillationLoss, make_loss
 from distill.pipeline.models import ModelConfig, load_model
-from distill.pipeline.runtime import Workers, autocast, resolve_device
+from distill.pipeline.runtime import TRAINING_PRECISIONS, Workers, autocast, resolve_device
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
 from distill.pipeline.trainer import RunPlace, Schedule, fit, make_optimizer
 from distill.stages.generate import GenerateConfig, generate_labels
@@ -139,13 +141,14 @@ def write_data(name: str, n: int, w: dict, tmp: str) -> str:
     return path
 
 
-def write_store(name: str, w: dict, data: str, tmp: str, examples_per_shard: int, device: str) -> str:
+def write_store(name: str, w: dict, data: str, tmp: str, examples_per_shard: int, device: str,
+                precision: str = "auto") -> str:
     out = os.path.join(tmp, f"{name}-store")
     # plain top-k + tail (no tail draws, whatever the task's default): the labels this benchmark has always timed
     generate_labels(GenerateConfig(teacher=w["teacher"], data=data, out=out, k=w["k"], tail_samples=0,
                                    temperatures=(1.0, TEMPERATURE),
                                    examples_per_shard=examples_per_shard, batch_size=64, device=device, progress=False,
-                                   overwrite=True))
+                                   overwrite=True, precision=precision))
     return out
 
 
@@ -172,31 +175,32 @@ def _rate(stamps: list[float], warmup: int, steps: int) -> float:
     return steps / (stamps[warmup + steps] - stamps[warmup])
 
 
-def _common(w: dict, data: str, out: str, total: int, device: str) -> dict:
+def _common(w: dict, data: str, out: str, total: int, device: str, precision: str = "auto") -> dict:
     return dict(out=out, data=data, model=w["student"], steps=total, batch_size=w["batch_size"], workers=WORKERS,
-                device=device, progress=False)
+                device=device, progress=False, precision=precision)
 
 
-def ce_rate(w: dict, data: str, out: str, warmup: int, steps: int, device: str) -> float:
+def ce_rate(w: dict, data: str, out: str, warmup: int, steps: int, device: str, precision: str = "auto") -> float:
     """`train-teacher` on the student: hard labels only."""
     stamps: list[float] = []
     with mock.patch.object(TRAIN_STAGE, "fit", _timed_fit(stamps)):
-        train_teacher(TrainConfig(**_common(w, data, out, warmup + steps + 1, device)))
+        train_teacher(TrainConfig(**_common(w, data, out, warmup + steps + 1, device, precision)))
     return _rate(stamps, warmup, steps)
 
 
-def offline_rate(w: dict, data: str, store: str, out: str, warmup: int, steps: int, device: str) -> float:
+def offline_rate(w: dict, data: str, store: str, out: str, warmup: int, steps: int, device: str,
+                 precision: str = "auto") -> float:
     """`train-student`: the store streamed through LabelStream, the real distillation loss."""
     stamps: list[float] = []
     with mock.patch.object(TRAIN_STAGE, "fit", _timed_fit(stamps)):
-        train_student(StudentConfig(**_common(w, data, out, warmup + steps + 1, device), labels=store,
+        train_student(StudentConfig(**_common(w, data, out, warmup + steps + 1, device, precision), labels=store,
                                     temperature=TEMPERATURE, alpha=ALPHA))
     return _rate(stamps, warmup, steps)
 
 
-def _autocast(device: torch.device):
-    """What the training stages' --precision auto does: bf16 autocast on CUDA, none elsewhere."""
-    return autocast("auto", device)
+def _autocast(device: torch.device, precision: str = "auto"):
+    """What the training stages' --precision does (auto: bf16 autocast on CUDA, none elsewhere)."""
+    return autocast(precision, device)
 
 
 def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
@@ -208,7 +212,8 @@ def dense_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, hard: t
     return ALPHA * ce + (1 - ALPHA) * TEMPERATURE**2 * kl
 
 
-def online_rate(w: dict, data_spec: str, out: str, warmup: int, steps: int, device: torch.device) -> float:
+def online_rate(w: dict, data_spec: str, out: str, warmup: int, steps: int, device: torch.device,
+                precision: str = "auto") -> float:
     """Online distillation: the teacher's forward pass every step, KD on its full logits."""
     teacher = load_model(ModelConfig(w["teacher"]), device=device)
     student = load_model(ModelConfig(w["student"]), device=device)
@@ -226,7 +231,7 @@ def online_rate(w: dict, data_spec: str, out: str, warmup: int, steps: int, devi
     stamps: list[float] = []
     os.makedirs(out, exist_ok=True)
     schedule = Schedule(steps=warmup + steps + 1, workers=WORKERS)
-    place = RunPlace(out, Workers(), device, lambda: _autocast(device), progress=False)
+    place = RunPlace(out, Workers(), device, lambda: _autocast(device, precision), progress=False)
     _timed_fit(stamps)(student.module, stream, loss, schedule, place)
     return _rate(stamps, warmup, steps)
 
@@ -236,7 +241,9 @@ def online_rate(w: dict, data_spec: str, out: str, warmup: int, steps: int, devi
 class Ideal:
     """The teacher's forward pass and the student's step (hard labels, or the store's soft labels) in memory."""
 
-    def __init__(self, w: dict, data_spec: str, store: str, device: torch.device, n_batches: int):
+    def __init__(self, w: dict, data_spec: str, store: str, device: torch.device, n_batches: int,
+                 precision: str = "auto"):
+        self.precision = precision
         self.teacher = load_model(ModelConfig(w["teacher"]), device=device)
         self.student = load_model(ModelConfig(w["student"]), device=device)
         self.student.module.train()
@@ -250,7 +257,7 @@ class Ideal:
         self.device = device
 
     def teacher_forward_s(self, warmup: int) -> float:
-        with torch.no_grad(), _autocast(self.device):
+        with torch.no_grad(), _autocast(self.device, self.precision):
             return self._seconds(lambda b: position_logits(self.teacher, b, self.teacher.task), warmup)
 
     def student_step_s(self, warmup: int, soft: bool = False) -> float:
@@ -258,7 +265,7 @@ class Ideal:
 
         def step(batch):
             self.optimizer.zero_grad(set_to_none=True)
-            with _autocast(self.device):
+            with _autocast(self.device, self.precision):
                 logits, hard = position_logits(self.student, batch, self.student.task)
                 if soft:
                     loss = self.loss(logits, labels_from_batch(batch, self.spec.stored_temperatures), hard)["loss"]
@@ -289,7 +296,7 @@ class Ideal:
 # --- one workload --------------------------------------------------------------------------
 
 def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: str, steps: int | None,
-                 warmup: int | None, examples: int | None) -> dict:
+                 warmup: int | None, examples: int | None, precision: str = "auto") -> dict:
     w = WORKLOADS[name]
     steps = steps or w["steps"][quick]
     warmup = warmup if warmup is not None else w["warmup"][quick]
@@ -300,15 +307,16 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
                          f"{total * w['batch_size']}")
     device = resolve_device(device_name)
     data = write_data(name, n, w, tmp)
-    store = write_store(name, w, data, tmp, CHUNK, device_name)
-    ideal = Ideal(w, data, store, device, warmup + steps)
+    store = write_store(name, w, data, tmp, CHUNK, device_name, precision)
+    ideal = Ideal(w, data, store, device, warmup + steps, precision)
     runs: dict[str, list[float]] = {k: [] for k in ("ce", "offline", "online", "teacher_forward_s", "student_step_s",
                                                     "student_kd_step_s")}
     for r in range(repeats):
-        runs["ce"].append(ce_rate(w, data, os.path.join(tmp, f"{name}-ce-{r}"), warmup, steps, device_name))
+        runs["ce"].append(ce_rate(w, data, os.path.join(tmp, f"{name}-ce-{r}"), warmup, steps, device_name, precision))
         runs["offline"].append(offline_rate(w, data, store, os.path.join(tmp, f"{name}-kd-{r}"), warmup, steps,
-                                            device_name))
-        runs["online"].append(online_rate(w, data, os.path.join(tmp, f"{name}-online-{r}"), warmup, steps, device))
+                                            device_name, precision))
+        runs["online"].append(online_rate(w, data, os.path.join(tmp, f"{name}-online-{r}"), warmup, steps, device,
+                                          precision))
         runs["teacher_forward_s"].append(ideal.teacher_forward_s(warmup))
         runs["student_step_s"].append(ideal.student_step_s(warmup))
         runs["student_kd_step_s"].append(ideal.student_step_s(warmup, soft=True))
@@ -322,7 +330,7 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
         "teacher_params": teacher_params, "param_ratio": round(teacher_params / student_params, 2),
         "examples": n, "batch_size": w["batch_size"], "positions_per_step": w["batch_size"] * (w["seq_len"] or 1),
         "k": spec.k, "vocab_size": spec.vocab_size, "examples_per_shard": spec.examples_per_shard,
-        "temperature": TEMPERATURE, "alpha": ALPHA, "workers": WORKERS, "device": str(device),
+        "temperature": TEMPERATURE, "alpha": ALPHA, "workers": WORKERS, "device": str(device), "precision": precision,
         "steps": steps, "warmup_steps": warmup, "repeats": repeats,
         "ce_steps_per_s": round(ce, 3), "offline_kd_steps_per_s": round(offline, 3),
         "online_kd_steps_per_s": round(online, 3),
@@ -457,7 +465,7 @@ def run_memory(stores: dict, device: str, tmp: str, shuffle_buffer: int | None) 
         "student": m["student"], "seq_len": m["seq_len"], "k": m["k"], "batch_size": m["batch_size"],
         "examples_per_shard": m["examples_per_shard"], "workers": WORKERS, "epochs": 1,
         "shuffle_buffer": shuffle_buffer if shuffle_buffer is not None else default,
-        "examples_small": s["examples"], "examples_large": g["examples"],
+        "data": "parquet input_ids", "examples_small": s["examples"], "examples_large": g["examples"],
         "positions_small": s["positions"], "positions_large": g["positions"],
         "store_mb_small": s["store_mb"], "store_mb_large": g["store_mb"],
         "decoded_store_mb_small": s["decoded_store_mb"], "decoded_store_mb_large": g["decoded_store_mb"],
@@ -478,6 +486,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds: under a minute on 2 CPU cores")
     parser.add_argument("--workload", choices=[*WORKLOADS, "all", "none"], default="all")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=TRAINING_PRECISIONS,
+                        help="the stages' --precision (auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="alternating rounds (default 3, quick 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant and round")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before them")
@@ -497,7 +507,7 @@ def main(argv=None) -> dict:
         for name in names:
             start = time.perf_counter()
             results[name] = r = run_workload(name, args.quick, args.device, repeats, tmp, args.steps, args.warmup,
-                                             args.examples)
+                                             args.examples, args.precision)
             r["seconds"] = round(time.perf_counter() - start, 1)
             print(f"{name:>10}: steps/s CE {r['ce_steps_per_s']:.2f}, offline KD {r['offline_kd_steps_per_s']:.2f} "
                   f"(ratio {r['stream_overhead_ratio']:.3f}; the loss alone {r['loss_only_ratio']:.3f}), online KD "

@@ -55,11 +55,12 @@ def resolve_chat_template(tokenizer: Tokenizer, tokenizer_spec: str, template_fi
     return tokenizer.chat_template
 
 
-def conversations_from_column(values: Sequence[Any], name: str, origin: str) -> list[list[dict]]:
+def conversations_from_column(values: Sequence[Any], name: str, origin: str, first_row: int = 0) -> list[list[dict]]:
     """A column's values (lists of {"role", "content", ...} dicts, or JSON strings of them) ->
-    conversations, checked; keys whose value is None (absent from a row's struct) are dropped."""
+    conversations, checked; keys whose value is None (absent from a row's struct) are dropped.
+    ``first_row`` is the first value's row, for errors."""
     conversations = []
-    for row, value in enumerate(values):
+    for row, value in enumerate(values, first_row):
         if isinstance(value, str):
             try:
                 value = json.loads(value)
@@ -122,15 +123,18 @@ def tokenize_conversation(messages: list[dict], tokenizer: Tokenizer, template: 
 
 
 def chat_documents(conversations: list[list[dict]], tokenizer: Tokenizer, template: str, train_on: str,
-                   origin: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   origin: str, *, first_row: int = 0,
+                   require_targets: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Conversations -> documents: (flat ids (T,) int64, lengths (D,) int64, flat position mask (T,) bool).
 
     Position t is kept iff token t+1 of the same conversation is a target (module docstring).
+    ``first_row`` numbers the rows in errors; ``require_targets`` False leaves the check that
+    some position is kept to the caller (who converts the rows in batches).
     """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"unknown --train-on {train_on!r}: use {', '.join(TRAIN_ON)}")
     ids, masks = [], []
-    for row, messages in enumerate(conversations):
+    for row, messages in enumerate(conversations, first_row):
         row_ids, targets = tokenize_conversation(messages, tokenizer, template, train_on, f"{origin} row {row}")
         if len(row_ids) < 2:
             raise ConfigError(f"{origin}: row {row} renders to {len(row_ids)} token(s); a conversation needs at "
@@ -141,7 +145,7 @@ def chat_documents(conversations: list[list[dict]], tokenizer: Tokenizer, templa
         masks.append(mask)
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
     mask = np.concatenate(masks)
-    if not mask.any():
+    if require_targets and not mask.any():
         raise ConfigError(f"{origin}: no conversation has an assistant turn to train on; "
                           "add assistant messages or pass --train-on all")
     return np.concatenate(ids), lengths, mask

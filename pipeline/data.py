@@ -50,6 +50,15 @@ its items carries ``position_mask`` (L,) bool.
 Items: float features {"inputs": (F,) float32, "labels": () int64, -1 = none}; token ids
 {"input_ids": (L,) int64} plus "labels" () for classification, or "position_mask" (L,).
 
+Memory: the data is not held in memory. Tables are read (Parquet and `datasets` files a
+batch of rows at a time), tokenised and cut into sequences a batch of rows (or a text
+file) at a time, and the per-token arrays (ids as int32 when they fit, masks, position
+ids) and float features are written to unnamed temporary files under ``$TMPDIR`` (see
+``distill.pipeline.diskarrays``: 4 to 9 bytes a token; point TMPDIR at a disk with room
+when /tmp is small or tmpfs). What stays in memory grows per sequence (offsets, labels),
+not per token. JSONL files, dicts of columns and items from a function are read whole into
+an Arrow table first, as before; mnist1d stays in memory.
+
 A set's fingerprint covers exactly what the teacher sees, in order: the task, the inputs
 (or the token ids and every sequence's length), the position masks and position ids; never
 hard labels.
@@ -77,7 +86,7 @@ from distill.pipeline.examples import ExampleSet
 from distill.pipeline.specs import resolve_callable, split_builtin
 from distill.pipeline.tasks import TASKS
 from distill.pipeline.tables import read_saved_dataset, read_table, sequence_arrays, table_arrays, table_from_python
-from distill.pipeline.tokenize import load_tokenizer, require_tokenizer, tokenize_text_files
+from distill.pipeline.tokenize import load_tokenizer, require_tokenizer, text_file_documents
 
 __all__ = ["DataFlags", "DataConfig", "ExampleSet", "load_data", "load_tokenizer"]
 
@@ -301,10 +310,10 @@ def _from_text_files(files: list[Path], config: DataConfig) -> ExampleSet:
         raise ConfigError(f"{origin} is causal-lm data: for classification pass a parquet/jsonl table "
                           "with a label column")
     tokenizer = require_tokenizer(config.tokenizer, origin)
-    ids, lengths = tokenize_text_files(files, tokenizer)
-    if not len(ids):
+    arrays = sequence_arrays(text_file_documents(files, tokenizer), config, origin, tokenizer.vocab_size)
+    if not arrays.stats["tokens"]:
         raise ConfigError(f"{origin} has no tokens: nothing to label")
-    return ExampleSet(**vars(sequence_arrays(ids, lengths, None, config, origin, tokenizer.vocab_size)))
+    return ExampleSet(**vars(arrays))
 
 
 # --- package.module:function --------------------------------------------------------------

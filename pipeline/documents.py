@@ -13,10 +13,13 @@ positions the earlier window already holds.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable
 
 import numpy as np
 
-__all__ = ["Sequences", "documents_to_sequences"]
+from distill.pipeline.diskarrays import ArrayWriter
+
+__all__ = ["Sequences", "documents_to_sequences", "write_sequences"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +27,7 @@ class Sequences:
     """Sequences cut or packed from documents, and what happened to the documents' tokens."""
 
     input_ids: np.ndarray
-    """(T',) int64: every sequence's token ids, end to end."""
+    """(T',) int64: every sequence's token ids, end to end (a DiskArray from ``write_sequences``)."""
     lengths: np.ndarray
     """(N,) int64 tokens per sequence, 1 <= length <= seq_len."""
     position_mask: np.ndarray | None
@@ -76,6 +79,117 @@ def documents_to_sequences(input_ids: np.ndarray, lengths: np.ndarray, seq_len: 
              "positions": int(len(ids) if mask_out is None else mask_out.sum()),
              "dropped_tokens": len(input_ids) - int(fresh.sum()), "packed": bool(pack), "stride": int(stride)}
     return Sequences(ids, seq_lengths, mask_out, position_ids, stats)
+
+
+def write_sequences(batches: Iterable[tuple], seq_len: int, *, stride: int = 0, pack: bool = False,
+                    eos_id: int | None = None, limit: int | None = None) -> Sequences:
+    """``documents_to_sequences`` over documents that come in batches, written to temporary files.
+
+    ``batches`` yields (input_ids (T_b,), lengths (D_b,), position_mask (T_b,) bool or None),
+    whole documents each, the same way (all with masks or none). Returns the Sequences that
+    ``documents_to_sequences`` returns for all the documents end to end, with the per-token
+    arrays as DiskArrays (ids int32 when they fit, position ids int32) and the lengths in
+    memory; memory holds one batch at a time. Windows never cross documents, so batches are
+    cut alone; packed windows do cross them, so packing carries each batch's unfinished
+    window into the next.
+    """
+    if pack:
+        return _write_packed(batches, seq_len, eos_id, limit)
+    ids_out, mask_out = ArrayWriter(np.int32), ArrayWriter(np.bool_, check=False)
+    lengths, stats, masked = [], _no_stats(False, stride), False
+    for ids, doc_lengths, mask in batches:
+        remaining = None if limit is None else max(0, limit - sum(map(len, lengths)))
+        out = documents_to_sequences(ids, doc_lengths, seq_len, position_mask=mask, stride=stride, limit=remaining)
+        ids_out.append(out.input_ids)
+        masked |= out.position_mask is not None
+        mask_out.append(np.ones(len(out.input_ids), bool) if out.position_mask is None else out.position_mask)
+        lengths.append(out.lengths)
+        stats = _add_stats(stats, out.stats)
+    return Sequences(ids_out.finish(), _concat(lengths), mask_out.finish() if masked else None, None, stats)
+
+
+def _write_packed(batches, seq_len, eos_id, limit) -> Sequences:
+    """Packing in batches, as ``_pack`` packs them all: each batch's stream is cut where the
+    global stream is, after the unfinished window the batches before left (``carry``)."""
+    ids_out, mask_out, pos_out = ArrayWriter(np.int32), ArrayWriter(np.bool_, check=False), ArrayWriter(np.int32)
+    lengths, stats = [], _no_stats(True, 0)
+    state = {"start": 0, "fresh": 0, "masked": False, "any_dropped": False}
+    carry = None  # (ids, mask, position_ids, is_eos) of the unfinished window, its last token a separator
+    for ids, doc_lengths, mask in batches:
+        ids, doc_lengths = np.asarray(ids, np.int64), np.asarray(doc_lengths, np.int64)
+        stats["tokens"] += len(ids)
+        keep = doc_lengths > 0
+        doc_lengths, state["masked"] = doc_lengths[keep], state["masked"] or mask is not None
+        if not len(doc_lengths):
+            continue
+        stats["documents"] += len(doc_lengths)
+        piece = _pack_piece(ids, doc_lengths, None if mask is None else np.asarray(mask, bool), seq_len, eos_id,
+                            state["start"])
+        state["start"] += len(piece[0])
+        if carry is not None:
+            if (len(carry[0])) % seq_len:  # its separator is now followed by a document in the same window
+                carry[1][-1] = False
+            piece = tuple(np.concatenate([c, p]) for c, p in zip(carry, piece))
+        full = len(piece[0]) // seq_len * seq_len
+        carry = tuple(p[full:] for p in piece) if full < len(piece[0]) else None
+        _emit_windows(tuple(p[:full] for p in piece), seq_len, limit, ids_out, mask_out, pos_out, lengths, stats,
+                      state)
+    if carry is not None:
+        _emit_windows(carry, seq_len, limit, ids_out, mask_out, pos_out, lengths, stats, state)
+    stats["dropped_tokens"] = stats["tokens"] - state["fresh"]
+    masks = mask_out.finish()
+    keep_mask = state["masked"] or state["any_dropped"]  # as documents_to_sequences: no mask when all are kept
+    return Sequences(ids_out.finish(), _concat(lengths), masks if keep_mask else None, pos_out.finish(), stats)
+
+
+def _pack_piece(ids, lengths, mask, seq_len, eos_id, start):
+    """``_pack``'s stream for documents that begin at index ``start`` of the whole stream:
+    (ids, mask, position_ids, is_eos), the last separator's position still kept."""
+    ends = np.cumsum(lengths)  # (D,)
+    stream = np.insert(ids, ends, eos_id)  # (T + D,)
+    index = np.arange(len(stream)) + start  # (T + D,) in the whole stream
+    doc_start = np.repeat(ends - lengths + np.arange(len(lengths)), lengths + 1) + start
+    is_eos = np.zeros(len(stream), bool)
+    is_eos[ends + np.arange(len(lengths))] = True
+    position_ids = index - np.maximum(doc_start, index - index % seq_len)
+    out_mask = np.ones(len(stream), bool)
+    if mask is not None:
+        out_mask[~is_eos] = mask
+        out_mask[is_eos] = False
+    followed = is_eos & ((index + 1) % seq_len != 0)
+    followed[-1] = False  # decided when the next document comes
+    out_mask[followed] = False
+    return stream, out_mask, position_ids, is_eos
+
+
+def _emit_windows(piece, seq_len, limit, ids_out, mask_out, pos_out, lengths, stats, state) -> None:
+    """Write the windows of ``piece`` (whole windows but for the very last) that ``limit`` leaves."""
+    ids, mask, position_ids, is_eos = piece
+    sizes = [min(seq_len, len(ids) - s) for s in range(0, len(ids), seq_len)]
+    room = len(sizes) if limit is None else max(0, min(len(sizes), limit - stats["sequences"]))
+    end = sum(sizes[:room])
+    state["any_dropped"] |= not mask[:end].all()
+    ids_out.append(ids[:end])
+    mask_out.append(mask[:end])
+    pos_out.append(position_ids[:end])
+    lengths.append(np.asarray(sizes[:room], np.int64))
+    stats["sequences"] += room
+    stats["positions"] += int(mask[:end].sum())
+    state["fresh"] += int((~is_eos[:end]).sum())
+
+
+def _no_stats(pack: bool, stride: int) -> dict:
+    return {"documents": 0, "sequences": 0, "tokens": 0, "positions": 0, "dropped_tokens": 0, "packed": pack,
+            "stride": stride}
+
+
+def _add_stats(total: dict, more: dict) -> dict:
+    return {k: v + more[k] if k in ("documents", "sequences", "tokens", "positions", "dropped_tokens") else v
+            for k, v in total.items()}
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:

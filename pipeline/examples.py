@@ -1,7 +1,9 @@
-"""ExampleSet: a loaded dataset held as whole tensors, its items, batches and fingerprint.
+"""ExampleSet: a loaded dataset as whole arrays, its items, batches and fingerprint.
 
 ``distill.pipeline.data.load_data`` builds one from the spec a user passes; the rules for
-what becomes an example (and a position) are in that module's docstring.
+what becomes an example (and a position) are in that module's docstring. The per-token
+arrays it loads live in temporary files (``distill.pipeline.diskarrays``), so memory does
+not grow with the data; arrays handed in directly (small data, tests) stay in memory.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.pipeline.batching import take_ranges, take_rows, token_batch
+from distill.pipeline.diskarrays import DiskArray
 from distill.pipeline.fingerprint import Fingerprint
 from distill.pipeline.tasks import TASKS
 
@@ -24,12 +28,38 @@ def _tensor(a: Any, dtype: np.dtype) -> torch.Tensor:
     return torch.from_numpy(np.array(a, dtype=dtype, order="C"))
 
 
-class ExampleSet:
-    """Examples held as whole tensors, of which items are slices.
+def _array(a: Any, dtypes: tuple) -> np.ndarray | DiskArray | None:
+    """A DiskArray as it is (its dtype one of ``dtypes``), else a C-contiguous numpy copy of
+    dtype ``dtypes[-1]``: the dtype items are handed out in."""
+    if a is None or isinstance(a, DiskArray):
+        assert a is None or a.dtype in dtypes, (a.dtype, dtypes)
+        return a
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    return np.array(a, dtype=dtypes[-1], order="C")
 
-    Float features: ``inputs`` (N, F) float32. Token ids: one flat (T,) int64 tensor with
-    offsets (N+1,), and for causal-lm an optional flat (T,) bool position mask and, for packed
-    documents, flat (T,) int64 position ids. Labels (N,) int64 in both, -1 = none. ``stats``
+
+def _slice(a: np.ndarray | DiskArray, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows start:end of ``a`` as a tensor of ``dtype`` that owns its memory."""
+    return torch.from_numpy(np.array(a[start:end])).to(dtype)
+
+
+def _hash(fp: Fingerprint, name: str, a: np.ndarray | DiskArray, dtype: np.dtype) -> None:
+    """Feed ``a`` to ``fp`` as an array of ``dtype`` (what the items hand out), in blocks when on disk."""
+    if isinstance(a, DiskArray):
+        fp.blocks(name, dtype, a.shape, a.chunks())
+    else:
+        fp.tensor(name, np.asarray(a, dtype))
+
+
+class ExampleSet:
+    """Examples held as whole arrays, of which items are slices.
+
+    Float features: ``inputs`` (N, F) float32. Token ids: one flat (T,) array (int64, or int32
+    on disk) with offsets (N+1,), and for causal-lm an optional flat (T,) bool position mask
+    and, for packed documents, flat (T,) position ids; items hand ids and position ids out as
+    int64 whatever their storage. Each per-token array, and the features, is either in memory
+    or a ``DiskArray``. Labels (N,) int64 in both, -1 = none. ``stats``
     says what the documents became (documents, sequences, tokens, positions, dropped_tokens,
     packed, stride; see ``distill.pipeline.documents``); empty when not known.
     """
@@ -39,16 +69,16 @@ class ExampleSet:
                  position_ids=None, stats: dict | None = None):
         """Either ``inputs`` (N, F) or ``input_ids`` (T,) flat with ``lengths`` (N,); ``labels``
         (N,) (default all -1); ``position_mask`` (T,) bool and ``position_ids`` (T,) int64 for
-        causal-lm. Arrays are copied."""
+        causal-lm. Arrays are copied, unless they are DiskArrays, which are kept as they are."""
         assert task in TASKS and (inputs is None) != (input_ids is None)
         self.task = task
         self.num_classes = num_classes
         self.vocab_size = vocab_size
-        self._inputs = None if inputs is None else _tensor(inputs, np.float32)
-        self._ids = None if input_ids is None else _tensor(input_ids, np.int64)
+        self._inputs = _array(inputs, (np.float32,))
+        self._ids = _array(input_ids, (np.int32, np.int64))
         self._offsets = None if lengths is None else np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        self._mask = None if position_mask is None else _tensor(position_mask, np.bool_)
-        self._position_ids = None if position_ids is None else _tensor(position_ids, np.int64)
+        self._mask = _array(position_mask, (np.bool_,))
+        self._position_ids = _array(position_ids, (np.int32, np.int64))
         self.stats = dict(stats or {})
         n = len(self._inputs) if inputs is not None else len(self._offsets) - 1
         self._labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else _tensor(labels, np.int64)
@@ -67,6 +97,11 @@ class ExampleSet:
     def packed(self) -> bool:
         """True when examples carry position ids: several documents packed per sequence."""
         return self._position_ids is not None
+
+    def on_disk(self) -> list[DiskArray]:
+        """The arrays kept in temporary files (ids, position mask, position ids, features); [] when all in memory."""
+        arrays = (self._inputs, self._ids, self._mask, self._position_ids)
+        return [a for a in arrays if isinstance(a, DiskArray)]
 
     @property
     def num_features(self) -> int | None:
@@ -87,16 +122,16 @@ class ExampleSet:
             raise IndexError(f"example {i} out of range for {n} examples")
         i = int(i) % n
         if self._inputs is not None:
-            return {"inputs": self._inputs[i].clone(), "labels": self._labels[i].clone()}
+            return {"inputs": _slice(self._inputs, i, i + 1, torch.float32)[0], "labels": self._labels[i].clone()}
         start, end = int(self._offsets[i]), int(self._offsets[i + 1])
-        item = {"input_ids": self._ids[start:end].clone()}
+        item = {"input_ids": _slice(self._ids, start, end, torch.int64)}
         if self.task == "classification":
             item["labels"] = self._labels[i].clone()
             return item
         if self._mask is not None:
-            item["position_mask"] = self._mask[start:end].clone()
+            item["position_mask"] = _slice(self._mask, start, end, torch.bool)
         if self._position_ids is not None:
-            item["position_ids"] = self._position_ids[start:end].clone()
+            item["position_ids"] = _slice(self._position_ids, start, end, torch.int64)
         return item
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -136,18 +171,37 @@ class ExampleSet:
             batch["position_ids"] = position_ids
         return batch
 
+    def gather(self, index) -> dict[str, torch.Tensor]:
+        """The batch of examples ``index`` (B,) int64, equal to ``collate([self[i] for i in index])``,
+        built with whole-batch gathers (``distill.pipeline.batching``), not one item at a time."""
+        n = len(self)
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        if len(index) and not (-n <= int(index.min()) and int(index.max()) < n):
+            raise IndexError(f"example index out of range for {n} examples")
+        index = index % max(n, 1)
+        labels = self._labels.index_select(0, index)  # (B,)
+        if self._inputs is not None:
+            return {"inputs": take_rows(self._inputs, index).to(torch.float32), "labels": labels}
+        starts = torch.from_numpy(self._offsets[index.numpy()])  # (B,)
+        lengths = torch.from_numpy(self._offsets[index.numpy() + 1]) - starts  # (B,)
+        runs = {name: None if array is None else take_ranges(array, starts, lengths)
+                for name, array in (("input_ids", self._ids), ("position_mask", self._mask),
+                                    ("position_ids", self._position_ids))}
+        return token_batch(self.task, lengths=lengths, labels=labels, **runs)
+
     def fingerprint(self) -> str:
         """sha256 over the task and what the teacher sees, in order (not the hard labels)."""
         if self._fingerprint is None:
             fp = Fingerprint("dataset").text("task", self.task)
             if self._inputs is not None:
-                fp.tensor("inputs", self._inputs)
+                _hash(fp, "inputs", self._inputs, np.float32)
             else:
-                fp.tensor("lengths", np.diff(self._offsets)).tensor("input_ids", self._ids)
+                fp.tensor("lengths", np.diff(self._offsets))
+                _hash(fp, "input_ids", self._ids, np.int64)  # as int64 whatever the storage: stores match old data
                 if self._mask is not None:
-                    fp.tensor("position_mask", self._mask)
+                    _hash(fp, "position_mask", self._mask, np.bool_)
                 if self._position_ids is not None:
-                    fp.tensor("position_ids", self._position_ids)
+                    _hash(fp, "position_ids", self._position_ids, np.int64)
             self._fingerprint = fp.hexdigest()
         return self._fingerprint
 
@@ -158,15 +212,19 @@ class ExampleSet:
             return self
         common = dict(labels=self._labels[:n], num_classes=self.num_classes, vocab_size=self.vocab_size)
         if self._inputs is not None:
-            return ExampleSet(self.task, inputs=self._inputs[:n], **common)
+            return ExampleSet(self.task, inputs=_head(self._inputs, n), **common)
         end = int(self._offsets[n])
         stats = self.stats and {**self.stats, "sequences": n,
                                 "dropped_tokens": self.stats.get("dropped_tokens", 0) + len(self._ids) - end}
-        return ExampleSet(self.task, input_ids=self._ids[:end], lengths=np.diff(self._offsets[: n + 1]),
-                          position_mask=None if self._mask is None else self._mask[:end],
-                          position_ids=None if self._position_ids is None else self._position_ids[:end],
+        return ExampleSet(self.task, input_ids=_head(self._ids, end), lengths=np.diff(self._offsets[: n + 1]),
+                          position_mask=_head(self._mask, end), position_ids=_head(self._position_ids, end),
                           stats=stats, **common)
 
     def __repr__(self) -> str:
         what = f"features={self.num_features}" if self._inputs is not None else f"tokens={len(self._ids)}"
         return f"ExampleSet(task={self.task!r}, examples={len(self)}, {what})"
+
+
+def _head(a: np.ndarray | DiskArray | None, rows: int) -> np.ndarray | DiskArray | None:
+    """The first ``rows`` rows of ``a``; a DiskArray's share its file."""
+    return None if a is None else a.head(rows) if isinstance(a, DiskArray) else a[:rows]

@@ -37,5 +37,14 @@ class Fingerprint:
         self._h.update(memoryview(a).cast("B"))
         return self
 
+    def blocks(self, name: str, dtype, shape: tuple[int, ...], blocks) -> "Fingerprint":
+        """Like ``tensor`` for an array of ``dtype`` and ``shape`` fed as consecutive row
+        ``blocks`` (each cast to ``dtype``): the same digest, without the array in memory."""
+        dtype = np.dtype(dtype).newbyteorder("<")
+        self._h.update(f"\0{name}\0{dtype.str}\0{tuple(shape)}\0".encode())
+        for block in blocks:
+            self._h.update(memoryview(np.ascontiguousarray(block, dtype)).cast("B"))
+        return self
+
     def hexdigest(self) -> str:
         return "sha256:" + self._h.hexdigest()

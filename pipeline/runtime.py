@@ -28,6 +28,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from distill.errors import ConfigError
+from distill.pipeline.batching import PackedBatch
 from distill.pipeline.config import setting
 
 __all__ = ["DeviceFlags", "PRECISIONS", "TRAINING_PRECISIONS", "PRECISION_ALIASES", "resolve_device", "module_device", "precision_name",
@@ -125,7 +126,9 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """Every tensor of ``batch`` on ``device``; host-to-GPU copies are asynchronous only from pinned memory
-    (``pin``), so only those are asked to be."""
+    (``pin``), so only those are asked to be. A ``PackedBatch`` (from a DataLoader worker) goes as one buffer."""
+    if isinstance(batch, PackedBatch):
+        return batch.to(device)
     if device.type == "cpu":
         return {k: v.to(device) for k, v in batch.items()}
     return {k: v.to(device, non_blocking=v.is_pinned()) for k, v in batch.items()}

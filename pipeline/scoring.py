@@ -143,7 +143,7 @@ def held_out_evaluator(model: LoadedModel, data, batch_size: int, device: torch.
         rounds = -(-len(data) // (world * batch_size)) if world > 1 and is_sharded(model.module) else len(starts)
         for n in range(rounds):
             a = starts[n] if n < len(starts) else 0
-            batch = to_device(data.collate([data[i] for i in range(a, min(a + batch_size, len(data)))]), device)
+            batch = to_device(data.gather(torch.arange(a, min(a + batch_size, len(data)))), device)
             with autocast():
                 logits = model.logits(batch)  # (B, C) or (B, L, V)
             if n >= len(starts):  # in step with the other ranks' forward passes, not scored

@@ -23,7 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 from distill.errors import ConfigError, first_line
-from distill.pipeline.documents import documents_to_sequences
+from distill.pipeline.diskarrays import ArrayWriter
+from distill.pipeline.documents import write_sequences
+from distill.pipeline.lazytables import LazyTable, lazy_arrow_streams, lazy_parquet, row_batches
 from distill.pipeline.chat import chat_documents, chat_rule, conversations_from_column, resolve_chat_template
 from distill.pipeline.tasks import IGNORE_INDEX
 from distill.pipeline.tokenize import flatten, load_tokenizer, require_tokenizer
@@ -36,7 +38,9 @@ __all__ = ["Arrays", "read_table", "read_saved_dataset", "table_from_python", "t
 
 @dataclasses.dataclass(frozen=True)
 class Arrays:
-    """A table's examples as numpy arrays; the fields are ExampleSet's arguments."""
+    """A table's examples as arrays; the fields are ExampleSet's arguments. The per-token arrays
+    and the features are DiskArrays (``distill.pipeline.diskarrays``: ids int32 when they fit)
+    when loading wrote them, numpy arrays otherwise."""
 
     task: str
     inputs: np.ndarray | None = None
@@ -69,8 +73,16 @@ def _concat(tables: list[pa.Table], origin: str) -> pa.Table:
                           "make them agree") from None
 
 
-def read_table(files: list[Path]) -> pa.Table:
-    """Parquet or jsonl files (all of one suffix) -> one table, rows in file order."""
+def read_table(files: list[Path]) -> pa.Table | LazyTable:
+    """Parquet or jsonl files (all of one suffix) -> one table, rows in file order: Parquet
+    files of one schema as a LazyTable, read a batch of rows at a time."""
+    if files[0].suffix == ".parquet":
+        try:
+            lazy = lazy_parquet(files)
+        except (pa.ArrowInvalid, OSError):
+            lazy = None  # _read_parquet names the file that is not Parquet
+        if lazy is not None:
+            return lazy
     read = _read_parquet if files[0].suffix == ".parquet" else _read_jsonl
     return _concat([read(f) for f in files], f"data {str(files[0].parent)!r}")
 
@@ -97,9 +109,13 @@ def _read_jsonl(path: Path) -> pa.Table:
         return _table_from_rows(rows, f"data {str(path)!r}")
 
 
-def read_saved_dataset(path: Path) -> pa.Table:
-    """A `datasets` save_to_disk Dataset: state.json lists Arrow IPC stream files, in order."""
+def read_saved_dataset(path: Path) -> pa.Table | LazyTable:
+    """A `datasets` save_to_disk Dataset: state.json lists Arrow IPC stream files, in order;
+    read lazily when they share a schema."""
     state = json.loads((path / "state.json").read_text())
+    lazy = lazy_arrow_streams([path / f["filename"] for f in state["_data_files"]]) if state["_data_files"] else None
+    if lazy is not None:
+        return lazy
     tables = [pa.ipc.open_stream(pa.memory_map(str(path / f["filename"]))).read_all() for f in state["_data_files"]]
     return _concat(tables, f"data {str(path)!r}") if tables else pa.table({})
 
@@ -194,29 +210,50 @@ def table_arrays(table: pa.Table, config: DataConfig, origin: str) -> Arrays:
     if config.limit is not None:  # after the labels, so that num_classes counts every class
         table, labels = table.slice(0, config.limit), None if labels is None else labels[: config.limit]
     if kind == "features":
-        inputs = _features(table.column(column), column, origin)
-        return Arrays(task, inputs=inputs, labels=labels, num_classes=num_classes)
-    ids, lengths, vocab_size, truncated = _token_ids(table.column(column), kind, column, task, config, origin)
+        return Arrays(task, inputs=_features_on_disk(table, column, origin), labels=labels, num_classes=num_classes)
+    vocab_size = _vocab_size(kind, config)
+    batches = (_token_ids(part.column(column), kind, column, task, config, origin, row, vocab_size)
+               + (part,) for row, part in row_batches(table))
     if task == "causal-lm":
-        mask = _position_mask(table, lengths, origin) if has_masks else None
-        return sequence_arrays(ids, lengths, mask, config, origin, vocab_size)
+        documents = ((ids, lengths, _position_mask(part, lengths, origin) if has_masks else None)
+                     for ids, lengths, _, part in batches)
+        return sequence_arrays(documents, config, origin, vocab_size)
+    ids_out, lengths, truncated = ArrayWriter(np.int32), [], 0
+    for ids, part_lengths, part_truncated, _ in batches:  # classification: one row, one example
+        ids_out.append(ids)
+        lengths.append(part_lengths)
+        truncated += part_truncated
+    lengths = np.concatenate(lengths)
     stats = {"documents": len(lengths), "sequences": len(lengths), "tokens": int(lengths.sum()) + truncated,
              "truncated_tokens": truncated}
-    return Arrays(task, input_ids=ids, lengths=lengths, labels=labels, num_classes=num_classes,
+    return Arrays(task, input_ids=ids_out.finish(), lengths=lengths, labels=labels, num_classes=num_classes,
                   vocab_size=vocab_size, stats=stats)
 
 
-def sequence_arrays(ids: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None, config: DataConfig, origin: str,
-                    vocab_size: int | None) -> Arrays:
+def _features_on_disk(table: pa.Table, column: str, origin: str):
+    """A features column -> (N, F) float32 DiskArray, converted a batch of rows at a time."""
+    out = None
+    for _, part in row_batches(table):
+        features = _features(part.column(column), column, origin)
+        if out is not None and features.shape[1:] != out.row_shape:
+            raise ConfigError(f"{origin}: float features {column!r} have {out.row_shape[0]} to {features.shape[1]} "
+                              "values per row; every row needs the same number, at least 1")
+        out = out or ArrayWriter(np.float32, features.shape[1:])
+        out.append(features)
+    return out.finish()
+
+
+def sequence_arrays(documents, config: DataConfig, origin: str, vocab_size: int | None) -> Arrays:
     """Causal-LM documents -> Arrays of sequences, cut or packed as the data flags say.
 
-    Every causal-lm source (text files, text and ids columns, chat) ends here: ``ids`` (T,)
-    int64 documents end to end, ``lengths`` (D,), ``mask`` (T,) bool positions each keeps
-    (None: all); see ``distill.pipeline.documents.documents_to_sequences``.
+    Every causal-lm source (text files, text and ids columns, chat) ends here: ``documents``
+    yields batches (ids (T_b,) int64 documents end to end, lengths (D_b,), mask (T_b,) bool
+    positions each keeps, or None: all); see ``distill.pipeline.documents.write_sequences``.
+    The arrays are DiskArrays, written a batch at a time.
     """
     eos_id = _eos_id(config, origin) if config.pack else None  # DataConfig checked stride and pack
-    out = documents_to_sequences(ids, lengths, config.seq_len, position_mask=mask, stride=config.stride,
-                                 pack=config.pack, eos_id=eos_id, limit=config.limit)
+    out = write_sequences(documents, config.seq_len, stride=config.stride, pack=config.pack, eos_id=eos_id,
+                          limit=config.limit)
     return Arrays("causal-lm", input_ids=out.input_ids, lengths=out.lengths, position_mask=out.position_mask,
                   position_ids=out.position_ids, stats=out.stats, vocab_size=vocab_size)
 
@@ -240,17 +277,27 @@ def _chat_arrays(table: pa.Table, config: DataConfig, origin: str) -> Arrays:
                           "or --text-column/--ids-column for another input")
     table = table if config.limit is None else table.slice(0, config.limit)
     tokenizer = require_tokenizer(config.tokenizer, f"{origin} column 'messages'")
-    conversations = conversations_from_column(table.column("messages").to_pylist(), "messages", origin)
     template = resolve_chat_template(tokenizer, config.tokenizer, config.chat_template)
-    ids, lengths, mask = chat_documents(conversations, tokenizer, template, config.train_on, origin)
-    arrays = sequence_arrays(ids, lengths, mask, config, origin, tokenizer.vocab_size)
+    documents = (chat_documents(conversations_from_column(part.column("messages").to_pylist(), "messages", origin,
+                                                          first_row=row),
+                                tokenizer, template, config.train_on, origin, first_row=row, require_targets=False)
+                 for row, part in row_batches(table))
+    arrays = sequence_arrays(documents, config, origin, tokenizer.vocab_size)
+    if not arrays.stats["positions"]:
+        raise ConfigError(f"{origin}: no conversation has an assistant turn to train on; "
+                          "add assistant messages or pass --train-on all")
     # the manifest keeps the stats: train-student names a different rule rather than "other data"
     return dataclasses.replace(arrays, stats={**arrays.stats, "chat": chat_rule(template, config.train_on)})
 
 
+def _vocab_size(kind: str, config: DataConfig) -> int | None:
+    """The tokenizer's vocabulary (text needs one, which ``_token_ids`` asks for); ids are checked against it."""
+    return load_tokenizer(config.tokenizer).vocab_size if config.tokenizer else None
+
+
 def _token_ids(column: pa.ChunkedArray, kind: str, name: str, task: str, config: DataConfig,
-               origin: str) -> tuple[np.ndarray, np.ndarray, int | None, int]:
-    """A text or ids column -> (flat ids (T,) int64, lengths (N,), vocabulary size or None, tokens truncated).
+               origin: str, first_row: int, vocab_size: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows from ``first_row`` of a text or ids column -> (flat ids (T,) int64, lengths (N,), tokens truncated).
 
     Causal-LM text is tokenised whole (documents_to_sequences cuts it); classification text
     is truncated to seq_len, and the tokens cut off are counted.
@@ -267,18 +314,16 @@ def _token_ids(column: pa.ChunkedArray, kind: str, name: str, task: str, config:
             full = [i for i, n in enumerate(lengths) if n == config.seq_len]
             whole = tokenizer.encode_batch([texts[i] for i in full], special_tokens=True) if full else []
             truncated = sum(len(w) for w in whole) - config.seq_len * len(full)
-        vocab_size = tokenizer.vocab_size
     else:
         ids, lengths = _ragged(column, name, origin, pa.types.is_integer)
         ids = ids.astype(np.int64, copy=False)
-        vocab_size = load_tokenizer(config.tokenizer).vocab_size if config.tokenizer else None
         if len(ids) and (ids.min() < 0 or vocab_size is not None and ids.max() >= vocab_size):
             bad = int(ids.min() if ids.min() < 0 else ids.max())
             raise ConfigError(f"{origin}: column {name!r} holds token id {bad}, outside the vocabulary "
                               f"(size {vocab_size}); check --tokenizer and --ids-column")
     if (lengths == 0).any():
-        raise ConfigError(f"{origin}: row {int(np.argmax(lengths == 0))} has no tokens; drop empty rows")
-    return ids, lengths, vocab_size, truncated
+        raise ConfigError(f"{origin}: row {first_row + int(np.argmax(lengths == 0))} has no tokens; drop empty rows")
+    return ids, lengths, truncated
 
 
 def _input_column(names: list[str], config: DataConfig, origin: str) -> tuple[str, str]:

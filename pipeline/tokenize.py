@@ -10,7 +10,7 @@ import functools
 import itertools
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from distill.errors import ConfigError, first_line
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "require_tokenizer", "TokenizerNeeded",
            "tokenizer_places", "tokenizer_beside", "flatten",
-           "tokenize_text_files"]
+           "tokenize_text_files", "text_file_documents"]
 
 
 class Tokenizer:
@@ -173,13 +173,18 @@ def tokenize_text_files(files: Sequence[Path], tokenizer: Tokenizer) -> tuple[np
     Returns (flat ids (T,) int64, lengths (D,) int64), one length per file, in file order;
     ``distill.pipeline.documents`` cuts them into sequences.
     """
-    ids, lengths = [], []
+    documents = list(text_file_documents(files, tokenizer))
+    return np.concatenate([ids for ids, _, _ in documents]), np.concatenate([n for _, n, _ in documents])
+
+
+def text_file_documents(files: Sequence[Path], tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, None]]:
+    """``tokenize_text_files`` a file at a time: yields (ids (T_f,) int64, lengths (1,) int64, None)
+    per file, the batches ``distill.pipeline.documents.write_sequences`` takes; memory holds one file."""
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"text file {str(path)!r} is not UTF-8 ({e.reason} at byte {e.start}); "
                               "convert it, or pass a parquet/jsonl file") from None
-        ids.append(np.asarray(tokenizer.encode(text), np.int64))
-        lengths.append(len(ids[-1]))
-    return np.concatenate(ids), np.asarray(lengths, np.int64)
+        ids = np.asarray(tokenizer.encode(text), np.int64)
+        yield ids, np.asarray([len(ids)], np.int64), None

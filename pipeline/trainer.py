@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.errors import ConfigError, DistillError, write_error
+from distill.pipeline.batching import pack_batch
 from distill.pipeline.checkpoint import (SHARDS, latest_checkpoint, load_trainer_state, save_checkpoint,
                                          save_sharded_checkpoint)
 from distill.pipeline.config import setting
@@ -246,6 +247,7 @@ class _Loop:
         schedule = self.schedule
         self.stream.set_epoch(self.pos.epoch, skip=self.pos.batches_in_epoch)
         return DataLoader(self.stream, batch_size=None, num_workers=schedule.workers,
+                          collate_fn=pack_batch if schedule.workers else None,  # one buffer crosses, not one per field
                           pin_memory=self.place.device.type == "cuda", prefetch_factor=2 if schedule.workers else None,
                           generator=torch.Generator().manual_seed(schedule.seed))  # leaves the global RNG alone
 

@@ -232,11 +232,11 @@ def _batches(data: ExampleSet, store, batch_size: int):
     """(batch, labels of its examples or None): consecutive examples; with a store, its batches (never across shards)."""
     if store is None:
         for a in range(0, len(data), batch_size):
-            yield data.collate([data[i] for i in range(a, min(a + batch_size, len(data)))]), None
+            yield data.gather(torch.arange(a, min(a + batch_size, len(data)))), None
         return
     for labels in store.iter_batches(batch_size):
         a = labels.example_start
-        yield data.collate([data[i] for i in range(a, a + labels.num_examples)]), labels
+        yield data.gather(torch.arange(a, a + labels.num_examples)), labels
 
 
 def _agreement_with_logits(teacher_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

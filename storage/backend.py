@@ -14,8 +14,9 @@ __all__ = ["Backend", "get_backend", "BACKENDS"]
 
 # Arrays with one value per position (the rest, but "offsets", have one per slot: (P, K)).
 POSITION_COLUMNS = ("tail_logprob", "tempered_lse", "token_index")
-ENTRY_COLUMNS = ("ids_delta", "logprobs", "logprob_codes", "counts")
+ENTRY_COLUMNS = ("ids_delta", "ranks_delta", "logprobs", "logprob_codes", "counts")
 TAIL_COLUMNS = ("tail_ids_delta", "tail_counts")  # one per tail draw slot: (P, M)
+TABLE_COLUMNS = ("id_order",)  # one per distinct id of the shard: (D,), id coding "rank"
 
 
 class Backend(abc.ABC):

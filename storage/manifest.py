@@ -15,7 +15,7 @@ import zlib
 
 from distill.errors import CorruptStoreError, IncompatibleStoreError, StoreError
 from distill.storage.backend import BACKENDS
-from distill.storage.codecs import ValueEncoding
+from distill.storage.codecs import ID_CODINGS, ValueEncoding
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "METHODS", "StoreSpec", "ShardRecord", "Manifest", "dumps_checked",
            "loads_checked"]
@@ -72,6 +72,8 @@ class StoreSpec:
     task:                "classification" or "causal-lm" when known (on disk: ``extra["task"]``).
     tail_samples:        M, ids drawn per position from the teacher's distribution restricted to the
                          tail ("topk" only; 0: none). On disk only when M > 0, so older stores read as M = 0.
+    id_coding:           how shards store their slot ids: "delta" (default: ids ascending as gaps) or "rank"
+                         (a per-shard frequency table; see storage/codecs.py). On disk only when not "delta".
     """
 
     method: str
@@ -89,9 +91,12 @@ class StoreSpec:
     extra: dict = dataclasses.field(default_factory=dict)
     task: str | None = None
     tail_samples: int = 0
+    id_coding: str = "delta"
 
     def __post_init__(self):
         self._take_task_from_extra()
+        if self.id_coding not in ID_CODINGS:
+            raise StoreError(f"unknown id coding {str(self.id_coding)[:20]!r}: use one of {', '.join(ID_CODINGS)}")
         if not 0 <= self.tail_samples <= 65535 or (self.tail_samples and self.method != "topk"):
             raise StoreError(f"tail_samples={self.tail_samples} is out of range: use 0 <= tail_samples <= 65535, "
                              "and tail draws with method topk only")
@@ -169,6 +174,8 @@ class StoreSpec:
         d["value_encoding"] = ValueEncoding.from_json(d["value_encoding"])
         if not isinstance(d.get("tail_samples", 0), int) or isinstance(d.get("tail_samples"), bool):
             raise TypeError("tail_samples is not an integer")
+        if not isinstance(d.get("id_coding", "delta"), str):
+            raise TypeError("id_coding is not a string")
         return cls(**d)
 
     def check_same(self, other: "StoreSpec") -> None:
@@ -198,7 +205,7 @@ _FIELD_TYPES = {"method": (str,), "k": (int,), "vocab_size": (int,), "num_exampl
                 "has_token_index": (bool,), "extra": (dict,)}
 
 
-OPTIONAL_KEYS = {"tail_samples": 0}  # spec keys a manifest holds only when they differ from these defaults
+OPTIONAL_KEYS = {"tail_samples": 0, "id_coding": "delta"}  # spec keys a manifest holds only when they differ from these defaults
 # extra keys that describe the data (sequences, sizes), which the dataset fingerprint already pins: not compared
 DESCRIPTIVE_EXTRA = ("data", "seq_len", "longest_sequence")
 

@@ -4,6 +4,7 @@
     positions.parquet  tail_logprob, tempered_lse_<j>, token_index   (P rows)
     entries.parquet    ids_delta, logprobs | logprob_codes, counts   (P*K rows, position-major)
     tail.parquet       tail_ids_delta, tail_counts                   (P*M rows, position-major; tail draws only)
+    ids.parquet        id_order                                      (D rows; id coding "rank" only)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill.storage.backend import ENTRY_COLUMNS, TAIL_COLUMNS, Backend
+from distill.storage.backend import ENTRY_COLUMNS, TABLE_COLUMNS, TAIL_COLUMNS, Backend
 
 __all__ = ["ParquetBackend"]
 
@@ -44,9 +45,11 @@ class ParquetBackend(Backend):
     name = "parquet"
 
     def serialize(self, columns: dict[str, np.ndarray]) -> dict[str, bytes]:
-        positions, entries, tail = {}, {}, {}
+        positions, entries, tail, table = {}, {}, {}, {}
         for name, data in columns.items():
-            if name in ENTRY_COLUMNS:
+            if name in TABLE_COLUMNS:
+                table[name] = data
+            elif name in ENTRY_COLUMNS:
                 entries[name] = data.reshape(-1)
             elif name in TAIL_COLUMNS:
                 tail[name] = data.reshape(-1)
@@ -61,6 +64,8 @@ class ParquetBackend(Backend):
         }
         if tail:
             files["tail.parquet"] = _table_bytes(tail)
+        if table:
+            files["ids.parquet"] = _table_bytes(table)
         return files
 
     def deserialize(self, files: dict[str, bytes], shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
@@ -77,4 +82,6 @@ class ParquetBackend(Backend):
         columns.update(_table_columns(files["entries.parquet"], rows["entries"]))  # flat; the decoder reshapes to (P, K)
         if "tail.parquet" in files:
             columns.update(_table_columns(files["tail.parquet"], rows["tail"]))  # flat: (P, M) once reshaped
+        if "ids.parquet" in files:
+            columns.update(_table_columns(files["ids.parquet"]))  # (D,): its length is the shard's own
         return columns

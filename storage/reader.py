@@ -178,6 +178,7 @@ class StoreReader:
             "method": spec.method,
             "backend": spec.backend,
             "value_encoding": spec.value_encoding.to_json(),
+            **({"id_coding": spec.id_coding} if spec.id_coding != "delta" else {}),
             "examples": spec.num_examples,
             **({"data": spec.extra["data"]} if isinstance(spec.extra.get("data"), dict) else {}),
             "positions": positions,
@@ -211,7 +212,7 @@ class StoreReader:
     def _shapes(self, record: ShardRecord) -> dict[str, tuple[int, ...]]:
         """The shape every array of the shard must have, from its record (bounds what decoding allocates)."""
         spec, p, k = self.spec, record.positions, self.spec.k
-        shapes = {"offsets": (record.example_stop - record.example_start + 1,), "ids_delta": (p, k),
+        shapes = {"offsets": (record.example_stop - record.example_start + 1,), "ids_delta": (p, k), "ranks_delta": (p, k),
                   "tail_logprob": (p,), "logprobs": (p, k), "logprob_codes": (p, k), "counts": (p, k), "token_index": (p,),
                   "tail_ids_delta": (p, spec.tail_samples), "tail_counts": (p, spec.tail_samples)}
         if spec.stored_temperatures:

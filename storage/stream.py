@@ -126,11 +126,11 @@ class LabelStream(IterableDataset):
             if pending is not None:  # finish the batch begun in the previous block
                 need = self.batch_size - len(pending[0])
                 head, rest = ids[:need], ids[need:]
-                part = None if labels is None else labels.select(torch.arange(len(head)))
+                part = None if labels is None else labels.examples(0, len(head))  # slices: no gather per batch
                 ids_b = torch.cat([pending[0], head])
                 labels_b = None if labels is None else concat_labels([pending[1], part])
                 if labels is not None:
-                    labels = labels.select(torch.arange(len(head), len(ids)))
+                    labels = labels.examples(len(head), len(ids))
                 ids = rest
                 if len(ids_b) < self.batch_size:
                     pending = (ids_b, labels_b)
@@ -142,12 +142,11 @@ class LabelStream(IterableDataset):
             full = len(ids) // self.batch_size * self.batch_size
             for a in range(0, full, self.batch_size):
                 if produced >= skip:
-                    sel = torch.arange(a, a + self.batch_size)
-                    yield self._collate(ids[a : a + self.batch_size], None if labels is None else labels.select(sel))
+                    yield self._collate(ids[a : a + self.batch_size],
+                                        None if labels is None else labels.examples(a, a + self.batch_size))
                 produced += 1
             if full < len(ids):
-                sel = torch.arange(full, len(ids))
-                pending = (ids[full:], None if labels is None else labels.select(sel))
+                pending = (ids[full:], None if labels is None else labels.examples(full, len(ids)))
         if pending is not None and produced >= skip:
             yield self._collate(*pending)
 
@@ -171,7 +170,13 @@ class LabelStream(IterableDataset):
                 block = []
 
     def _collate(self, ids: torch.Tensor, labels: SoftLabels | None) -> dict:
-        out = self.examples.collate([self.examples[int(e)] for e in ids])
+        """The batch of examples ``ids`` (B,) joined to ``labels`` (theirs, in that order). The soft
+        fields are slices of the shuffled block, not copies: the trainer's DataLoader packs each
+        batch into one new buffer (``distill.pipeline.batching.pack_batch``) to cross to it."""
+        if hasattr(self.examples, "gather"):  # an ExampleSet: whole-batch gathers, not one item at a time
+            out = self.examples.gather(ids)
+        else:
+            out = self.examples.collate([self.examples[int(e)] for e in ids])
         out["example_index"] = ids.clone()
         if labels is not None:
             for field in SOFT_FIELDS:

@@ -109,7 +109,7 @@ class StoreWriter:
         """Encode and write a whole shard, then mark it complete. Returns its record."""
         start, stop = self.spec.shard_range(index)
         self._check(labels, index, stop - start)
-        columns = encode_labels(labels, self.spec.vocab_size, self.spec.value_encoding)
+        columns = encode_labels(labels, self.spec.vocab_size, self.spec.value_encoding, self.spec.id_coding)
         files = self.backend.serialize(columns)
         if self.manifest.finalized:  # redoing a shard: the sealed shard table is about to go stale
             self._unseal()

@@ -23,7 +23,7 @@ def _compressor(name: str, dtype: np.dtype) -> dict:
     if dtype.itemsize == 1:  # codes and counts: zstd's entropy stage on bytes is what they need
         return {"name": "zstd", "configuration": {"level": 1, "checksum": False}}
     # gaps: low bits near-uniform, high bits mostly zero; bit planes split them. Floats: byte planes.
-    shuffle = "bitshuffle" if name == "ids_delta" else "shuffle"
+    shuffle = "bitshuffle" if name in ("ids_delta", "ranks_delta") else "shuffle"
     return {"name": "blosc", "configuration": {"typesize": dtype.itemsize, "cname": "zstd", "clevel": 5,
                                                "shuffle": shuffle, "blocksize": 0}}
 

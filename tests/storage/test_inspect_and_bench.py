@@ -50,6 +50,8 @@ def test_store_benchmark_prints_one_json_object_last():
                       "kl_mean", "naive_bytes_per_position", "packed_bytes_per_position"):
             assert r[field] > 0, field
         assert r["kl_mean"] < 1e-3
+        for coding in ("delta", "rank"):  # both id codings side by side on the same labels
+            assert r["id_coding"][coding]["bytes_per_position"] > 0 and r["id_coding"][coding]["ids_bytes_per_position"] > 0
 
 
 @pytest.mark.slow

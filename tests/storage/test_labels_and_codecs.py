@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-
 from distill.storage import ValueEncoding, draw, sampled_labels, topk_labels
 from distill.storage.codecs import decode_labels, encode_labels
+from distill.storage.labels import largest
 
 
 def _logits(p=40, v=120, seed=0, scale=3.0):
@@ -153,3 +153,59 @@ def test_store_with_value_bits_reads_back_on_every_backend(backend, store_url, b
     root = (0.5 * (lp - lp.amax(1, keepdim=True))).double().exp()
     root_back = (0.5 * (back.topk_logprobs - back.topk_logprobs.amax(1, keepdim=True))).double().exp()
     assert float((root - root_back).abs().max()) <= 0.5 / enc.levels + 1e-6
+
+
+@pytest.mark.parametrize("v", [4096, 5003])  # whole blocks, and a short last block
+@pytest.mark.parametrize("k", [1, 4, 9, 64])
+def test_largest_finds_what_topk_finds(v, k):
+    x = torch.randn(50, v, generator=torch.Generator().manual_seed(k + v)) * 3
+    x[0, -7:] = 50.0  # the largest values in the short last block (or the last whole one)
+    x[1] = float("-inf")
+    x[1, 3] = 0.0  # one finite value; the rest of the top k are -inf
+    values, ids = largest(x, k)
+    ref_values, ref_ids = x.topk(k, dim=1)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(x.gather(1, ids), ref_values)  # ids hold exactly those values (ties may pick other ids)
+    assert all(len(set(row.tolist())) == k for row in ids)  # distinct ids
+    assert torch.equal(ids[2:], ref_ids[2:])  # no ties among random values: the same ids
+
+
+def test_topk_labels_of_a_large_vocabulary_match_dense_float64():
+    """The block search and the block sums (V = 5,003, a short last block) against float64 log_softmax."""
+    logits = _logits(p=30, v=5003, seed=3, scale=4.0)
+    labels = topk_labels(logits, 16, temperatures=(2.0, 0.5))
+    dense = torch.log_softmax(logits, 1)
+    ref_ids = dense.topk(16, 1).indices
+    assert torch.equal(labels.topk_ids, ref_ids.sort(1).values)
+    assert torch.allclose(labels.topk_logprobs.double(), dense.gather(1, labels.topk_ids), atol=1e-5)
+    assert torch.allclose(labels.tail_logprob.double(), dense.scatter(1, ref_ids, float("-inf")).logsumexp(1), atol=1e-5)
+    for j, t in enumerate((2.0, 0.5)):
+        assert torch.allclose(labels.tempered_lse[:, j].double(), (dense / t).logsumexp(1), atol=1e-4)
+
+
+def _systematic_reference(weights: torch.Tensor, m: int, offset: torch.Tensor) -> torch.Tensor:
+    """Systematic draws on one float64 cumulative sum over each whole row (P, m)."""
+    cdf = weights.double().cumsum(1)
+    total = cdf[:, -1:]
+    points = (offset.double() + torch.arange(m, dtype=torch.float64)) / m * total
+    points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, points, right=True).clamp_max(weights.shape[1] - 1)
+
+
+@pytest.mark.parametrize("v", [5, 300, 6144, 8192, 8203])  # one cumulative sum; blocks (V >= 4 m BLOCK)
+def test_systematic_draws_in_blocks_equal_one_float64_cumulative_sum(v):
+    g = torch.Generator().manual_seed(v)
+    weights = torch.rand(40, v, generator=g) ** 8  # heavy and light ids
+    weights[:, torch.randint(0, v, (v // 3,), generator=g)] = 0.0  # kept ids weigh nothing
+    weights[3] = 0.0  # a row with no tail
+    ids, counts = draw(weights, 48, torch.Generator().manual_seed(1))
+    offset = torch.rand(40, 1, generator=torch.Generator().manual_seed(1))  # the offsets draw takes
+    ref = _systematic_reference(weights, 48, offset)
+    for row in range(40):
+        if row == 3:
+            assert int(counts[row].sum()) == 0
+            continue
+        want = torch.bincount(ref[row], minlength=v)
+        got = torch.zeros(v, dtype=torch.int64).index_add_(0, ids[row], counts[row])
+        assert torch.equal(got, want)
+    assert bool((weights.gather(1, ids)[counts > 0] > 0).all())

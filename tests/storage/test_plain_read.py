@@ -74,12 +74,28 @@ def load_parquet(shard: Path, k: int) -> dict[str, np.ndarray]:
         tail = pq.read_table(shard / "tail.parquet")
         for name in tail.column_names:
             cols[name] = tail.column(name).to_numpy().reshape(n_pos, -1) if n_pos else tail.column(name).to_numpy()
+    if (shard / "ids.parquet").is_file():  # id coding "rank": the shard's id table, (D,)
+        cols["id_order"] = pq.read_table(shard / "ids.parquet").column("id_order").to_numpy()
     return cols
+
+
+def rank_coded_ids(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """Id coding "rank": ids = id_order[ranks], then each position re-sorted by id (stably), its slot arrays with it."""
+    ranks = np.cumsum(cols["ranks_delta"].astype(np.int64), axis=1)
+    ids = cols["id_order"].astype(np.int64)[ranks]
+    order = np.argsort(ids, axis=1, kind="stable")
+    for name in ("logprobs", "logprob_codes", "counts"):
+        if name in cols:
+            cols[name] = np.take_along_axis(cols[name], order, axis=1)
+    return np.take_along_axis(ids, order, axis=1)
 
 
 def decode(cols: dict[str, np.ndarray], manifest: dict) -> dict[str, np.ndarray]:
     enc = manifest["value_encoding"]
-    ids = np.cumsum(cols["ids_delta"].astype(np.int64), axis=1)
+    if manifest.get("id_coding", "delta") == "rank":  # optional key: absent means "delta"
+        ids = rank_coded_ids(cols)
+    else:
+        ids = np.cumsum(cols["ids_delta"].astype(np.int64), axis=1)
     tail = cols["tail_logprob"].astype(np.float32)
     counts = cols.get("counts")
     counts = None if counts is None else counts.astype(np.int32)
@@ -164,9 +180,9 @@ def make_labels(method: str, token_index: bool):
     return labels
 
 
-def write(root: Path, labels, method: str, backend: str, encoding: str) -> None:
+def write(root: Path, labels, method: str, backend: str, encoding: str, id_coding: str = "delta") -> None:
     spec = StoreSpec(method, k=K, vocab_size=V, num_examples=labels.num_examples, examples_per_shard=PER_SHARD,
-                     temperatures=TEMPERATURES, value_encoding=encoding, backend=backend,
+                     temperatures=TEMPERATURES, value_encoding=encoding, backend=backend, id_coding=id_coding,
                      teacher_fingerprint="teacher-x", dataset_fingerprint="data-y",
                      has_token_index=labels.token_index is not None, extra={"note": "plain-read test"})
     writer = create_store(str(root), spec)
@@ -187,14 +203,16 @@ def assert_same_logprobs(actual: np.ndarray, expected: np.ndarray, atol: float) 
         np.testing.assert_allclose(actual[finite], expected[finite], rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("id_coding", ["delta", "rank"])
 @pytest.mark.parametrize("method", ["topk", "sample"])
 @pytest.mark.parametrize("encoding", ["lossless", "sqrt"])
 @pytest.mark.parametrize("backend", ["zarr", "parquet"])
-def test_plain_read_matches_distill(tmp_path, backend, encoding, method):
+def test_plain_read_matches_distill(tmp_path, backend, encoding, method, id_coding):
     token_index = method == "topk"  # one of each: token_index present (topk) and absent (sample)
     labels = make_labels(method, token_index)
     root = tmp_path / "labels.store"
-    write(root, labels, method, backend, encoding)
+    write(root, labels, method, backend, encoding, id_coding)
+    assert checked_json(root / "manifest.json").get("id_coding", "delta") == id_coding
 
     manifest, shards = read_plain(root)
     assert len(shards) == 3 and [s["record"]["positions"] for s in shards] == [5, 0, 5]
