@@ -56,6 +56,7 @@ from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, float32_output_layer, load_model
 from distill.pipeline.runtime import PRECISIONS, autocast, resolve_device, weight_dtype
 from distill.stages.generate import GenerateConfig, generate_labels
+from peakrss import WRAPPER  # benchmarks/peakrss.py, beside this script
 
 WORKLOADS = {
     # name: teacher spec, examples (full, quick), sequence length, k, batch size
@@ -68,19 +69,6 @@ WORKLOADS = {
 MEMORY = dict(teacher="gpt:vocab_size=1024,d_model=32,n_layers=1,n_heads=2,max_len=64", vocab_size=1024, seq_len=64,
               k=16, batch_size=64, examples_per_shard=64,
               examples=(4096, 128))  # the small data (full, quick); the large one is 10 times bigger
-
-# Runs `python -m distill.cli ...` and, at exit, writes its peak RSS and its children's.
-RSS_WRAPPER = """
-import atexit, json, os, resource, runpy, sys
-def _peak():
-    with open(os.environ["DISTILL_BENCH_RSS"], "w") as f:
-        json.dump({"self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                   "children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, f)
-atexit.register(_peak)
-sys.argv = ["distill", *sys.argv[1:]]
-runpy.run_module("distill.cli", run_name="__main__")
-"""
-
 
 def write_data(name: str, n: int, seq_len: int | None, tmp: str, vocab_size: int = 32000) -> str:
     """A Parquet file of seeded inputs: token ids for the LM, 40 float features for the classifier."""
@@ -164,7 +152,7 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
 def peak_rss_mb(data: str, out: str, device: str) -> float:
     """Peak RSS (MB) of `distill generate-labels` over ``data``: the process's plus its children's."""
     m, report = MEMORY, out + ".rss.json"
-    cmd = [sys.executable, "-c", RSS_WRAPPER, "generate-labels", "--teacher", m["teacher"], "--data", data,
+    cmd = [sys.executable, "-c", WRAPPER, "generate-labels", "--teacher", m["teacher"], "--data", data,
            "--out", out, "--k", str(m["k"]), "--batch-size", str(m["batch_size"]), "--device", device,
            "--examples-per-shard", str(m["examples_per_shard"]),
            "--task", "causal-lm", "--seq-len", str(m["seq_len"]), "--no-progress"]

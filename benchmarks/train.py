@@ -92,6 +92,7 @@ from distill.stages.generate import GenerateConfig, generate_labels
 from distill.stages.train import StudentConfig, TrainConfig, train_student, train_teacher
 from distill.storage import open_store, topk_labels
 from distill.storage.stream import LabelStream, labels_from_batch
+from peakrss import WRAPPER  # benchmarks/peakrss.py, beside this script
 
 TRAIN_STAGE = importlib.import_module("distill.stages.train")
 # train-teacher streams runs of this many examples; shards of the same size give the same batches
@@ -111,19 +112,6 @@ MEMORY = dict(student="gpt:vocab_size=4096,d_model=32,n_layers=1,n_heads=2,max_l
               teacher="gpt:vocab_size=4096,d_model=64,n_layers=1,n_heads=2,max_len=32",
               vocab_size=4096, seq_len=32, k=64, batch_size=32, examples_per_shard=32, shuffle_buffer=64,
               examples=(1024, 128))  # the small store (full, quick); the large one is 10 times bigger
-
-# Runs `python -m distill.cli ...` and, at exit, writes its peak RSS and its children's (the DataLoader worker).
-_RSS_WRAPPER = """
-import atexit, json, os, resource, runpy, sys
-def _peak():
-    with open(os.environ["DISTILL_BENCH_RSS"], "w") as f:
-        json.dump({"self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                   "children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, f)
-atexit.register(_peak)
-sys.argv = ["distill", *sys.argv[1:]]
-runpy.run_module("distill.cli", run_name="__main__")
-"""
-
 
 # --- inputs --------------------------------------------------------------------------------
 
@@ -424,7 +412,7 @@ def _peak_rss_mb(store: str, data: str, out: str, device: str, shuffle_buffer: i
     m = MEMORY
     report = out + ".rss.json"
     buffer = ["--shuffle-buffer", str(shuffle_buffer)] if shuffle_buffer is not None else []
-    cmd = [sys.executable, "-c", _RSS_WRAPPER, "train-student", "--labels", store, "--student", m["student"],
+    cmd = [sys.executable, "-c", WRAPPER, "train-student", "--labels", store, "--student", m["student"],
            "--data", data, "--out", out, "--epochs", "1", "--batch-size", str(m["batch_size"]), *buffer,
            "--temperature", str(TEMPERATURE), "--alpha", str(ALPHA), "--device", device, "--no-progress"]
     proc = subprocess.run(cmd, env=dict(os.environ, DISTILL_BENCH_RSS=report), capture_output=True, text=True)
