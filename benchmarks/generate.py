@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, float32_output_layer, load_model
 from distill.pipeline.runtime import PRECISIONS, autocast, resolve_device, weight_dtype
 from distill.stages.generate import GenerateConfig, generate_labels
-from peakrss import WRAPPER  # benchmarks/peakrss.py, beside this script
+from peakrss import peak_rss_mb  # benchmarks/peakrss.py, beside this script
 
 WORKLOADS = {
     # name: teacher spec, examples (full, quick), sequence length, k, batch size
@@ -149,19 +148,14 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
 
 # --- memory: the real CLI in a subprocess, at two data sizes --------------------------------
 
-def peak_rss_mb(data: str, out: str, device: str) -> float:
+def generate_peak_rss_mb(data: str, out: str, device: str) -> float:
     """Peak RSS (MB) of `distill generate-labels` over ``data``: the process's plus its children's."""
-    m, report = MEMORY, out + ".rss.json"
-    cmd = [sys.executable, "-c", WRAPPER, "generate-labels", "--teacher", m["teacher"], "--data", data,
-           "--out", out, "--k", str(m["k"]), "--batch-size", str(m["batch_size"]), "--device", device,
-           "--examples-per-shard", str(m["examples_per_shard"]),
-           "--task", "causal-lm", "--seq-len", str(m["seq_len"]), "--no-progress"]
-    proc = subprocess.run(cmd, env=dict(os.environ, DISTILL_BENCH_RSS=report), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"generate-labels failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    with open(report) as f:
-        rss = json.load(f)
-    return (rss["self_kb"] + rss["children_kb"]) / 1024
+    m = MEMORY
+    own, children = peak_rss_mb(
+        ["generate-labels", "--teacher", m["teacher"], "--data", data, "--out", out, "--k", str(m["k"]),
+         "--batch-size", str(m["batch_size"]), "--device", device, "--examples-per-shard", str(m["examples_per_shard"]),
+         "--task", "causal-lm", "--seq-len", str(m["seq_len"]), "--no-progress"], out + ".rss.json")
+    return own + children
 
 
 def run_memory(quick: bool, device: str, tmp: str, examples: int | None) -> dict:
@@ -173,7 +167,7 @@ def run_memory(quick: bool, device: str, tmp: str, examples: int | None) -> dict
     for label, n in sizes.items():
         data = write_data(f"memory-{label}", n, m["seq_len"], tmp, m["vocab_size"])
         start = time.perf_counter()
-        rss[label] = peak_rss_mb(data, os.path.join(tmp, f"memory-{label}-store"), device)
+        rss[label] = generate_peak_rss_mb(data, os.path.join(tmp, f"memory-{label}-store"), device)
         positions[label] = n * m["seq_len"]
         print(f"    memory: {n:,} examples, peak RSS {rss[label]:.0f} MB ({time.perf_counter() - start:.1f} s)",
               file=sys.stderr)

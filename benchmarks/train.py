@@ -66,7 +66,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,7 +91,7 @@ from distill.stages.generate import GenerateConfig, generate_labels
 from distill.stages.train import StudentConfig, TrainConfig, train_student, train_teacher
 from distill.storage import open_store, topk_labels
 from distill.storage.stream import LabelStream, labels_from_batch
-from peakrss import WRAPPER  # benchmarks/peakrss.py, beside this script
+from peakrss import peak_rss_mb  # benchmarks/peakrss.py, beside this script
 
 TRAIN_STAGE = importlib.import_module("distill.stages.train")
 # train-teacher streams runs of this many examples; shards of the same size give the same batches
@@ -412,15 +411,10 @@ def _peak_rss_mb(store: str, data: str, out: str, device: str, shuffle_buffer: i
     m = MEMORY
     report = out + ".rss.json"
     buffer = ["--shuffle-buffer", str(shuffle_buffer)] if shuffle_buffer is not None else []
-    cmd = [sys.executable, "-c", WRAPPER, "train-student", "--labels", store, "--student", m["student"],
-           "--data", data, "--out", out, "--epochs", "1", "--batch-size", str(m["batch_size"]), *buffer,
-           "--temperature", str(TEMPERATURE), "--alpha", str(ALPHA), "--device", device, "--no-progress"]
-    proc = subprocess.run(cmd, env=dict(os.environ, DISTILL_BENCH_RSS=report), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"train-student failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    with open(report) as f:
-        rss = json.load(f)
-    main_mb, worker_mb = rss["self_kb"] / 1024, rss["children_kb"] / 1024
+    main_mb, worker_mb = peak_rss_mb(
+        ["train-student", "--labels", store, "--student", m["student"], "--data", data, "--out", out, "--epochs", "1",
+         "--batch-size", str(m["batch_size"]), *buffer, "--temperature", str(TEMPERATURE), "--alpha", str(ALPHA),
+         "--device", device, "--no-progress"], report)
     return {"main": main_mb, "worker": worker_mb, "total": main_mb + worker_mb}
 
 

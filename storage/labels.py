@@ -313,15 +313,20 @@ def draw(weights: torch.Tensor, m: int, generator: torch.Generator | None = None
     return ids, torch.where(rows, counts, 0)
 
 
+def _points(total: torch.Tensor, m: int, generator) -> torch.Tensor:
+    """The m systematic points (u + i) / m * total of each row (P, m), in ``total``'s (P, 1) dtype, ascending."""
+    offset = torch.rand(len(total), 1, generator=generator, device=total.device, dtype=torch.float32).to(total.dtype)
+    points = (offset + torch.arange(m, device=total.device, dtype=total.dtype)) / m * total
+    # (u + m - 1) / m * total can round up to total itself, which would draw a zero-weight id past the last
+    # weighted one (a top-k or masked id): every point stays strictly below the total
+    return torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))
+
+
 def _systematic_whole(weights: torch.Tensor, m: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Systematic draws (P, m) on one cumulative sum over each whole row, and whether each row has weight (P, 1)."""
     cdf = weights.cumsum(1)  # (P, V)
     total = cdf[:, -1:]
-    offset = torch.rand(len(weights), 1, generator=generator, device=weights.device, dtype=torch.float32).to(cdf.dtype)
-    points = (offset + torch.arange(m, device=weights.device, dtype=cdf.dtype)) / m * total  # (P, m)
-    # (u + m - 1) / m * total can round up to total itself, which would draw a zero-weight id past the last
-    # weighted one (a top-k or masked id): every point stays strictly below the total
-    points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))
+    points = _points(total, m, generator)
     # ascending; the clamp only matters for rows of zero weights, whose counts are zeroed by the caller
     return torch.searchsorted(cdf, points, right=True).clamp_max(weights.shape[1] - 1), total > 0
 
@@ -334,9 +339,7 @@ def _systematic(weights: torch.Tensor, m: int, generator, sums: torch.Tensor) ->
     cdf = sums.double().cumsum(1)  # (P, blocks)
     total = cdf[:, -1:]
     has = total > 0
-    offset = torch.rand(rows, 1, generator=generator, device=weights.device, dtype=torch.float32).double()
-    points = (offset + torch.arange(m, device=weights.device, dtype=torch.float64)) / m * total  # (P, m)
-    points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))  # as in _systematic_whole
+    points = _points(total, m, generator)
     at = torch.searchsorted(cdf, points, right=True).clamp_max(sums.shape[1] - 1)  # (P, m) block of each point
     before = torch.where(at > 0, cdf.gather(1, (at - 1).clamp_min(0)), 0.0)
     columns = at[:, :, None] * block + torch.arange(block, device=weights.device)  # (P, m, block)
