@@ -5,13 +5,15 @@ the student's log-softmax for the soft term, again for the hard cross-entropy, c
 logits to mask the kept ids for the tail's logsumexp, and autograd keeps each of those (P, V)
 intermediates for the backward pass. Here, for each chunk of positions:
 
-1. gather the kept ids' logits (and the drawn tail ids', and at T = 1 the hard labels'), then
-   mask the kept ids to -inf in place;
-2. one max and one softmax kernel over what is left give r, the softmax *within the tail*, and
-   the tail's logsumexp exactly (``max - log r[argmax]``: no cancellation and no underflow
-   however small the tail, unlike ``log(1 - sum of the kept q)``); the full normaliser is
-   ``logaddexp(logsumexp(kept), tail)``, so the bucket log-probs and at T = 1 the
-   cross-entropy come from that one pass (at T != 1 the cross-entropy needs its own softmax);
+1. gather the kept ids' logits (and the drawn tail ids', and the hard labels'), then mask the kept
+   ids to -inf in place, in a chunk-sized buffer reused from step to step on the CPU;
+2. one max and one in-place exp over what is left give e = exp(z - max) on the tail, so the tail's
+   logsumexp is ``max + log sum e`` exactly (no cancellation and no underflow however small the
+   tail, unlike ``log(1 - sum of the kept q)``) and r = e / sum e is the softmax *within the tail*;
+   the full normaliser is ``logaddexp(logsumexp(kept), tail)``, so the bucket log-probs come from
+   that one pass. The cross-entropy does too: at T = 1 directly, at T = 2 through the square
+   (the untempered softmax is q^2 / sum q^2, and sum r^2 is a norm, not another exp); any other
+   T takes its own softmax;
 3. the divergence over the K+1 buckets (and the tail draws' term) runs on the small (n, K+1)
    tensors under autograd, which gives its gradient w.r.t. the buckets' log-probs;
 4. the chain rule through the log-softmax and the tail's logsumexp is applied by hand: on the
@@ -20,7 +22,7 @@ intermediates for the backward pass. Here, for each chunk of positions:
 
 The forward pass computes the gradient, and backward only scales it (in place, no second
 (P, V)): peak memory is that gradient (what ``F.cross_entropy``'s backward produces anyway)
-plus one or two chunk-sized float32 buffers (two when T != 1: the cross-entropy's own softmax).
+plus one or two chunk-sized float32 buffers (two when T is not 1 or 2: the cross-entropy's own softmax).
 No step reads a value back to the host (no ``.item()``, ``nonzero`` or masks of data-dependent
 size). The gradient is not differentiable again (no double backward); a second backward with
 ``retain_graph`` gets the right scale, but a gradient returned earlier shares the buffer.
@@ -28,6 +30,7 @@ size). The gradient is not differentiable again (no double backward); a second b
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -116,6 +119,8 @@ class _FusedBucketLoss(torch.autograd.Function):
         # a scaled loss (gradient accumulation, AMP): rescale in place, with no second (P, V) and no host
         # read of grad_loss; .data, as the saved tensors' version counters must not see it
         want = grad_loss.to(grad.dtype)
+        if grad.device.type == "cpu" and bool(want == scale):  # on the CPU a host read is free and a (P, V) pass is not
+            return grad, None
         grad.data.mul_(want / scale)
         scale.data.copy_(want)
         return grad, None
@@ -133,21 +138,27 @@ def _chunk(x: Tensor, spec: _Spec, rows: slice, dtype: torch.dtype, hard: Tensor
     labelled_rows = None if y is None else y != spec.ignore_index
     y_safe = None if y is None else torch.where(labelled_rows, y, 0)[:, None]  # (n, 1)
 
-    z = x.to(dtype, copy=True) if t == 1.0 else x.to(dtype) / t  # (n, V) a new buffer, masked in place below
+    z = _workspace(x.shape, dtype, dev)  # (n, V) masked and exponentiated in place below
+    torch.div(x, t, out=z) if t != 1.0 else z.copy_(x)
     head_z = z.gather(1, ids)  # (n, K), padding slots too (they repeat a kept id)
     head_x = head_z if kept is None else torch.where(kept, head_z, _NEG_INF)
     draw_z = None if tail_ids is None else z.gather(1, tail_ids)  # (n, M)
-    y_z = None if y is None or t != 1.0 else z.gather(1, y_safe)[:, 0]
+    shared_ce = t in (1.0, 2.0)  # the cross-entropy comes from the tail's softmax (at T = 2 through its square)
+    y_z = None if y is None or not shared_ce else z.gather(1, y_safe)[:, 0]
     z.scatter_(1, ids, _NEG_INF)  # the tail alone
-    m, top = z.max(1, keepdim=True)  # (n, 1) the tail's largest logit and where it is
+    m = z.amax(1, keepdim=True)  # (n, 1) the tail's largest logit (amax: max with indices is ~20x slower on CPU)
     empty = torch.isneginf(m)  # (n, 1) every id kept: no tail
-    z[:, :1] = torch.where(empty, 0.0, z[:, :1])  # so that the softmax of an empty tail is not 0 / 0 (r is unused)
-    r = z.softmax(1)  # (n, V) the softmax within the tail, 0 on the kept ids (one fused kernel)
-    del z
-    tail_lse = torch.where(empty, _NEG_INF, m - r.gather(1, top).log())[:, 0]  # (n,) r at the max is 1 / sum exp(z - m)
+    e = z.sub_(torch.where(empty, 0.0, m)).exp_()  # (n, V) exp(z - m) on the tail (its max is 1), 0 on the kept ids
+    del z  # r, the softmax within the tail, is e / e_sum: the division is folded into the weights below
+    e_sum = torch.where(empty[:, 0], 1.0, e.sum(1))  # (n,) >= 1 (1 on an empty tail, where e is all 0)
+    tail_lse = torch.where(empty[:, 0], _NEG_INF, m[:, 0] + e_sum.log())  # (n,) exact: no cancellation, no underflow
     head_lse = torch.logsumexp(head_x, 1)  # (n,)
     lse = torch.logaddexp(head_lse, tail_lse)  # (n,) the full normaliser
     head_lp, tail_lp = head_x - lse[:, None], tail_lse - lse
+    log_sq = None
+    if y is not None and t == 2.0:  # log sum_j q_j^2 over the tempered q: the untempered softmax is q^2 / sum q^2
+        r_norm = torch.linalg.vector_norm(e, 2, 1) / e_sum  # (n,) sqrt(sum r^2) >= 1 / V, with no (n, V) temporary
+        log_sq = torch.logaddexp(2.0 * (tail_lp + r_norm.log()), torch.logsumexp(2.0 * head_lp, 1))
     within = None if draw_z is None else draw_z - torch.where(torch.isfinite(tail_lse), tail_lse, 0.0)[:, None]
 
     targets = tuple(a[rows].to(dev) for a in spec.targets)
@@ -163,6 +174,8 @@ def _chunk(x: Tensor, spec: _Spec, rows: slice, dtype: torch.dtype, hard: Tensor
         ce_w = torch.where(labelled_rows, alpha / labelled.to(dtype), 0.0)  # (n,) d loss / d CE of each row
         if t == 1.0:  # the soft term's softmax is the cross-entropy's: share it
             ce = torch.where(labelled_rows, lse - y_z, 0.0).sum()
+        elif t == 2.0:  # log p_y = 2 log q_y - log sum q^2
+            ce = torch.where(labelled_rows, log_sq - 2.0 * (y_z - lse), 0.0).sum()
         else:
             ce, ce_grad = _cross_entropy(x, y_safe, labelled_rows, ce_w, dtype, spec.need_grad)
     if not spec.need_grad:
@@ -184,16 +197,41 @@ def _chunk(x: Tensor, spec: _Spec, rows: slice, dtype: torch.dtype, hard: Tensor
     if c is not None:
         w_r = w_r - c.sum(1)
     w_r = torch.where(empty[:, 0], 0.0, w_r)
-    dz = torch.mul(r, w_r[:, None], out=r if out is None else out)  # (n, V), 0 on the kept ids
-    dz.scatter_(1, ids, torch.exp(head_z - lse[:, None]) * a0[:, None])  # a padding slot writes its kept id's value
+    head_q = torch.exp(head_z - lse[:, None])  # (n, K) the kept ids' tempered q, padding slots too
+    head_dz = head_q * a0[:, None]
+    w_e = w_r / e_sum  # (n,) weight of e
+    if log_sq is None:
+        dz = torch.mul(e, w_e[:, None], out=e if out is None else out)  # (n, V), 0 on the kept ids
+    else:  # + ce_w (p - onehot), p = q^2 / sum q^2: on the tail q^2 = exp(2 tail_lp) r^2 (a tiny r's square
+        # underflows only where p < V^2 r^2 ~ 1e-35), on the kept ids from their q; out= must not alias e
+        w_sq = torch.where(empty[:, 0], 0.0, ce_w * torch.exp(2.0 * (tail_lp - e_sum.log()) - log_sq))  # of e^2
+        dz = torch.addcmul(w_e[:, None], e, w_sq[:, None], out=torch.empty_like(e) if out is None else out).mul_(e)
+        head_dz = head_dz + ce_w[:, None] * torch.exp(2.0 * head_z.sub(lse[:, None]) - log_sq[:, None])
+    dz.scatter_(1, ids, head_dz)  # a padding slot writes its kept id's value
     dz.scatter_add_(1, ids, g_head)
     if c is not None:
         dz.scatter_add_(1, tail_ids, c)
-    if ce_w is not None and t == 1.0:
+    if ce_w is not None and shared_ce:
         dz.scatter_add_(1, y_safe, -ce_w[:, None])
     if ce_grad is not None:
         dz += ce_grad
     return div, ce, dz
+
+
+_WORKSPACE = threading.local()  # per thread: {(dtype, device): a flat buffer of the largest chunk so far}
+
+
+def _workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised (n, V) buffer, reused from chunk to chunk and step to step on the CPU: a fresh 8 MiB
+    buffer costs as much in page faults as a pass over it. CUDA's caching allocator reuses memory itself."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
+    n = shape[0] * shape[1]
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = cache[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
 
 
 def _cross_entropy(x: Tensor, y: Tensor, labelled: Tensor, weight: Tensor, dtype: torch.dtype, need_grad: bool):

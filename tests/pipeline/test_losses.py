@@ -440,7 +440,7 @@ def test_tail_draws_refuse_other_divergences_and_temperatures_unless_left_out():
 
 # --- the fused loss against the plain one -----------------------------------------------------------
 
-FUSED_CASES = ["random", "head-holds-all", "peaked", "flat", "sampled-padding", "masked-vocab"]
+FUSED_CASES = ["random", "head-holds-all", "peaked", "flat", "sampled-padding", "masked-vocab", "every-id-kept"]
 
 
 def fused_inputs(case, dtype, seed=60, p=7, v=40, k=6):
@@ -451,10 +451,10 @@ def fused_inputs(case, dtype, seed=60, p=7, v=40, k=6):
     if case == "masked-vocab":
         t[:, v - 8:], s[:, v - 8:] = -math.inf, -math.inf
     if case == "sampled-padding":
-        labels = sampled_labels(t, 10, temperatures=(2.0,), generator=torch.Generator().manual_seed(seed))
+        labels = sampled_labels(t, 10, temperatures=(1.5, 2.0), generator=torch.Generator().manual_seed(seed))
         assert (labels.counts == 0).any()
-    else:
-        labels = topk_labels(t, k, temperatures=(2.0,))
+    else:  # every id kept: the tail is empty
+        labels = topk_labels(t, v if case == "every-id-kept" else k, temperatures=(1.5, 2.0))
     if case == "head-holds-all":  # the student's tail ~ 1e-20 of its mass: log(1 - head) would cancel to -inf
         s = s.scatter(1, labels.topk_ids, 50.0 + s.gather(1, labels.topk_ids))
     hard = torch.randint(0, v - 8, (p,), generator=torch.Generator().manual_seed(seed))
@@ -487,6 +487,17 @@ def test_the_fused_loss_equals_the_plain_one(dtype, rtol, atol, case, kind, temp
             torch.testing.assert_close(fused[name], plain[name], rtol=rtol, atol=atol)
     assert torch.isfinite(g_fused).all() and g_fused.dtype == dtype
     torch.testing.assert_close(g_fused, g_plain, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("case", ["random", "peaked", "every-id-kept"])
+def test_the_fused_loss_equals_the_plain_one_at_another_temperature(case):
+    """T = 1 and 2 share the tail's softmax with the cross-entropy; any other T takes its own."""
+    student, labels, hard = fused_inputs(case, torch.float64)
+    (fused, g_fused), (plain, g_plain) = fused_and_plain(student, labels, hard, temperature=1.5, alpha=0.4,
+                                                         chunk_positions=3)
+    for name in ("loss", "soft", "ce"):
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-9, 1e-12), (torch.float32, 2e-5, 1e-6)])
