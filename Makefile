@@ -32,6 +32,8 @@ bench-quality: venv
 
 # Stage one as a batch job: make labels TEACHER=... DATA=... OUT=... [ARGS="--k 32 --shard 0/4 ..."]
 # (or CONFIG=job.toml holding the same settings). Rerunning the same command resumes.
+# Relative paths inside CONFIG are taken from CONFIG's own directory; CONFIG, DATA, OUT, ... themselves from
+# the directory make runs in, which `make -C REPO` makes the repository: give them absolute paths there.
 labels: venv
 	$(VENV)/bin/distill generate-labels $(if $(TEACHER),--teacher '$(TEACHER)') $(if $(DATA),--data '$(DATA)') \
 		$(if $(OUT),--out '$(OUT)') $(if $(CONFIG),--config '$(CONFIG)') $(ARGS)

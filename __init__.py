@@ -7,6 +7,7 @@ here (loaded on first use, so ``import distill`` stays light):
     distill.train_student(StudentConfig(...))      stage two
     distill.train_teacher(TrainConfig(...))
     distill.evaluate_model(EvaluateConfig(...)), distill.quantize_model(QuantizeConfig(...))
+    distill.import_labels(ImportConfig(...))         a store from top-k labels made elsewhere
 """
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ _LAZY = {
     "StudentConfig": "distill.stages.train", "TrainConfig": "distill.stages.train",
     "evaluate_model": "distill.stages.evaluate", "EvaluateConfig": "distill.stages.evaluate",
     "quantize_model": "distill.stages.quantize", "QuantizeConfig": "distill.stages.quantize",
+    "import_labels": "distill.stages.importing", "ImportConfig": "distill.stages.importing",
 }
 
 __all__ = ["__version__", "DistillError", "ConfigError", "StoreError", "CorruptStoreError", *_LAZY]

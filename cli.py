@@ -10,9 +10,10 @@ import click
 from click.core import ParameterSource
 
 from distill import __version__
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.pipeline.config import Setting, build_config, load_toml, settings
 from distill.pipeline.formatting import data_summary, human_bytes
+from distill.pipeline.progress import loss_text
 
 __all__ = ["cli", "main"]
 
@@ -117,7 +118,8 @@ def _json_option(what: str):
 
 
 _config_option = click.option("--config", type=click.Path(dir_okay=False),
-                              help="TOML file with these settings (keys: the flag or field names); flags override it.")
+                              help="TOML file with these settings (keys: the flag names; top level or a [command] table; "
+                                   "relative paths from its directory); flags override it.")
 
 
 def _stage_config(ctx: click.Context, params: dict):
@@ -125,8 +127,24 @@ def _stage_config(ctx: click.Context, params: dict):
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     flags = {k: v for k, v in params.items() if k != "config" and ctx.get_parameter_source(k) in given}
     path = params.get("config")
-    file_values = load_toml(path, ctx.command.name) if path else {}
-    return build_config(ctx.command.config_class, file_values, flags, source=path or "")
+    stages = {name: cmd.config_class for name, cmd in cli.commands.items() if isinstance(cmd, _StageCommand)}
+    file_values = load_toml(path, ctx.command.name, stages) if path else {}
+    return _in_this_process(build_config(ctx.command.config_class, file_values, flags, source=path or ""))
+
+
+def _in_this_process(config):
+    """A ``memory://`` store lives as long as this process: one written is gone when the command ends (a note),
+    and one to read cannot have been written by another command (refused)."""
+    for name in ("out", "labels", "path"):
+        url = getattr(config, name, None)
+        if not (isinstance(url, str) and url.startswith("memory://")):
+            continue
+        if name != "out":
+            raise ConfigError(f"{url} cannot hold a store here: memory:// lives only as long as the command that "
+                               "wrote it; pass the path or URL generate-labels wrote to")
+        click.echo(f"distill: note: --out {url} is held in this process's memory and is gone when the command "
+                   "ends: pass a path or an s3:// / gs:// URL to keep it", err=True)
+    return config
 
 
 @_stage_command("inspect", "distill.stages.inspection:InspectConfig")
@@ -161,8 +179,9 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     parts = [f"{k} {v:.4g}" for k, v in evaluation.items() if isinstance(v, float)]
     trained = summary.get("trainable_params", summary["params"])  # fewer with a LoRA adapter
     count = f"{trained:,}" if trained == summary["params"] else f"{trained:,} of {summary['params']:,}"
+    loss = loss_text(metrics)  # the last logged window's: ``loss 0.1234 (soft 0.1000, ce 0.5000)``
     click.echo(f"trained {count} parameters; model saved in {summary['out']}/model"
-               + (f"; held-out {', '.join(parts)}" if parts else ""))
+               + (f"; final {loss}" if loss else "") + (f"; held-out {', '.join(parts)}" if parts else ""))
 
 
 @_stage_command("train-student", "distill.stages.train:StudentConfig")
@@ -209,6 +228,22 @@ def generate_labels(ctx: click.Context, as_json: bool, **params) -> None:
         click.echo(json.dumps(result))
     elif "store" in result:
         click.echo(_format_summary(result["store"]))
+
+
+@_stage_command("import-labels", "distill.stages.importing:ImportConfig")
+@_json_option("the result")
+@_config_option
+@click.pass_context
+def import_labels(ctx: click.Context, as_json: bool, **params) -> None:
+    """Write a store from top-k labels made elsewhere: per-position lists of ids and log-probabilities.
+
+    The tail is what the log-probabilities leave of 1; the store holds temperature 1 only, unless the source
+    also has the teacher's tempered normalisers (--tempered-lse-column with --temperature).
+    """
+    from distill.stages.importing import import_labels as run
+
+    result = run(_stage_config(ctx, params))
+    click.echo(json.dumps(result, default=str) if as_json else _format_summary(result["store"]))
 
 
 @_stage_command("evaluate", "distill.stages.evaluate:EvaluateConfig")
@@ -292,6 +327,9 @@ def _format_value(key: str, value: object) -> str:
         return f"{human_bytes(value)} ({value:,} bytes)"
     if key.startswith("bytes_per_") and isinstance(value, (int, float)):
         return f"{value:,.2f} B"
+    if key in ("bytes_by_array", "bytes_per_position_by_array") and isinstance(value, dict):  # largest first
+        unit = (lambda v: f"{v:,.2f} B") if key.endswith("position_by_array") else human_bytes
+        return ", ".join(f"{name} {unit(v)}" for name, v in value.items()) or "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):

@@ -6,9 +6,11 @@ choices and the smallest value allowed. From that one declaration
 
 - ``settings(cls)`` lists each setting with its flag (``batch_size`` is ``--batch-size``; a
   bool that defaults to True is ``--no-...``), which the CLI turns into click options;
-- ``build_config`` reads a ``--config job.toml`` file, whose keys are the field names or the
-  flag names (``batch-size``, ``temperature`` for ``temperatures``, ``no-progress = true``),
-  at the top level or under a table named after the command (``[generate-labels]``);
+- ``load_toml`` reads a ``--config job.toml`` file, whose keys are the flag names
+  (``batch-size``, ``temperature``, ``no-progress = true``; the field names still work, with
+  a note): top-level keys apply to every command that has them, a table named after a command
+  (``[generate-labels]``) overrides them, and relative paths are taken from the file's directory;
+  ``build_config`` makes the config from those keys and the flags;
 - ``check_settings`` checks choices and minimums with one message per kind, for the Python
   API as for the CLI.
 
@@ -18,6 +20,9 @@ Flags given on the command line override the file; fields in neither take their 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import os
 import sys
 import typing
 from typing import Any, TypeVar
@@ -30,7 +35,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["setting", "Setting", "settings", "check_settings", "load_toml", "toml_keys", "build_config",
-           "config_to_dict"]
+           "config_to_dict", "resolve_paths", "OUTPUT_PATHS", "INPUT_PATHS"]
 
 C = TypeVar("C")
 _META = "distill"  # the key of a field's metadata that holds its Setting parts
@@ -148,21 +153,131 @@ def check_settings(config: Any) -> None:
 # --- TOML files ----------------------------------------------------------------------------------
 
 
-def load_toml(path: str, command: str) -> dict[str, Any]:
-    """Keys for ``command`` from the TOML file at ``path`` (its table, or the top level)."""
+def load_toml(path: str, command: str, stages: dict[str, type]) -> dict[str, Any]:
+    """The settings a ``--config`` TOML file gives ``command``, as {key: value}.
+
+    Its top-level keys apply to every stage that has them, and a table named after a command
+    (``[generate-labels]``, or ``[generate_labels]``) overrides them for that command. The keys
+    are the flag names (``batch-size``, ``temperature``, ``no-progress = true``); the field names
+    still work, with a one-line note on stderr. Relative paths are taken from the file's
+    directory (see ``resolve_paths``). ``stages`` maps each command to its config class (the
+    CLI passes them all): a key or table that none of them knows is a ConfigError naming the
+    nearest flag, and so is a key of a table that its command does not know.
+    """
+    doc = _read_toml(path)
+    tables = {name: value for name, value in doc.items() if isinstance(value, dict)}
+    shared = {name: value for name, value in doc.items() if not isinstance(value, dict)}
+    own = next((dict(tables[n]) for n in (command, command.replace("-", "_")) if n in tables), {})
+    cls = stages[command]
+    for name, table in tables.items():
+        stage = name.replace("_", "-")
+        if stage not in stages:
+            raise ConfigError(f"{path}: unknown table [{name}]{_nearest(stage, stages)}; tables are the commands: "
+                              f"{', '.join(sorted(stages))}")
+        for key in table:
+            _check_key(key, stages[stage], f"{path}: unknown key {key!r} in [{name}]")
+    for key in shared:
+        if not any(key in toml_keys(c) for c in stages.values()):
+            flags = sorted({k for c in stages.values() for k in _flag_keys(c)})
+            raise ConfigError(f"{path}: unknown key {key!r}, which no command has"
+                              f"{_nearest(key, flags)}; valid keys: the flag names of each command's --help")
+    keys = toml_keys(cls)
+    values: dict[str, Any] = {}  # key -> value, one key per setting: the table's over the top level's
+    for layer in ({k: v for k, v in shared.items() if k in keys}, own):
+        by_field: dict[str, str] = {}
+        for key in layer:
+            name = keys[key][0]
+            if name in by_field:
+                raise ConfigError(f"{path}: keys {by_field[name]!r} and {key!r} set the same setting: keep one")
+            by_field[name] = key
+        values = {k: v for k, v in values.items() if keys[k][0] not in by_field} | layer
+    for key, value in values.items():
+        values[key] = _one_or_many(cls, keys[key][0], value, key, path, command)
+        _note_old_spelling(key, value, cls, path)
+    return resolve_paths(values, cls, os.path.dirname(os.path.abspath(path)))
+
+
+def _read_toml(path: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist: check the --config path") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {path} ({e.strerror}): check its permissions") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML ({e}): fix the line it names") from None
-    for name in (command, command.replace("-", "_")):
-        if isinstance(doc.get(name), dict):
-            return dict(doc[name])
-    return {k: v for k, v in doc.items() if not isinstance(v, dict)}
+
+
+def _flag_keys(cls: type) -> list[str]:
+    """The keys that are flag names: ``batch-size``, ``no-progress``, ``dtype``."""
+    return [flag.removeprefix("--") for s in settings(cls) for flag in (s.flag, *s.aliases)]
+
+
+def _nearest(key: str, names: Any) -> str:
+    close = difflib.get_close_matches(key.replace("_", "-"), list(names), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_key(key: str, cls: type, problem: str) -> None:
+    if key not in toml_keys(cls):
+        flags = _flag_keys(cls)
+        raise ConfigError(f"{problem}{_nearest(key, flags)}; valid keys: {', '.join(sorted(flags))}")
+
+
+def _one_or_many(cls: type, name: str, value: Any, key: str, path: str, command: str) -> Any:
+    """A scalar for a repeatable flag is a list of one; a list for a one-value flag is refused."""
+    s = next((s for s in settings(cls) if s.name == name), None)
+    if s is None:
+        return value
+    if s.multiple and not isinstance(value, list):
+        return [value]
+    if not s.multiple and isinstance(value, list):
+        raise ConfigError(f"{path}: {key} = {json.dumps(value)} is a list, but {command}'s {s.flag} takes one value: "
+                          f"give one (in a [{command}] table, if the list is for another command)")
+    return value
+
+
+def _note_old_spelling(key: str, value: Any, cls: type, path: str) -> None:
+    """One line on stderr for a key that is a field's name but not its flag's (``temperatures``, ``progress``)."""
+    if key in _flag_keys(cls):
+        return
+    s = next(s for s in settings(cls) if s.name == toml_keys(cls)[key][0])
+    new = s.flag.removeprefix("--")
+    shown = json.dumps(not value if s.negated and isinstance(value, bool) else value)
+    print(f"distill: note: {path}: key {key!r} still works, but the keys are the flag names now: "
+          f"write {new} = {shown}", file=sys.stderr)
+
+
+# --- relative paths in a config file --------------------------------------------------------
+
+OUTPUT_PATHS = frozenset({"out"})
+"""Settings that name something a command writes: a relative one is always taken from the config file's directory."""
+INPUT_PATHS = frozenset({"data", "eval_data", "labels", "teacher", "model", "weights", "tokenizer", "chat_template",
+                         "runs", "path", "source"})
+"""Settings that name a file or directory read, or a spec that may be one (``mnist1d``, ``mlp:hidden=64``):
+a relative one is taken from the config file's directory when it names something there."""
+
+
+def resolve_paths(values: dict[str, Any], cls: type, base: str) -> dict[str, Any]:
+    """``values`` (TOML keys of ``cls``) with the relative paths of a config file in directory ``base`` made absolute.
+
+    An output (``out``) always resolves against ``base``; an input only when ``base/value``
+    exists, so built-in names and specs stay as they are, and an input found only from the
+    current directory (how files were read before) still is. URLs and absolute paths are kept.
+    """
+    keys = toml_keys(cls)
+
+    def resolved(name: str, value: Any) -> Any:
+        if isinstance(value, list):
+            return [resolved(name, v) for v in value]
+        if not isinstance(value, str) or not value or "://" in value or os.path.isabs(os.path.expanduser(value)):
+            return value
+        candidate = os.path.normpath(os.path.join(base, value))
+        return candidate if name in OUTPUT_PATHS or os.path.exists(candidate) else value
+
+    return {key: resolved(keys[key][0], value) if keys[key][0] in OUTPUT_PATHS | INPUT_PATHS else value
+            for key, value in values.items()}
 
 
 def toml_keys(cls: type) -> dict[str, tuple[str, bool]]:
@@ -190,9 +305,7 @@ def build_config(cls: type[C], file_values: dict[str, Any], flag_values: dict[st
     keys = toml_keys(cls)
     values: dict[str, Any] = {}
     for key, value in file_values.items():
-        if key not in keys:
-            known = ", ".join(sorted(k for k in keys if "_" not in k))
-            raise ConfigError(f"{source or 'config'}: unknown key {key!r}; valid keys: {known}")
+        _check_key(key, cls, f"{source or 'config'}: unknown key {key!r}")
         name, negated = keys[key]
         values[name] = (not value if negated else value)
     values.update(flag_values)

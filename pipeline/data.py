@@ -72,6 +72,7 @@ import inspect
 import json
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ from distill.pipeline.tasks import TASKS
 from distill.pipeline.tables import read_saved_dataset, read_table, sequence_arrays, table_arrays, table_from_python
 from distill.pipeline.tokenize import load_tokenizer, require_tokenizer, text_file_documents
 
-__all__ = ["DataFlags", "DataConfig", "ExampleSet", "load_data", "load_tokenizer"]
+__all__ = ["DataFlags", "DataConfig", "ExampleSet", "load_data", "load_tokenizer", "only_split", "choose_split"]
 
 _CALLABLE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
@@ -181,6 +182,49 @@ def load_data(config: DataConfig) -> ExampleSet:
         raise ConfigError(f"--pack and --stride cut causal-lm documents, and data {spec!r} is classification data "
                           "(one example per row): drop them")
     return data if config.limit is None else data.head(config.limit)
+
+
+def only_split(spec: str) -> str | None:
+    """The name of the one split the data ``spec`` has, or None when it has several (mnist1d) or cannot say.
+
+    One split: a single file, a `datasets` Dataset and a function without a ``split``
+    parameter ("train"), a DatasetDict of one split (its name), a directory whose files and
+    subdirectories name at most one split ("train" when none does: all of its files).
+    """
+    path = Path(spec).expanduser()
+    if split_builtin(spec, _BUILTINS) is not None:
+        return None
+    if path.is_file() or (path / "state.json").is_file():
+        return "train"
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        return splits[0] if len(splits) == 1 else None
+    if path.is_dir():
+        entries = [p.stem if p.is_file() else p.name for p in path.iterdir() if not p.name.startswith(".")
+                   and (p.is_dir() or p.suffix in _SUFFIXES)]
+        named = sorted({e for e in entries if e.lower() in _OTHER_SPLITS | {"train"}})
+        return None if len(named) > 1 or not entries else (named[0] if named else "train")
+    if _CALLABLE.fullmatch(spec):
+        try:
+            params = inspect.signature(resolve_callable(spec, "data")).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        return None if any(p.name == "split" or p.kind is p.VAR_KEYWORD for p in params) else "train"
+    return None
+
+
+def choose_split(spec: str, split: str, default: str = "test", flag: str = "--split") -> str:
+    """``split``, unless it is ``default`` and the data has one split of another name: then that one, with a note.
+
+    So a single held-out file (the "train" split) is what `evaluate` and `--eval-every` read
+    without ``--split train``; a split asked for by another name is never swapped.
+    """
+    only = only_split(spec) if split == default else None
+    if only is None or only == split:
+        return split
+    print(f"distill: note: data {spec!r} has one split, {only!r}, and no {split!r}: reading {only!r} "
+          f"({flag} NAME chooses another)", file=sys.stderr, flush=True)
+    return only
 
 
 # --- built-in: mnist1d -----------------------------------------------------------------

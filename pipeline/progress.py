@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TextIO
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "loss_text"]
 
 
 def _duration(seconds: float) -> str:
@@ -15,6 +15,17 @@ def _duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def loss_text(metrics: dict) -> str:
+    """``loss 0.4321 (soft 0.1234, ce 0.9876)`` from a training metrics line ({"loss", "soft", "ce", ...});
+    a part that is missing, None or the loss itself (train-teacher's ce) is left out; "" without a loss."""
+    loss = metrics.get("loss")
+    if not isinstance(loss, (int, float)):
+        return ""
+    parts = [f"{key} {metrics[key]:.4f}" for key in ("soft", "ce")
+             if isinstance(metrics.get(key), (int, float)) and metrics[key] != loss]
+    return f"loss {loss:.4f}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 class Progress:
@@ -33,6 +44,7 @@ class Progress:
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.log_every_s = float(os.environ.get("DISTILL_LOG_EVERY", "30"))
         self.done = self.rate_count = 0
+        self.note = ""  # appended to each line: the training loop's latest loss
         self.start = self._last = time.monotonic()
 
     def update(self, n: int, rate_n: int = 0) -> None:
@@ -59,7 +71,8 @@ class Progress:
             bar = "[" + "#" * fill + "." * (width - fill) + "] "
         eta_text = _duration(eta) if eta == eta else "--:--"
         return (f"{self.label}{bar}{self.done:,}/{self.total:,} {self.unit} ({100 * frac:.0f}%), "
-                f"{rate:,.0f} {self.rate_unit}/s, elapsed {_duration(elapsed)}, eta {eta_text}")
+                f"{rate:,.0f} {self.rate_unit}/s, elapsed {_duration(elapsed)}, eta {eta_text}"
+                + (f", {self.note}" if self.note else ""))
 
     def _emit(self, final: bool) -> None:
         if self.tty:

@@ -34,7 +34,7 @@ from distill.pipeline.checkpoint import (SHARDS, latest_checkpoint, load_trainer
                                          save_sharded_checkpoint)
 from distill.pipeline.config import setting
 from distill.pipeline.metricsinks import open_sinks
-from distill.pipeline.progress import Progress
+from distill.pipeline.progress import Progress, loss_text
 from distill.pipeline.runtime import Workers, to_device
 from distill.pipeline.sharding import (DISTRIBUTED, check_team, load_shards, replicated_value, shard_model,
                                        shard_writer)
@@ -299,6 +299,7 @@ class _Loop:
     def _log(self, grad_norm: torch.Tensor | None) -> dict:
         record = self.window.record(self.pos, self.scheduler.get_last_lr()[0], grad_norm)
         self.metrics.write(record)
+        self.bar.note = loss_text(record)  # the progress lines show the latest logged loss
         self.window = _Window()
         return record
 

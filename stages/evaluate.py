@@ -17,9 +17,16 @@ What is reported, per model:
                     directory's weight files, a TorchScript file or a --weights file; a
                     built-in or factory with no file: what its float32 state dict would take
                     (``bytes_source`` says which)
-    latency_ms      one forward pass at batch 1 (the first example): median of ``repeats``
+    latency_ms      one forward pass at batch 1 (the first example)
     throughput      examples/s (classification) or tokens/s (causal LM) at a batch of
-                    ``throughput_batch`` examples, median of ``repeats``
+                    ``throughput_batch`` examples
+
+Speed is measured once per model, the model and its teacher (and, through ``evaluate_models``,
+every model of a comparison) timed together in rounds after ``warmup`` untimed passes: each
+of ``repeats`` rounds times one pass of each, and the figure is the fastest pass (other
+processes only ever slow a pass down; see ``distill.pipeline.timing``), with more rounds
+until they have taken ``min_timing_s``. The table, the
+retention line and ``distill report`` all show these figures.
 
 Agreement with the teacher (at every position, as the store holds them): with ``teacher``
 the teacher runs over the same batches: top-1 agreement and the mean full-vocabulary
@@ -28,22 +35,21 @@ log-prob; for a sampled store, the likeliest drawn id) and the mean KL over the 
 K+1 buckets, KL(teacher buckets || model buckets), at T=1.
 
 Given a teacher, the retention line compares the two: ``retention`` is model/teacher for
-accuracy and teacher/model for perplexity (lower is better, so a student at the teacher's
-perplexity keeps 100% and a worse one less); ``size_ratio`` is bytes/teacher_bytes and
-``speedup`` teacher latency / model latency at batch 1.
+accuracy and teacher/model for perplexity (lower is better: the line says the student's
+perplexity as a multiple of the teacher's, 1 / retention); ``size_ratio`` is
+bytes/teacher_bytes and ``speedup`` teacher latency / model latency at batch 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
+import os
 
 import torch
 import torch.nn.functional as F
 
 from distill.errors import ConfigError, StoreError
-from distill.pipeline.data import DataFlags, ExampleSet, load_data
+from distill.pipeline.data import DataFlags, ExampleSet, choose_split, load_data
 from distill.pipeline.formatting import human_bytes
 from distill.pipeline.labelstore import check_store_matches, open_complete_store
 from distill.pipeline.losses import bucket_divergence, student_buckets
@@ -54,10 +60,11 @@ from distill.pipeline.context import check_fits_context, resolve_seq_len, stored
 from distill.pipeline.runtime import DeviceFlags, autocast, resolve_device, to_device
 from distill.pipeline.scoring import Score
 from distill.pipeline.tasks import Positions
+from distill.pipeline.timing import speedup_text, time_together
 from distill.pipeline.tokenize import tokenizer_beside
 from distill.pipeline.tokenfiles import looked_for_tokenizer
 
-__all__ = ["EvaluateConfig", "evaluate_model", "format_report", "retention_line"]
+__all__ = ["EvaluateConfig", "evaluate_model", "evaluate_models", "format_report", "retention_line"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +86,11 @@ class EvaluateConfig(DataFlags, ModelFlags, DeviceFlags):
                                            default_help="256, or 16 sequences for causal LMs")
     warmup: int = setting(10, "Untimed passes before timing (TorchScript re-optimises over its first calls).",
                           minimum=0)
-    repeats: int = setting(10, "Timed passes; latency and throughput are their median.", minimum=1)
+    repeats: int = setting(30, "Timed rounds, one pass of each model a round; latency and throughput are the "
+                               "fastest pass's.", minimum=1)
+    min_timing_s: float = setting(1.0, "Time rounds for at least this long (seconds; more rounds than --repeats "
+                                       "if need be): on a busy machine the fastest pass needs time to happen.",
+                                  minimum=0)
     split: str = setting("test", "Data split to evaluate.", kw_only=True)
 
     def __post_init__(self):
@@ -97,6 +108,39 @@ def evaluate_model(config: EvaluateConfig) -> dict:
     throughput, throughput_unit; with a teacher or a store also agreement, kl, agreement_with;
     with a teacher also teacher (the same figures for it), teacher_value, retention, size_ratio, speedup.
     """
+    return evaluate_models([config])[0]
+
+
+def evaluate_models(configs: list[EvaluateConfig]) -> list[dict]:
+    """Several evaluations whose speed figures are measured once per model: configs -> their reports, in order.
+
+    Every distinct model among the configs' models and teachers (by spec and device) is timed
+    once, all of them in the same interleaved rounds (``distill.pipeline.timing``), with the
+    first config's warmup, repeats, min_timing_s and throughput_batch, on the data of the first
+    config that names it; each report's own figures, its teacher's and its speedup are those.
+    """
+    if not configs:
+        return []
+    timed: dict[tuple[str, str], tuple] = {}  # (spec, device) -> (model, data, device, precision)
+    measured = []
+    for config in configs:
+        report, models = _measure(config)
+        for key, job in models.values():
+            timed.setdefault(key, job)
+        measured.append((report, {role: key for role, (key, _) in models.items()}))
+    with torch.inference_mode():
+        speeds = dict(zip(timed, _speeds(list(timed.values()), configs[0])))
+    for report, keys in measured:
+        report.update(speeds[keys["model"]])
+        if "teacher" in keys:
+            report["teacher"].update(speeds[keys["teacher"]])
+            report.update(_compare(report, report["teacher"]))
+    return [report for report, _ in measured]
+
+
+def _measure(config: EvaluateConfig) -> tuple[dict, dict]:
+    """The report of ``config`` without its speed figures, and {"model" (and "teacher"): (key, timing job)}."""
+    config = dataclasses.replace(config, split=choose_split(config.data, config.split))  # a lone file: its one split
     device = _device(config)
     model = load_model(ModelConfig(config.model, weights=config.weights, task=config.task,
                                    trust_remote_code=config.trust_remote_code), device=device)
@@ -119,15 +163,22 @@ def evaluate_model(config: EvaluateConfig) -> dict:
     with torch.inference_mode():
         quality = _quality(model, teacher, store, data, config.batch_size, device, precision)
         report = {"model": config.model, "task": model.task, "device": str(device), "split": config.split,
-                  **quality["model"], **_footprint(model), **_speed(model, data, config, device, precision)}
+                  **quality["model"], **_footprint(model)}
         if "agreement" in quality:
             report.update(agreement=quality["agreement"], kl=quality["kl"],
                           agreement_with="teacher" if teacher is not None else "labels")
         if teacher is not None:
-            theirs = {**quality["teacher"], **_footprint(teacher), **_speed(teacher, data, config, device, precision)}
-            report.update(teacher={"model": config.teacher, **theirs}, teacher_value=theirs["value"],
-                          **_compare(report, theirs))
-    return report
+            report.update(teacher={"model": config.teacher, **quality["teacher"], **_footprint(teacher)},
+                          teacher_value=quality["teacher"]["value"])
+    models = {"model": ((_key(config.model), str(device)), (model, data, device, precision))}
+    if teacher is not None:
+        models["teacher"] = ((_key(config.teacher), str(device)), (teacher, data, device, precision))
+    return report, models
+
+
+def _key(spec: str) -> str:
+    """A model spec as one name: a path spelled two ways is one model."""
+    return os.path.normpath(os.path.abspath(spec)) if os.path.exists(spec) else spec
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -272,35 +323,31 @@ def _footprint(model: LoadedModel) -> dict:
     return {"params": int(count), "bytes": size, "bytes_source": source}
 
 
-def _speed(model: LoadedModel, data: ExampleSet, config: EvaluateConfig, device: torch.device, precision) -> dict:
-    causal = model.task == "causal-lm"
-    one = to_device(data.collate([data[0]]), device)
-    n = config.throughput_batch or (16 if causal else 256)
-    many = to_device(data.collate([data[i % len(data)] for i in range(n)]), device)
-    latency = _median_seconds(model, one, device, precision, config.warmup, config.repeats)
-    seconds = _median_seconds(model, many, device, precision, config.warmup, config.repeats)
-    work = int(many["attention_mask"].sum()) if causal else n
-    return {"latency_ms": latency * 1e3, "throughput": work / seconds,
-            "throughput_unit": "tokens/s" if causal else "examples/s", "throughput_batch": n}
+def _speeds(jobs: list[tuple], config: EvaluateConfig) -> list[dict]:
+    """Latency at batch 1 and throughput at a large batch of each (model, data, device, precision) job, all timed
+    together: {latency_ms, throughput, throughput_unit, throughput_batch} per job, in order."""
+    passes, figures = [], []
+    for model, data, device, precision in jobs:
+        causal = model.task == "causal-lm"
+        n = config.throughput_batch or (16 if causal else 256)
+        one = to_device(data.collate([data[0]]), device)
+        many = to_device(data.collate([data[i % len(data)] for i in range(n)]), device)
+        passes += [_forward(model, one, device, precision), _forward(model, many, device, precision)]
+        figures.append((int(many["attention_mask"].sum()) if causal else n, n, causal))
+    seconds = time_together(passes, config.warmup, config.repeats, config.min_timing_s)
+    return [{"latency_ms": seconds[2 * i] * 1e3, "throughput": work / seconds[2 * i + 1],
+             "throughput_unit": "tokens/s" if causal else "examples/s", "throughput_batch": n}
+            for i, (work, n, causal) in enumerate(figures)]
 
 
-def _median_seconds(model: LoadedModel, batch: dict, device: torch.device, precision, warmup: int, repeats: int) -> float:
-    """Median wall time of one forward pass over ``batch``, after ``warmup`` untimed passes."""
-    times = []
-    for i in range(warmup + repeats):
-        _synchronize(device)
-        start = time.perf_counter()
+def _forward(model: LoadedModel, batch: dict, device: torch.device, precision):
+    """A callable that runs one forward pass over ``batch`` and returns once it is done."""
+    def run():
         with precision():
             model.logits(batch)
-        _synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
 
 
 def _compare(mine: dict, theirs: dict) -> dict:
@@ -337,13 +384,18 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def retention_line(report: dict) -> str:
-    """``student keeps X% of the teacher's <metric>, is Y% smaller and Z× faster`` (larger / slower when so)."""
+def retention_line(report: dict, name: str = "student") -> str:
+    """``student keeps X% of the teacher's accuracy, is Y% smaller and Z× faster``; for perplexity (lower is
+    better) ``student has perplexity R× the teacher's, ...``; larger / slower when so."""
     ratio, speedup = report["size_ratio"], report["speedup"]
     size = "of unknown size" if ratio is None else f"{1 - ratio:.1%} smaller" if ratio <= 1 else f"{ratio - 1:.1%} larger"
-    speed = ("of unknown speed" if not speedup else f"{speedup:.1f}× faster" if speedup >= 1
-             else f"{1 / speedup:.1f}× slower")
-    return f"student keeps {report['retention']:.1%} of the teacher's {report['metric']}, is {size} and {speed}"
+    speed = speedup_text(speedup)
+    if report["metric"] == "perplexity":  # retention is teacher / student here: say the student's multiple
+        quality = (f"has perplexity {1 / report['retention']:.2f}× the teacher's" if report["retention"]
+                   else "has an infinite perplexity")
+    else:
+        quality = f"keeps {report['retention']:.1%} of the teacher's {report['metric']}"
+    return f"{name} {quality}, is {size} and {speed}"
 
 
 def _row(name: str, r: dict) -> tuple[str, ...]:

@@ -176,7 +176,7 @@ def generate_labels(config: GenerateConfig) -> dict:
 
 
 def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> dict:
-    say = _Say(team.rank == 0 or not team.distributed)
+    say = _Say(team.rank == 0 or not team.distributed, config.progress)  # progress=False: silent unless told to act
     teacher = load_model(ModelConfig(config.teacher, weights=config.weights, task=config.task,
                                      trust_remote_code=config.trust_remote_code),
                          device=device, dtype=weight_dtype(config.precision, device))
@@ -208,8 +208,8 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
         result["store"] = open_store(config.out).summary()
         say(f"generate-labels: store {config.out} complete")
     elif not team.distributed:
-        say(f"generate-labels: task {team.rank} of {team.world} done; once all tasks are, seal the store with "
-            f"`distill generate-labels --out {config.out} --finalize`")
+        say.note(f"generate-labels: task {team.rank} of {team.world} done; once all tasks are, seal the store with "
+                 f"`distill generate-labels --out {config.out} --finalize`")
     return result
 
 
@@ -406,8 +406,8 @@ def _claimed(writer: StoreWriter, shards: list[int], say, poll_s: float = 0.5):
                 busy.append(index)
         if busy:
             if not told:
-                say(f"generate-labels: another process is writing shard(s) {', '.join(map(str, busy[:10]))}"
-                    f"{' ...' if len(busy) > 10 else ''} of this store; waiting for it")
+                say.note(f"generate-labels: another process is writing shard(s) {', '.join(map(str, busy[:10]))}"
+                         f"{' ...' if len(busy) > 10 else ''} of this store; waiting for it")
                 told = True
             time.sleep(poll_s)
         waiting = busy
@@ -553,9 +553,15 @@ class _Aborted(Exception):
 
 
 class _Say:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    """Status lines on stderr: ``say(line)`` only with progress; ``say.note(line)`` (the user must act) always."""
+
+    def __init__(self, enabled: bool, progress: bool = True):
+        self.enabled, self.progress = enabled, progress
 
     def __call__(self, line: str) -> None:
+        if self.enabled and self.progress:
+            print(line, file=sys.stderr, flush=True)
+
+    def note(self, line: str) -> None:
         if self.enabled:
             print(line, file=sys.stderr, flush=True)

@@ -6,36 +6,37 @@ matplotlib (Agg, no display), and write one HTML file whose PNGs are base64 data
 whose CSS is inline, so it can be mailed or attached as it is. Sections:
 
     runs              a table: name, stage, model, parameters, steps, final loss, final held-out metric
-    training curves   the loss terms (loss, soft, CE) and the held-out metric of every run, overlaid
+    training curves   the loss terms of every run, one panel per kind (hard-label CE, each kind of
+                      soft term, a mixed total), and the held-out metric (bars at one point a run)
     comparison        teacher, students and quantized models as bars: held-out metric, size on disk,
                       parameters and, from `distill evaluate`, latency; without evaluate's reports
-                      the run directories' own figures, and latency is said to be unmeasured
+                      the run directories' own figures, and latency is said to be unmeasured;
+                      coloured by role (a hard-label run that taught no student is a baseline)
     soft labels       each store's histogram of top-k mass per position (the store given with
                       ``labels``, or those the student runs were trained on)
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import html
-import io
 import json
 import os
 
 from distill import __version__
 from distill.errors import ConfigError, DistillError
+from distill.pipeline.charts import ROLE_COLOURS, curves_png, figure, human_count, png_base64
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.files import read_json, write_text
 from distill.pipeline.formatting import byte_unit, human_bytes
 from distill.pipeline.modelfiles import weight_files_bytes
 from distill.pipeline.rundir import RunDir, eval_metric, is_quantized_dir, is_run_dir, load_run
+from distill.pipeline.timing import speedup_text
 
-__all__ = ["ReportConfig", "write_report"]
+__all__ = ["ReportConfig", "run_roles", "write_report"]
 
 HISTOGRAM_BINS = 50
-ROLE_COLOURS = {"teacher": "#1f77b4", "student": "#ff7f0e", "quantized": "#2ca02c", "model": "#7f7f7f"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,18 +83,21 @@ class _Model:
     throughput: float | None = None
     throughput_unit: str = ""
     spec: str | None = None
+    speedup: float | None = None  # the teacher's latency / this one's, as `distill evaluate` printed it
+    from_teacher: bool = False  # figures copied from a student's report's "teacher"
 
 
 def write_report(config: ReportConfig) -> str:
     """Write the report; returns the path of the HTML file."""
     runs, quantized = _load_dirs(config.runs)
     names = _unique_names([r.path for r in runs] + [q["path"] for q in quantized])
-    models = _models_from_dirs(runs, quantized, names)
     evaluations = [e for path in config.evaluation for e in _read_evaluation(path)]
+    roles = run_roles(runs, {_key(e.get("model")) for e in evaluations if e.get("role") == "teacher"})
+    models = _models_from_dirs(runs, quantized, names, roles)
     if evaluations:
-        models = _models_from_evaluations(evaluations, runs, quantized, names)
+        models = _models_from_evaluations(evaluations, runs, quantized, names, roles)
     stores = _stores(config, runs, names)
-    sections = [_runs_section(runs, quantized, names), _curves_section(runs, names),
+    sections = [_runs_section(runs, quantized, names), _curves_section(runs, names, _methods(runs)),
                 _comparison_section(models, measured=bool(evaluations)), _labels_section(stores, config.sample)]
     write_text(config.out, _page(config.title, len(config.runs), sections))
     return config.out
@@ -162,15 +166,28 @@ def _stores(config: ReportConfig, runs: list[RunDir], names: list[str]) -> list[
 
 # --- the comparison's entries -----------------------------------------------------------------------
 
-def _run_role(run: RunDir) -> str:
-    return "student" if run.stage == "train-student" else "teacher"
+def run_roles(runs: list[RunDir], teachers: set[str | None]) -> list[str]:
+    """Each run's role: "student" (train-student), else "teacher" or "baseline" (hard labels alone, not a teacher).
+
+    teachers: the normalised paths `distill evaluate` reports name as teachers; without any, a
+    train-teacher run is a baseline when it trains a model that a student run here trains too
+    (the student's architecture from scratch), and a teacher otherwise.
+    """
+    teachers = teachers - {None}
+    student_models = {r.config.get("model") for r in runs if r.stage == "train-student"}
+    def role(run: RunDir) -> str:
+        if run.stage == "train-student":
+            return "student"
+        taught = _key(run.path) in teachers if teachers else run.config.get("model") not in student_models
+        return "teacher" if taught else "baseline"
+    return [role(r) for r in runs]
 
 
-def _models_from_dirs(runs: list[RunDir], quantized: list[dict], names: list[str]) -> list[_Model]:
+def _models_from_dirs(runs: list[RunDir], quantized: list[dict], names: list[str], roles: list[str]) -> list[_Model]:
     models = []
-    for run, name in zip(runs, names):
+    for run, name, role in zip(runs, names, roles):
         metric = eval_metric(run.evals[-1]) if run.evals else None
-        models.append(_Model(name, _run_role(run), *(metric or (None, None)), params=run.params,
+        models.append(_Model(name, role, *(metric or (None, None)), params=run.params,
                              bytes=(weight_files_bytes(os.path.join(run.path, "model")) or (None,))[0]))
     for q, name in zip(quantized, names[len(runs):]):
         models.append(_Model(name, "quantized", params=q.get("params"), bytes=q.get("bytes_after")))
@@ -178,9 +195,10 @@ def _models_from_dirs(runs: list[RunDir], quantized: list[dict], names: list[str
 
 
 def _models_from_evaluations(evaluations: list[dict], runs: list[RunDir], quantized: list[dict],
-                             names: list[str]) -> list[_Model]:
-    """One entry per evaluated model (the last report of a model wins), named as its directory is here."""
-    known = {_key(r.path): (n, _run_role(r)) for r, n in zip(runs, names)}
+                             names: list[str], roles: list[str]) -> list[_Model]:
+    """One entry per evaluated model, named as its directory is here: the last report of the model itself wins,
+    and a report's teacher figures count only for a teacher with no report of its own."""
+    known = {_key(r.path): (n, role) for r, n, role in zip(runs, names, roles)}
     known.update({_key(q["path"]): (n, "quantized") for q, n in zip(quantized, names[len(runs):])})
     entries: dict[str, _Model] = {}
     for e in evaluations:
@@ -189,9 +207,12 @@ def _models_from_evaluations(evaluations: list[dict], runs: list[RunDir], quanti
         if name is None:
             name = str(e.get("name") or (os.path.basename(os.path.normpath(spec)) if spec else f"model {len(entries) + 1}"))
             role = e.get("role") or _role_of_spec(spec)
+        if e.get("role") == "teacher" and name in entries and not entries[name].from_teacher:
+            continue  # the teacher's own report beats the copy of its figures in a student's report
         entries[name] = _Model(name, e.get("role", role), e.get("metric"), _number(e.get("value")), e.get("params"),
                                e.get("bytes"), _number(e.get("latency_ms")), _number(e.get("throughput")),
-                               e.get("throughput_unit", ""), spec)
+                               e.get("throughput_unit", ""), spec, _number(e.get("speedup")),
+                               from_teacher=e.get("role") == "teacher")
     order = {n: i for i, n in enumerate(names)}  # the order given on the command line, then the others
     return sorted(entries.values(), key=lambda m: order.get(m.name, len(order)))
 
@@ -207,7 +228,7 @@ def _role_of_spec(spec: str | None) -> str:
     if is_quantized_dir(spec):
         return "quantized"
     if is_run_dir(spec):
-        return _run_role(load_run(spec))
+        return "student" if load_run(spec).stage == "train-student" else "teacher"
     return "model"
 
 
@@ -233,13 +254,27 @@ def _runs_section(runs: list[RunDir], quantized: list[dict], names: list[str]) -
     return "Runs", text, None, table
 
 
-def _curves_section(runs: list[RunDir], names: list[str]) -> tuple:
-    text = ("Training loss per logged step (solid: the total loss; dashed: the soft, distillation term; dotted: the "
-            "hard-label cross-entropy, shown where it differs from the total) and the held-out metric at each "
-            "evaluation, every run overlaid in its own colour.")
+def _curves_section(runs: list[RunDir], names: list[str], methods: list[str | None]) -> tuple:
+    text = ("Training losses per logged step, one panel per kind of quantity so that a cross-entropy and a "
+            "divergence never share an axis: the hard-label cross-entropy (a train-teacher run's loss, a student's "
+            "CE term), each kind of soft term (a sampled store's is a cross-entropy: the KL plus the teacher's "
+            "entropy), and a student's total where it mixes the two. Then the held-out metric at each evaluation "
+            "(bars when every run has one evaluation). Every run in its own colour.")
     if not runs or not any(r.train or r.evals for r in runs):
         return "Training curves", text + " No run has logged metrics yet.", None, ""
-    return "Training curves", text, _curves_png(runs, names), ""
+    return "Training curves", text, curves_png(runs, names, methods), ""
+
+
+def _methods(runs: list[RunDir]) -> list[str | None]:
+    """Each run's store method ("topk", "sample"), None for a teacher run or a store that cannot be read."""
+    from distill.storage import open_store
+
+    def method(run: RunDir) -> str | None:
+        try:
+            return open_store(run.config["labels"]).spec.method if run.config.get("labels") else None
+        except DistillError:
+            return None
+    return [method(r) for r in runs]
 
 
 def _comparison_section(models: list[_Model], measured: bool) -> tuple:
@@ -250,11 +285,15 @@ def _comparison_section(models: list[_Model], measured: bool) -> tuple:
         text = ("From the run directories: the last held-out metric, the size of the saved weights on disk and the "
                 "parameters. Latency was not measured: run `distill evaluate --model DIR --data DATA --json` for each "
                 "model and pass the output with --evaluation.")
-    text += " Bar colours: blue teacher, orange student, green quantized, grey other models."
+    text += (" Bar colours: blue teacher, orange student, purple baseline (trained on hard labels alone, not a "
+             "teacher), green quantized, grey other models. Against the teacher: its latency over the model's, as "
+             "`distill evaluate` timed the two together.")
     rows = [[m.name, m.role, f"{m.metric} {m.value:.4g}" if m.metric and m.value is not None else "-", _fmt(m.params),
              "-" if m.bytes is None else human_bytes(m.bytes, decimals=1), f"{m.latency_ms:.3g} ms" if m.latency_ms is not None else "not measured",
-             f"{m.throughput:,.0f} {m.throughput_unit}".strip() if m.throughput is not None else "-"] for m in models]
-    table = _table(["model", "role", "held-out metric", "parameters", "size on disk", "latency (batch 1)", "throughput"], rows)
+             f"{m.throughput:,.0f} {m.throughput_unit}".strip() if m.throughput is not None else "-",
+             speedup_text(m.speedup) if m.speedup else "-"] for m in models]
+    table = _table(["model", "role", "held-out metric", "parameters", "size on disk", "latency (batch 1)", "throughput",
+                    "against the teacher"], rows)
     return "Teacher, students and quantized models", text, _comparison_png(models), table
 
 
@@ -290,78 +329,40 @@ def _labels_section(stores: list[tuple[str, str | None]], sample: int | None) ->
 
 # --- plots --------------------------------------------------------------------------------------------
 
-def _figure(panels: int, row_height: float = 3.6, columns: int = 2):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ConfigError("distill report draws its plots with matplotlib: pip install matplotlib") from None
-    columns = min(columns, panels)
-    rows = -(-panels // columns)
-    fig = Figure(figsize=(5.6 * columns, row_height * rows), layout="constrained")
-    FigureCanvasAgg(fig)  # Agg: no display, no pyplot state
-    return fig, [fig.add_subplot(rows, columns, i + 1) for i in range(panels)]
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, metadata={"Software": None})
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _curves_png(runs: list[RunDir], names: list[str]) -> str:
-    metrics = sorted({m[0] for r in runs for e in r.evals if (m := eval_metric(e))})
-    fig, axes = _figure(1 + len(metrics), columns=3)
-    loss_ax = axes[0]
-    for i, (run, name) in enumerate(zip(runs, names)):
-        colour = f"C{i % 10}"
-        for key, style in (("loss", "-"), ("soft", "--"), ("ce", ":")):
-            points = [(m["step"], m[key]) for m in run.train if isinstance(m.get(key), (int, float))]
-            if not points or (key == "ce" and all(m.get("ce") == m.get("loss") for m in run.train)):
-                continue
-            loss_ax.plot(*zip(*points), style, color=colour, label=f"{name} {key}" if key != "loss" else name)
-        for ax, metric in zip(axes[1:], metrics):
-            points = [(e["step"], e[metric]) for e in run.evals if isinstance(e.get(metric), (int, float))]
-            if points:
-                ax.plot(*zip(*points), "o-", color=colour, label=name)
-    loss_ax.set(title="training loss", xlabel="step", ylabel="loss")
-    loss_ax.legend(fontsize=8)
-    for ax, metric in zip(axes[1:], metrics):
-        ax.set(title=f"held-out {metric}", xlabel="step", ylabel=metric)
-        ax.legend(fontsize=8)
-    return _png(fig)
-
-
 def _comparison_png(models: list[_Model]) -> str:
+    from matplotlib.ticker import FuncFormatter
+
     metrics = sorted({m.metric for m in models if m.metric and m.value is not None})
-    panels = [(f"held-out {metric}", lambda m, metric=metric: m.value if m.metric == metric else None)
+    panels = [(f"held-out {metric}", lambda m, metric=metric: m.value if m.metric == metric else None, "{:.4g}".format)
               for metric in metrics]
     scale, unit = byte_unit(max((m.bytes or 0) for m in models))
-    panels += [(f"size on disk ({unit})", lambda m: m.bytes / scale if m.bytes is not None else None),
-               ("parameters", lambda m: m.params)]
+    panels += [(f"size on disk ({unit})", lambda m: m.bytes / scale if m.bytes is not None else None, "{:.4g}".format),
+               ("parameters", lambda m: m.params, human_count)]
     if any(m.latency_ms is not None for m in models):
-        panels.append(("latency, batch 1 (ms)", lambda m: m.latency_ms))
-    fig, axes = _figure(len(panels), row_height=max(2.2, 0.9 + 0.45 * len(models)))
+        panels.append(("latency, batch 1 (ms)", lambda m: m.latency_ms, "{:.3g}".format))
+    fig, axes = figure(len(panels), row_height=max(2.2, 0.9 + 0.45 * len(models)))
     labels = [m.name for m in models]
     colours = [ROLE_COLOURS.get(m.role, ROLE_COLOURS["model"]) for m in models]
-    for ax, (title, value) in zip(axes, panels):
+    for ax, (title, value, text) in zip(axes, panels):
         values = [value(m) for m in models]
         bars = ax.barh(labels, [v or 0 for v in values], color=colours)
-        ax.bar_label(bars, labels=[f"{v:.4g}" if v is not None else "n/a" for v in values], fontsize=8, padding=2)
+        ax.bar_label(bars, labels=[text(v) if v is not None else "n/a" for v in values], fontsize=8, padding=2)
+        if text is human_count:  # 141k, not 1.411e+05
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human_count(x)))
         ax.set_title(title)
         ax.invert_yaxis()
         ax.margins(x=0.25)
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _histogram_png(figures: list[tuple[str, list[int]]]) -> str:
-    fig, axes = _figure(len(figures), columns=3)
+    fig, axes = figure(len(figures), columns=3)
     for ax, (store, counts) in zip(axes, figures):
         width = 1 / len(counts)
         ax.bar([i * width for i in range(len(counts))], counts, width=width, align="edge", color=ROLE_COLOURS["teacher"])
         ax.set(title=os.path.basename(os.path.normpath(store)) or store, xlabel="top-k mass of a position",
                ylabel="positions", xlim=(0, 1))
-    return _png(fig)
+    return png_base64(fig)
 
 
 # --- the page -----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from distill.pipeline.adapters import (ADAPTER_DIR, StudentFlags, check_student_
                                       prepare_student, save_adapter)
 from distill.pipeline.config import check_settings, setting, settings
 from distill.pipeline.context import check_fits_context, resolve_seq_len, stored_seq_len
-from distill.pipeline.data import DataConfig, DataFlags, ExampleSet, load_data
+from distill.pipeline.data import DataConfig, DataFlags, ExampleSet, choose_split, load_data, only_split
 from distill.pipeline.files import write_json
 from distill.pipeline.labelstore import check_store_matches, open_complete_store
 from distill.pipeline.losses import LOSS_NAMES, OnlineDistillationLoss, TopKDistillationLoss, make_loss
@@ -79,7 +79,8 @@ class TrainConfig(Schedule, DataFlags, ModelFlags, DeviceFlags, StudentFlags, Lo
     model: str | None = setting(None, "The model to train: a built-in (mlp, cnn, gpt), a Hugging Face directory, or "
                                       "package.module:factory.")
     batch_size: int = setting(32, "Examples per batch.", minimum=1)
-    eval_split: str | None = setting(None, "Held-out split to evaluate, e.g. test.")
+    eval_split: str | None = setting(None, "Held-out split to evaluate, e.g. test.",
+                                     default_help="with --eval-every or --eval-data: test, or --eval-data's only split")
     eval_data: str | None = setting(None, "Data spec of the held-out split.", default_help="--data")
     shuffle_buffer: int | None = setting(None, "Examples per shuffled block of shards.", minimum=1,
                                          default_help="about 65,536 positions' worth")
@@ -98,8 +99,6 @@ class TrainConfig(Schedule, DataFlags, ModelFlags, DeviceFlags, StudentFlags, Lo
             raise ConfigError("pass --epochs or --steps, not both")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0:
             raise ConfigError("--lr must be > 0, --min-lr-ratio in [0, 1], --weight-decay >= 0")
-        if self.eval_every is not None and self.eval_split is None:
-            raise ConfigError("--eval-every needs --eval-split (e.g. --eval-split test)")
 
     def schedule(self) -> Schedule:
         """The optimiser and loop settings alone."""
@@ -175,6 +174,10 @@ def train_student(config: StudentConfig, online_teacher: LoadedModel | None = No
         loss_fn = OnlineDistillationLoss(online_teacher, task, config.temperature, config.alpha)
     if config.loss != "argmax" and config.temperature != 1.0 and config.temperature not in spec.temperatures:
         held = ", ".join(f"{t:g}" for t in spec.temperatures)
+        if "imported" in spec.extra:  # import-labels: the top-k alone gives no tempered normalisers
+            raise ConfigError(f"temperature {config.temperature:g} needs the teacher's tempered normaliser, which the "
+                              f"store {config.labels}, imported from top-k labels, does not hold (it holds {held}): pass "
+                              f"--temperature one of {held}, or import a --tempered-lse-column for {config.temperature:g}")
         raise ConfigError(f"temperature {config.temperature:g} is not in the store (it holds {held}): pass --temperature "
                           f"one of {held}, or regenerate the labels with --temperature {config.temperature:g}")
 
@@ -212,6 +215,7 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
         check_team(config.distributed, team)  # before anything is written
         check_student_flags(config, config.model, config.distributed)
         check_sinks(config.log_to)
+        config = dataclasses.replace(config, eval_split=_eval_split(config))  # config.json records the split read
         student = load_model(ModelConfig(config.model, weights=config.weights, task=task,
                                          trust_remote_code=config.trust_remote_code), device=device)
         config = dataclasses.replace(config, seq_len=_seq_len(config, student, store))  # refused before the run dir
@@ -271,6 +275,16 @@ def _suppress_padding(student: LoadedModel) -> None:
     generation = getattr(student.module, "generation_config", None)
     if student.vocab_limit is not None and generation is not None:
         generation.suppress_tokens = list(range(student.vocab_limit, student.output_size))
+
+
+def _eval_split(config: TrainConfig) -> str | None:
+    """--eval-split; with --eval-every or --eval-data but no --eval-split, "test", or the held-out data's only split."""
+    if config.eval_split is not None or (config.eval_every is None and config.eval_data is None):
+        return config.eval_split
+    if config.eval_data is None and only_split(config.data) is not None:
+        raise ConfigError(f"--eval-every: data {config.data!r} has one split, which is the training data: pass "
+                          "--eval-data HELD_OUT, or --eval-split NAME to evaluate on that split anyway")
+    return choose_split(config.eval_data or config.data, "test", flag="--eval-split")
 
 
 def _data_config(config: TrainConfig, spec: str, split: str, task: str) -> DataConfig:

@@ -36,6 +36,15 @@ class Backend(abc.ABC):
         say otherwise raise ValueError before anything of that size is allocated.
         """
 
+    @abc.abstractmethod
+    def array_bytes(self, sizes: dict[str, int], open_file) -> dict[str, int]:
+        """{array name: bytes on disk} of one shard, ``"metadata"`` for what belongs to no one array.
+
+        sizes: the shard's files {path: bytes}; ``open_file(path)`` opens one (binary,
+        seekable) where the sizes alone do not tell the arrays apart. The values sum to the
+        files' bytes.
+        """
+
 
 def _zarr() -> Backend:
     from distill.storage.zarr_backend import ZarrBackend  # here: the backends import this module

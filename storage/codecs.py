@@ -55,14 +55,20 @@ def codes_dtype(levels: int):
 
 @dataclasses.dataclass(frozen=True)
 class ValueEncoding:
-    """How log-probabilities are stored: ``lossless`` or ``sqrt`` with ``levels`` steps."""
+    """How log-probabilities are stored: ``lossless`` or ``sqrt`` with ``levels`` steps.
+
+    ``ValueEncoding()`` is the store's default (sqrt, 255 levels: 8 bits); ``levels`` left out
+    takes the name's default (``ValueEncoding("lossless")`` has 0, as ``named`` gives).
+    """
 
     name: str = "sqrt"
-    levels: int = 0
+    levels: int | None = None
 
     def __post_init__(self):
         if self.name not in VALUE_ENCODINGS:
             raise ValueError(f"unknown value encoding {self.name!r}: use 'sqrt' (default, lossy) or 'lossless'")
+        if self.levels is None:
+            object.__setattr__(self, "levels", _NAMED_LEVELS[self.name])
         if self.name == "sqrt" and not 1 <= self.levels <= 65535:
             raise ValueError(f"sqrt encoding needs 1 <= levels <= 65535, got {self.levels}")
 

@@ -8,8 +8,11 @@ ranges, so ragged sequences carry no padding.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
+
+from distill.errors import ConfigError
 
 __all__ = ["POSITION_FIELDS", "SAMPLINGS", "SoftLabels", "topk_labels", "sampled_labels", "concat_labels", "draw", "largest",
            "block_sums"]
@@ -74,6 +77,45 @@ class SoftLabels:
     def tail_samples(self) -> int:
         """M, the tail draws per position (0 for labels without them)."""
         return 0 if self.tail_ids is None else int(self.tail_ids.shape[1])
+
+    @classmethod
+    def from_topk(cls, ids, logprobs, offsets=None, tail=None, tolerance: float = 1e-3) -> "SoftLabels":
+        """Top-k labels from ids and log-probabilities alone (vLLM ``prompt_logprobs``, a top-k dataset).
+
+        ids:       (P, K) distinct ids per position, any order (sorted ascending here).
+        logprobs:  (P, K) their log-probabilities under the teacher's full-vocabulary softmax at T=1.
+        offsets:   (E+1,) example e owns positions offsets[e]:offsets[e+1]; None: one position per example.
+        tail:      (P,) log of the mass outside the K ids; None computes it as log(1 - sum exp(logprobs)) in
+                   float64 (exact near both ends). A position whose mass exceeds 1 by more than ``tolerance``
+                   is refused (ConfigError naming it); one within it is scaled to sum to 1, with no tail.
+        Returns float32 labels with no tempered normalisers (only T=1 is exact: the top-k alone cannot give them).
+        """
+        ids = torch.as_tensor(ids).to(torch.int64)
+        lp = torch.as_tensor(logprobs).to(torch.float64)
+        if ids.dim() != 2 or ids.shape != lp.shape:
+            raise ConfigError(f"ids {tuple(ids.shape)} and logprobs {tuple(lp.shape)} must both be (positions, k)")
+        offsets = _positions_tensor(len(ids), None) if offsets is None else torch.as_tensor(offsets).to(torch.int64)
+        if int(offsets[0]) != 0 or int(offsets[-1]) != len(ids) or bool((offsets[1:] < offsets[:-1]).any()):
+            raise ConfigError(f"offsets must rise from 0 to the {len(ids)} positions")
+        ids, order = ids.sort(dim=1)
+        lp = lp.gather(1, order)
+        bad = _first(~torch.isfinite(lp).all(1) | (ids[:, :1] < 0)[:, 0] | (ids[:, 1:] == ids[:, :-1]).any(1))
+        if bad is not None:
+            raise ConfigError(f"position {bad} has a negative or repeated id or a log-probability that is not finite: "
+                              "pass K distinct ids and finite log-probabilities per position")
+        lse = lp.logsumexp(1) if lp.shape[1] else lp.new_full((len(lp),), float("-inf"))  # (P,) log of the top-k mass
+        bad = _first(lse > math.log1p(tolerance))
+        if bad is not None:
+            raise ConfigError(f"position {bad}'s probabilities sum to {math.exp(float(lse[bad])):.6g}, more than 1: pass "
+                              "log-probabilities under the full-vocabulary softmax, not renormalised over the top k")
+        lp = lp - lse.clamp_min(0.0)[:, None]  # a hair over 1 (rounding): scaled to 1, no tail
+        if tail is None:
+            # log(1 - e^lse): expm1 keeps the digits when the mass is near 1, log1p when it is near 0
+            tail = torch.where(lse > -math.log(2), torch.log(-torch.expm1(lse.clamp_max(0.0))),
+                               torch.log1p(-torch.exp(lse)))
+        tail = torch.as_tensor(tail).to(torch.float32).reshape(len(ids))
+        return cls(offsets=offsets, topk_ids=ids, topk_logprobs=lp.float(), tail_logprob=tail,
+                   tempered_lse=torch.zeros(len(ids), 0))
 
     def _with_positions(self, take, offsets: torch.Tensor, example_start: int) -> "SoftLabels":
         """These labels with every per-position field replaced by ``take(field)`` (None stays None)."""
@@ -201,6 +243,11 @@ def block_sums(weights: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     if whole < v:
         parts.append(weights[:, whole:].sum(1, keepdim=True))
     return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+
+def _first(flags: torch.Tensor) -> int | None:
+    """The index of the first True in ``flags`` (P,) bool, or None."""
+    return int(flags.nonzero()[0, 0]) if bool(flags.any()) else None
 
 
 def _positions_tensor(n: int, lengths) -> torch.Tensor:

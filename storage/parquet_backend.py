@@ -19,6 +19,8 @@ __all__ = ["ParquetBackend"]
 
 
 def _table_bytes(columns: dict[str, np.ndarray]) -> bytes:
+    # float16 as float32 (same values): DuckDB refuses Float16 with BYTE_STREAM_SPLIT; this costs 0.1% of an LM store.
+    columns = {name: data.astype(np.float32) if data.dtype == np.float16 else data for name, data in columns.items()}
     table = pa.table({name: pa.array(data) for name, data in columns.items()})
     multibyte = [n for n, d in columns.items() if d.dtype.itemsize > 1]
     sink = pa.BufferOutputStream()
@@ -85,3 +87,18 @@ class ParquetBackend(Backend):
         if "ids.parquet" in files:
             columns.update(_table_columns(files["ids.parquet"]))  # (D,): its length is the shard's own
         return columns
+
+    def array_bytes(self, sizes: dict[str, int], open_file) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for rel, size in sizes.items():  # each column chunk's compressed size, from the file's footer alone
+            with open_file(rel) as f:
+                meta = pq.ParquetFile(f).metadata
+                for g in range(meta.num_row_groups):
+                    for c in range(meta.num_columns):
+                        chunk = meta.row_group(g).column(c)
+                        name = chunk.path_in_schema
+                        name = "tempered_lse" if name.startswith("tempered_lse_") else name  # one array, as in zarr
+                        out[name] = out.get(name, 0) + chunk.total_compressed_size
+                        size -= chunk.total_compressed_size
+            out["metadata"] = out.get("metadata", 0) + size  # magic bytes and footer
+        return out

@@ -12,12 +12,12 @@ from collections.abc import Iterable, Iterator
 
 from distill.errors import CorruptStoreError, StoreError
 from distill.storage.backend import get_backend
-from distill.storage.codecs import decode_labels
 from distill.storage.fs import StoreFS
 from distill.storage.labels import SoftLabels, concat_labels
 from distill.storage.layout import (REDO, commit_name, load_manifest, read_commit_record, read_commit_records,
-                                    read_shard_files)
+                                    read_shard_files, shard_dir)
 from distill.storage.manifest import FORMAT_VERSION, Manifest, ShardRecord
+from distill.storage.shards import array_bytes, decode_shard
 from distill.storage.stats import topk_mass_sum
 
 __all__ = ["StoreReader", "open_store"]
@@ -84,9 +84,7 @@ class StoreReader:
         record = self._record(index)
         files = read_shard_files(self.sfs, record)
         try:
-            columns = self.backend.deserialize(files, self._shapes(record))
-            labels = decode_labels(columns, self.spec.k, self.spec.value_encoding, self.spec.stored_temperatures,
-                                   record.example_start, self.spec.tail_samples)
+            labels = decode_shard(files, self.spec, index, record)
         except Exception as e:  # checksums matched, so this is a writer bug or an edited record
             raise CorruptStoreError(f"shard {index} cannot be decoded ({type(e).__name__}: {e}); regenerate it", index) from None
         if labels.num_examples != record.example_stop - record.example_start or labels.num_positions != record.positions:
@@ -161,6 +159,7 @@ class StoreReader:
         positions = self.num_positions
         damaged = self.verify() if verify else []
         unreadable = [d["shard"] for d in damaged if d["shard"] in self.records]
+        by_array = self.array_bytes()
         mass_sum, count = 0.0, 0
         for index in self.complete_shards():
             record = self.records[index]
@@ -194,10 +193,35 @@ class StoreReader:
             "payload_bytes": payload,
             "bytes_per_position": payload / positions if positions else math.nan,
             "bytes_per_entry": payload / (positions * spec.k) if positions else math.nan,
+            "bytes_by_array": by_array,
+            "bytes_per_position_by_array": {name: round(b / positions, 3) for name, b in by_array.items()}
+                                           if positions else {},
             "topk_mass_mean": mass_sum / count if count else math.nan,
             "teacher_fingerprint": spec.teacher_fingerprint,
             "dataset_fingerprint": spec.dataset_fingerprint,
         }
+
+    def array_bytes(self) -> dict[str, int]:
+        """Bytes on disk of each array (docs/FORMAT.md's names) over the complete shards, largest first.
+
+        ``"metadata"`` counts what belongs to no one array (zarr.json files, Parquet footers),
+        so the values sum to the payload. From the commit records, and for Parquet from each
+        file's footer; a shard whose files cannot be opened counts under ``"unreadable"``.
+        """
+        total: dict[str, int] = {}
+        for index in self.complete_shards():
+            record = self.records[index]
+
+            def open_file(rel: str, index=index):
+                return self.sfs.fs.open(self.sfs.path(f"{shard_dir(index)}/{rel}"), "rb")
+
+            try:
+                sizes = array_bytes(self.spec, record, open_file)
+            except Exception:  # noqa: BLE001 - a missing or damaged file (pyarrow's errors vary): verify names it
+                sizes = {"unreadable": record.payload_bytes}
+            for name, size in sizes.items():
+                total[name] = total.get(name, 0) + size
+        return dict(sorted(total.items(), key=lambda item: -item[1]))
 
     # --- internals --------------------------------------------------------------------
     def _record(self, index: int) -> ShardRecord:
@@ -208,14 +232,4 @@ class StoreReader:
                 raise StoreError(f"shard {index} does not exist: the store has shards 0..{self.spec.num_shards - 1}")
             raise StoreError(f"shard {index} is not complete: rerun generation to finish the store")
         return self.records[index]
-
-    def _shapes(self, record: ShardRecord) -> dict[str, tuple[int, ...]]:
-        """The shape every array of the shard must have, from its record (bounds what decoding allocates)."""
-        spec, p, k = self.spec, record.positions, self.spec.k
-        shapes = {"offsets": (record.example_stop - record.example_start + 1,), "ids_delta": (p, k), "ranks_delta": (p, k),
-                  "tail_logprob": (p,), "logprobs": (p, k), "logprob_codes": (p, k), "counts": (p, k), "token_index": (p,),
-                  "tail_ids_delta": (p, spec.tail_samples), "tail_counts": (p, spec.tail_samples)}
-        if spec.stored_temperatures:
-            shapes["tempered_lse"] = (p, len(spec.stored_temperatures))
-        return shapes
 

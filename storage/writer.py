@@ -21,13 +21,13 @@ import torch
 from distill import __version__
 from distill.errors import CorruptStoreError, StoreError
 from distill.storage.backend import get_backend
-from distill.storage.codecs import encode_labels
 from distill.storage.fs import FileLock, StoreFS
 from distill.storage.labels import SoftLabels, concat_labels
 from distill.storage.layout import (MANIFEST, SHARDS, commit_index, commit_names, commit_path, load_manifest, lock_path,
                                     read_commit_record, read_commit_records, read_shard_files, remove_commit_record,
                                     shard_dir, write_commit_record, write_manifest, write_shard_files)
 from distill.storage.manifest import Manifest, ShardRecord, StoreSpec
+from distill.storage.shards import check_labels, encode_shard
 from distill.storage.stats import topk_mass_sum
 
 __all__ = ["StoreWriter", "ShardWriter", "create_store", "open_store_writer", "empty_labels"]
@@ -109,8 +109,7 @@ class StoreWriter:
         """Encode and write a whole shard, then mark it complete. Returns its record."""
         start, stop = self.spec.shard_range(index)
         self._check(labels, index, stop - start)
-        columns = encode_labels(labels, self.spec.vocab_size, self.spec.value_encoding, self.spec.id_coding)
-        files = self.backend.serialize(columns)
+        files = encode_shard(labels, self.spec)
         if self.manifest.finalized:  # redoing a shard: the sealed shard table is about to go stale
             self._unseal()
         self.sfs.remove(commit_path(index))
@@ -126,8 +125,12 @@ class StoreWriter:
         records = read_commit_records(self.sfs, self.spec)
         missing = [i for i in range(self.spec.num_shards) if i not in records]
         if missing:
-            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise StoreError(f"cannot finalize: {len(missing)} shard(s) not complete ({shown}); rerun generation first")
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            url = self.sfs.url
+            raise StoreError(f"cannot finalize {url}: {len(missing)} shard(s) not complete (shards {shown} of "
+                             f"{self.spec.num_shards}): rerun generation for them: `distill generate-labels --teacher "
+                             f"... --data ... --out {url}` with the same settings and no --shard labels just these and "
+                             "seals the store (or rerun each --shard I/N task whose I is a shard's number mod N)")
         self.manifest = Manifest(self.spec, __version__, finalized=True, shards=[records[i] for i in sorted(records)])
         write_manifest(self.sfs, self.manifest)
         return self.manifest
@@ -141,27 +144,7 @@ class StoreWriter:
         spec, where = self.spec, f"shard {index}"
         if labels.num_examples != n_examples:
             raise StoreError(f"{where} holds examples {spec.shard_range(index)}: got {labels.num_examples} examples, not {n_examples}")
-        if labels.num_positions and labels.k != spec.k:
-            raise StoreError(f"{where}: labels have {labels.k} slots per position, the store {spec.k}")
-        if int(labels.offsets[-1]) != labels.num_positions or bool((labels.offsets[1:] < labels.offsets[:-1]).any()):
-            raise StoreError(f"{where}: offsets do not describe {labels.num_positions} positions")
-        if labels.num_positions:
-            ids = labels.topk_ids
-            if int(ids.min()) < 0 or int(ids.max()) >= spec.vocab_size:
-                raise StoreError(f"{where}: ids outside the vocabulary [0, {spec.vocab_size})")
-        if tuple(labels.temperatures) != spec.stored_temperatures:
-            raise StoreError(f"{where}: labels carry normalisers for {labels.temperatures}, the store wants {spec.stored_temperatures}")
-        if (labels.counts is None) != (spec.method != "sample"):
-            raise StoreError(f"{where}: draw counts are required for method 'sample' and only for it")
-        if (labels.token_index is None) == spec.has_token_index:
-            raise StoreError(f"{where}: token_index is {'required' if spec.has_token_index else 'not expected'} by this store")
-        if labels.tail_samples != spec.tail_samples or (labels.tail_ids is None) != (labels.tail_counts is None):
-            raise StoreError(f"{where}: labels have {labels.tail_samples} tail draws per position, the store "
-                             f"{spec.tail_samples}")
-        if spec.tail_samples and labels.num_positions:
-            counted = labels.tail_ids[labels.tail_counts > 0]
-            if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= spec.vocab_size):
-                raise StoreError(f"{where}: tail draws outside the vocabulary [0, {spec.vocab_size})")
+        check_labels(labels, spec, where)
 
 
 class ShardWriter:

@@ -122,7 +122,7 @@ def test_torchrun_on_two_gpus_labels_and_trains_with_nccl(tmp_path):
     equal to one process's (fp32), stage two through DDP on NCCL."""
     data = _ids(tmp_path / "ids.jsonl")
     common = ["--teacher", TEACHER, "--data", data, "--task", "causal-lm", "--k", 8, "--tail-samples", 0,
-              "--examples-per-shard", 8, "--batch-size", 8, "--precision", "fp32", "--no-progress"]
+              "--examples-per-shard", 8, "--batch-size", 8, "--precision", "fp32"]  # with progress: the status lines
     run("generate-labels", *common, "--out", tmp_path / "one", "--device", "cuda:0")
     proc = _torchrun("generate-labels", *common, "--out", tmp_path / "two", "--device", "cuda")
     assert "for worker 0 of 2" in proc.stderr

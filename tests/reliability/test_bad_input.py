@@ -21,6 +21,10 @@ def world(tmp_path_factory):
     (root / "not-a-store" / "precious.txt").write_text("x")
     (root / "broken.toml").write_text("[generate-labels]\nk = = 3\n")
     (root / "typo.toml").write_text("[train-student]\nbatch_sise = 3\n")
+    (root / "top-typo.toml").write_text("temprature = 2.0\n")
+    (root / "table-typo.toml").write_text("[generate-label]\nk = 3\n")
+    (root / "twice.toml").write_text("[generate-labels]\ntemperature = [2.0]\ntemperatures = [3.0]\n")
+    (root / "list.toml").write_text("temperature = [1.0, 2.0]\n")
     return root
 
 
@@ -111,12 +115,33 @@ CASES = {
                            "--batch-size must be at least 1", "got 0"),
     "train learning rate 0": (["train-student", "--labels", "{w}/labels", *STUDENT, "--lr", "0", "--out", "{out}"],
                               "--lr must be > 0", "--min-lr-ratio"),
+    "config unknown top-level key": (["generate-labels", "--config", "{w}/top-typo.toml", "--out", "{out}"],
+                                     "unknown key 'temprature', which no command has", "did you mean 'temperature'?"),
+    "config unknown table": (["generate-labels", "--config", "{w}/table-typo.toml", "--out", "{out}"],
+                             "unknown table [generate-label]", "did you mean 'generate-labels'?"),
+    "config one setting twice": (["generate-labels", "--config", "{w}/twice.toml", "--out", "{out}"],
+                                 "keys 'temperature' and 'temperatures' set the same setting", "keep one"),
+    "config list for a one-value flag": (["train-student", "--config", "{w}/list.toml", "--labels", "{w}/labels",
+                                          *STUDENT, "--out", "{out}"], "temperature = [1.0, 2.0] is a list",
+                                         "give one"),
+    "train labels in memory": (["train-student", "--labels", "memory://x/store", *STUDENT, "--out", "{out}"],
+                               "memory://x/store cannot hold a store here", "pass the path or URL"),
+    # import-labels
+    "import without --out": (["import-labels", "--data", DATA], "missing --out", "pass the path of the store"),
+    "import without --data": (["import-labels", "--out", "{out}"], "missing --data", "pass the data the labels belong to"),
+    "import source missing": (["import-labels", "--data", DATA, "--source", "{w}/nowhere.parquet", "--out", "{out}"],
+                              "the source", "pass --source"),
+    "import k 0": (["import-labels", "--data", DATA, "--k", "0", "--out", "{out}"], "--k must be at least 1", "got 0"),
+    "import negative mass tolerance": (["import-labels", "--data", DATA, "--mass-tolerance", "-1", "--out", "{out}"],
+                                       "--mass-tolerance must be at least 0", "got -1"),
     "train unknown loss": (["train-student", "--labels", "{w}/labels", *STUDENT, "--loss", "mse", "--out", "{out}"],
                            "Invalid value for '--loss'", "--help"),
     # inspect, evaluate
     "inspect missing path": (["inspect", "{w}/none"], "no store at", "check the path"),
     "inspect a file": (["inspect", "{w}/a-file"], "is neither a soft-label store", "pass one of those"),
     "inspect not a store": (["inspect", "{w}/not-a-store"], "neither a soft-label store", "pass one of those"),
+    "inspect a store in memory": (["inspect", "memory://x/store"], "memory://x/store cannot hold a store here",
+                                  "pass the path or URL"),
     "inspect negative sample": (["inspect", "{w}/labels", "--sample", "-1"], "--sample must be at least 0", "got -1"),
     "evaluate unknown model": (["evaluate", "--model", "nosuchmodel", "--data", DATA], "model spec 'nosuchmodel'",
                                "check the spelling"),
@@ -158,6 +183,18 @@ LM_CASES = {
     "fsdp in one process": (["train-teacher", "--model", LM_GPT, *LM_TEXT, "--steps", "1", "--distributed", "fsdp",
                              "--out", "{out}"], "--distributed fsdp shards the model across torchrun's processes",
                             "launch with torchrun"),
+    "held-out evaluation on the only split": (["train-teacher", "--model", LM_GPT, *LM_TEXT, "--steps", "1",
+                                               "--eval-every", "1", "--out", "{out}"],
+                                              "has one split, which is the training data", "pass --eval-data HELD_OUT"),
+    "import a column the source lacks": (["import-labels", "--data", "{lm}/topk.parquet", "--vocab-size", "256",
+                                          "--topk-ids-column", "nope", "--no-progress", "--out", "{out}"],
+                                         "has no column 'nope'", "fix --topk-ids-column"),
+    "import labels that sum past 1": (["import-labels", "--data", "{lm}/over.parquet", "--vocab-size", "256",
+                                       "--no-progress", "--out", "{out}"], "more than 1",
+                                      "give log-probabilities under the teacher's full-vocabulary softmax"),
+    "import labels past the vocabulary": (["import-labels", "--data", "{lm}/topk.parquet", "--vocab-size", "5",
+                                           "--no-progress", "--out", "{out}"], "outside the vocabulary [0, 5)",
+                                          "pass the teacher's --vocab-size"),
     "unknown metrics sink": (["train-teacher", "--model", LM_GPT, *LM_TEXT, "--steps", "1", "--log-to", "mlflow", "--out",
                               "{out}"], "unknown --log-to 'mlflow'", "use tensorboard, wandb"),
 }
@@ -166,7 +203,7 @@ LM_CASES = {
 @pytest.fixture(scope="module")
 def lm_world(tmp_path_factory):
     """A byte-level corpus and its store, chat data, and Hugging Face teachers with and without a chat template."""
-    from datahelp import make_chat_tokenizer, make_hf_tokenizer, write_jsonl
+    from datahelp import make_chat_tokenizer, make_hf_tokenizer, write_jsonl, write_parquet
     from modelhelp import make_hf_causal_lm
 
     root = tmp_path_factory.mktemp("bad-lm-input")
@@ -178,6 +215,12 @@ def lm_world(tmp_path_factory):
     chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
     write_jsonl(root / "chat.jsonl", [{"messages": chat}])
     write_jsonl(root / "robot.jsonl", [{"messages": chat}, {"messages": [{"role": "robot", "content": "beep"}]}])
+    rows = [[1, 2, 3], [4, 5, 6, 7]]  # top-2 labels per token, as other tools export them
+    ids = [[[1, 9], [2, 8], [3, 7]], [[4, 5], [6, 7], [8, 9], [1, 2]]]
+    write_parquet(root / "topk.parquet", {"input_ids": rows, "topk_ids": ids,
+                                         "topk_logprobs": [[[-0.5, -2.0]] * len(r) for r in rows]})
+    write_parquet(root / "over.parquet", {"input_ids": rows, "topk_ids": ids,
+                                         "topk_logprobs": [[[-0.1, -0.2]] * len(r) for r in rows]})
     return root
 
 

@@ -22,7 +22,7 @@ from distill.stages.quantize import QuantizeConfig
 from distill.storage import open_store
 
 MNIST = "mnist1d:num_samples=600"  # 480 train, 120 test examples
-FAST = ["--repeats", 2, "--warmup", 1, "--throughput-batch", 32]  # timing is not what these tests check
+FAST = ["--repeats", 2, "--warmup", 1, "--min-timing-s", 0, "--throughput-batch", 32]  # timing is not what these tests check
 CPU = ["--device", "cpu"]  # the references are computed on the CPU, in float32: so is what they check, GPU or not
 GPT = "gpt:d_model=32,n_layers=1,n_heads=2,max_len=64"
 
@@ -116,8 +116,25 @@ def test_human_output_is_a_table_and_the_retention_line(runs):
     assert re.fullmatch(r"expected calibration error of the top-1 \(15 bins\): 0\.\d{4} \(teacher 0\.\d{4}\)", lines[4]), lines[4]
     assert lines[5].startswith("agreement with the teacher: top-1 ")
     made_up = {"retention": 0.971, "metric": "perplexity", "size_ratio": 0.15, "speedup": 3.21}
-    assert retention_line(made_up) == "student keeps 97.1% of the teacher's perplexity, is 85.0% smaller and 3.2× faster"
+    # perplexity: lower is better, and the line says the student's as a multiple of the teacher's
+    assert retention_line(made_up) == "student has perplexity 1.03× the teacher's, is 85.0% smaller and 3.2× faster"
+    assert retention_line({**made_up, "metric": "accuracy"}, name="int8 student") == (
+        "int8 student keeps 97.1% of the teacher's accuracy, is 85.0% smaller and 3.2× faster")
     assert retention_line({**made_up, "size_ratio": 1.2, "speedup": 0.5}).endswith("is 20.0% larger and 2.0× slower")
+
+
+def test_models_compared_together_are_timed_once_with_one_set_of_figures(runs):
+    from distill.stages.evaluate import EvaluateConfig, evaluate_models
+
+    fast = dict(data=MNIST, device="cpu", warmup=1, repeats=2, throughput_batch=32, min_timing_s=0)
+    teacher = str(runs / "teacher")
+    alone, student, itself = evaluate_models([
+        EvaluateConfig(model=teacher, **fast), EvaluateConfig(model=str(runs / "student"), teacher=teacher, **fast),
+        EvaluateConfig(model=teacher + "/", teacher=teacher, **fast)])  # one path spelled two ways: one model
+    for figure in ("latency_ms", "throughput"):  # the teacher's row, as alone and as each one's teacher
+        assert alone[figure] == student["teacher"][figure] == itself[figure] == itself["teacher"][figure]
+    assert student["speedup"] == alone["latency_ms"] / student["latency_ms"] and itself["speedup"] == 1.0
+    assert student["value"] != alone["value"] and student["teacher_value"] == alone["value"]
 
 
 def test_the_teacher_against_itself_agrees_fully(runs):

@@ -220,7 +220,8 @@ def test_job_array_then_finalize(tmp_path):
     run(*args, "--out", out, "--shard", "1/2")
     assert not open_store(str(out)).complete
     result = run("--out", out, "--finalize", ok=False)
-    assert result.exit_code == 2 and "4 shard(s) not complete (0, 2, 4, 6)" in result.stderr
+    assert result.exit_code == 2 and "4 shard(s) not complete (shards 0, 2, 4, 6 of 8)" in result.stderr
+    assert f"--out {out}` with the same settings and no --shard" in result.stderr and result.stderr.count("\n") == 1
     run(*args, "--out", out, "--shard", "0/2")
     run("--out", out, "--finalize")
     assert open_store(str(out)).complete
@@ -234,7 +235,7 @@ def _subprocess_env(extra_path=""):
 
 
 def test_torchrun_two_ranks_split_the_shards(tmp_path):
-    args = ["--teacher", MLP, "--data", MNIST, "--examples-per-shard", 60, "--k", 3, "--no-progress"]
+    args = ["--teacher", MLP, "--data", MNIST, "--examples-per-shard", 60, "--k", 3]  # with progress: the status lines
     run(*args, "--out", tmp_path / "whole")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "distill.cli", "generate-labels", *map(str, args), "--out", str(tmp_path / "ddp"), "--device", "cpu"]
@@ -255,8 +256,9 @@ def test_device_auto_without_cuda_is_the_cpu(tmp_path, monkeypatch):
     assert_same_store(tmp_path / "cpu", tmp_path / "auto")
 
 
+@pytest.mark.slow  # ~15 s; the default suite kills stage one at each point in tests/reliability/test_kill_generate.py
 def test_kill_9_then_rerun_resumes_to_the_same_store(tmp_path, test_modules):
-    common = ["--data", MNIST, "--examples-per-shard", 40, "--batch-size", 10, "--k", 3, "--no-progress"]
+    common = ["--data", MNIST, "--examples-per-shard", 40, "--batch-size", 10, "--k", 3]  # with progress: "N to do"
     run("--teacher", "slowteacher:fast_factory", *common, "--out", tmp_path / "whole")
 
     out = tmp_path / "killed"

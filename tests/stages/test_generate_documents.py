@@ -24,7 +24,7 @@ def test_generate_labels_with_pack_reports_the_documents(tmp_path):
     texts = SENTENCES * 3
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": s} for s in texts])
     out = tmp_path / "store"
-    result = run("generate-labels", "--no-progress", "--device", "cpu", "--teacher", teacher, "--data", data,
+    result = run("generate-labels", "--device", "cpu", "--teacher", teacher, "--data", data,  # the lines: no --no-progress
                  "--task", "causal-lm", "--out", out, "--k", 8, "--seq-len", 16, "--pack")
     examples = load_data(DataConfig(str(data), task="causal-lm", tokenizer=str(teacher), seq_len=16, pack=True))
     stats = examples.stats

@@ -32,11 +32,8 @@ def test_library_example_runs_as_written(tmp_path):
 
 
 def test_train_benchmark_prints_consistent_figures(tmp_path):
-    cmd = [sys.executable, str(REPO / "benchmarks" / "train.py"), "--workload", "classifier", "--steps", "3",
-           "--warmup", "1", "--repeats", "1", "--memory-examples", "64", "--no-default-buffer", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = train_bench(tmp_path, "--workload", "classifier", "--steps", "3", "--warmup", "1", "--repeats", "1",
+                      "--no-memory")
     assert out["benchmark"] == "train" and out["machine"]["cpus"] >= 1
 
     w = out["workloads"]["classifier"]
@@ -51,6 +48,17 @@ def test_train_benchmark_prints_consistent_figures(tmp_path):
     assert 8 <= w["param_ratio"] <= 12 and w["steps"] == 3 and len(w["runs"]["ce"]) == 1
     assert out["meets_target"] == (w["stream_overhead_ratio"] >= out["target_stream_overhead_ratio"])
 
+
+def train_bench(tmp_path, *args) -> dict:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "train.py"), *args, "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # about 20 s: train-student twice in subprocesses, on 1x and 10x the data
+def test_train_benchmark_memory_line_is_consistent(tmp_path):
+    out = train_bench(tmp_path, "--workload", "none", "--memory-examples", "64", "--no-default-buffer")
     m = out["memory"]
     assert m["examples_large"] == 10 * m["examples_small"] and m["positions_large"] == 10 * m["positions_small"]
     assert m["peak_rss_mb_small"] > 0 and m["peak_rss_mb_large"] > 0

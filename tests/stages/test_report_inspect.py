@@ -251,3 +251,35 @@ def test_inspect_a_quantize_output_directory(tmp_path):
     assert result.exit_code == 0, result.output + result.stderr
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["method"] == "dynamic-int8" and summary["bytes_after"] > 0
+
+
+def test_a_hard_label_run_that_taught_no_student_is_a_baseline_not_a_teacher(tmp_path):
+    import os
+
+    from distill.pipeline.charts import ROLE_COLOURS
+    from distill.pipeline.rundir import RunDir
+    from distill.stages.report import run_roles
+
+    def run_dir(name, model, labels=None):
+        config = {"model": model, "data": MNIST, "out": name, **({"labels": labels} if labels else {})}
+        return RunDir(str(tmp_path / name), config, [], [], None, None)
+
+    runs = [run_dir("teacher", "cnn"), run_dir("scratch", "mlp"), run_dir("student", "mlp", labels="store")]
+    assert run_roles(runs, set()) == ["teacher", "baseline", "student"]  # scratch trains the student's model
+    named = {os.path.normpath(str(tmp_path / "scratch"))}  # evaluate's reports name the teacher: they decide
+    assert run_roles(runs, named | {None}) == ["baseline", "teacher", "student"]
+    assert len({ROLE_COLOURS[r] for r in ("teacher", "baseline", "student", "quantized")}) == 4
+
+
+def test_a_teachers_own_evaluation_beats_the_copy_in_a_students(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    teacher = {"model": str(runs / "teacher"), "metric": "accuracy", "value": 0.5, "params": 1098, "bytes": 4848,
+               "latency_ms": 0.25, "throughput": 9000.0, "throughput_unit": "examples/s"}
+    lines = [teacher, {**teacher, "model": str(runs / "student"), "latency_ms": 0.125, "speedup": 2.0,
+                       "teacher": {**teacher, "latency_ms": 7.0}}]
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps(lines))
+    out = tmp_path / "report.html"
+    ok("report", runs / "teacher", runs / "student", "--evaluation", evaluation, "--out", out)
+    html = out.read_text()
+    assert "<td>0.25 ms</td>" in html and "7 ms" not in html and "<td>2.0× faster</td>" in html

@@ -122,9 +122,10 @@ def _env(extra=""):
     return env
 
 
+@pytest.mark.slow  # ~30 s; the default suite kills train-student in tests/reliability/test_kill_train.py (workers 0)
 def test_kill_9_then_rerun_ends_with_the_same_weights(labelled, tmp_path, test_modules):
     args = ["train-student", "--labels", str(labelled / "labels"), "--student", "slowteacher:slow_student",
-            "--data", MNIST, "--epochs", "3", "--batch-size", "16", "--checkpoint-every", "7", "--workers", "1",
+            "--data", MNIST, "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "7", "--workers", "1",
             "--shuffle-buffer", "64", "--device", "cpu"]
     command = [sys.executable, "-m", "distill.cli", *args, "--no-progress", "--out"]
     whole = subprocess.run([*command, str(tmp_path / "whole")], env=_env(test_modules), capture_output=True, text=True)
@@ -135,7 +136,7 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(labelled, tmp_path, test_m
     proc = subprocess.Popen(cmd, env=_env(test_modules), stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:  # kill just after the 4th checkpoint (step 28, mid-epoch)
+    while proc.poll() is None and time.monotonic() < deadline:  # kill just after the 4th checkpoint (step 28 of the 30 in epoch 1)
         if latest.exists() and latest.read_text().strip() >= "step-00000028":
             break
         time.sleep(0.002)
@@ -153,7 +154,7 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(labelled, tmp_path, test_m
 
 def test_torchrun_two_ranks_train_with_ddp(labelled, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "distill.cli",
-           "train-student", "--labels", str(labelled / "labels"), "--student", "mlp:hidden=16", "--data", MNIST,
+           "train-student", "--labels", str(labelled / "labels"), "--student", "mlp:hidden=16", "--data", MNIST, "--data", MNIST,
            "--out", str(tmp_path / "ddp"), "--epochs", "2", "--batch-size", "16", "--device", "cpu", "--workers", "0",
            "--no-progress", "--log-every", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
@@ -163,6 +164,7 @@ def test_torchrun_two_ranks_train_with_ddp(labelled, tmp_path):
     assert steps[-1] < 2 * 480 // 16 and load_model(ModelConfig(str(tmp_path / "ddp"))).output_size == 10
 
 
+@pytest.mark.slow  # ~20 s; the default suite runs make labels (test_generate.py, tests/test_config_files.py)
 def test_make_teacher_and_student(labelled, tmp_path):
     venv = Path(sys.executable).parent.parent
     if not (venv / "bin" / "distill").exists():
@@ -216,3 +218,22 @@ def test_no_tail_trains_and_is_recorded_in_the_run_config(labelled, tmp_path):
     run("train-student", "--labels", labelled / "labels", "--student", "mlp:hidden=16", "--data", MNIST, "--out", out,
         "--steps", 3, "--workers", 0, "--no-tail", "--temperature", 1)
     assert json.loads((out / "config.json").read_text())["tail"] is False and (out / "model").is_dir()
+
+
+def test_progress_lines_and_the_summary_show_the_loss(labelled, tmp_path):
+    from click.testing import CliRunner
+
+    from distill.cli import cli
+    from distill.pipeline.progress import loss_text
+
+    out = tmp_path / "student"
+    result = CliRunner().invoke(cli, ["train-student", "--labels", str(labelled / "labels"), "--student", "mlp:hidden=16", "--data", MNIST,
+                                      "--out", str(out), "--steps", 6, "--log-every", 2, "--alpha", "0.5",
+                                      "--workers", "0", "--device", "cpu"], env={"DISTILL_LOG_EVERY": "0"})
+    assert result.exit_code == 0, result.stderr
+    last = [m for m in metrics(out) if "loss" in m][-1]
+    expected = f"loss {last['loss']:.4f} (soft {last['soft']:.4f}, ce {last['ce']:.4f})"
+    assert loss_text(last) == expected
+    progress = [line for line in result.stderr.splitlines() if "/6 steps" in line]
+    assert progress and "loss" not in progress[0] and progress[-1].endswith(", " + expected)  # none before step 2
+    assert f"; final {expected}" in result.stdout

@@ -130,14 +130,14 @@ def test_an_unknown_id_coding_is_refused():
 
 def test_a_damaged_table_is_a_corrupt_shard_not_wrong_labels(tmp_path, monkeypatch):
     """A table shorter than its ranks (a writer bug; checksums catch damage on disk) fails the shard read."""
-    import distill.storage.writer as writer_module
+    import distill.storage.shards as shards_module  # where the writer encodes a shard
 
     def short_table(*args):
         columns = encode_labels(*args)
         columns["id_order"] = columns["id_order"][:2]
         return columns
 
-    monkeypatch.setattr(writer_module, "encode_labels", short_table)
+    monkeypatch.setattr(shards_module, "encode_labels", short_table)
     write_store(tmp_path / "s", make_labels("topk", n_examples=6), id_coding="rank")
     with pytest.raises(CorruptStoreError, match="cannot be decoded"):
         open_store(str(tmp_path / "s")).read_all()

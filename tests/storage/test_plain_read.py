@@ -134,6 +134,7 @@ def tempered(dec: dict, manifest: dict, temperature: float) -> tuple[np.ndarray,
     lp = dec["logprobs"].astype(np.float64) / temperature - dec["tempered_lse"][:, j : j + 1].astype(np.float64)
     mass = np.exp(lp).sum(axis=1)
     tail = np.clip(1.0 - mass, 0.0, None)
+    tail[np.isneginf(dec["tail"])] = 0.0  # FORMAT.md's empty-tail rule: empty at T=1, empty at every T
     log_total = np.log(mass + tail)
     with np.errstate(divide="ignore"):
         return (lp - log_total[:, None]).astype(np.float32), (np.log(tail) - log_total).astype(np.float32)
@@ -336,3 +337,40 @@ def test_a_store_without_tail_draws_has_no_tail_samples_key(tmp_path):
     root = tmp_path / "labels.store"
     write(root, make_labels("topk", False), "topk", "zarr", "sqrt")
     assert "tail_samples" not in checked_json(root / "manifest.json")
+
+
+@pytest.mark.parametrize("encoding", ["lossless", "sqrt"])
+@pytest.mark.parametrize("backend", ["zarr", "parquet"])
+def test_plain_read_keeps_an_empty_tail_empty_at_every_temperature(tmp_path, backend, encoding):
+    """k = V (every class kept, as for mnist1d): FORMAT.md's reading gives an empty tail at every stored T, as distill's."""
+    vocab, temperatures = 10, (0.5, 1.0, 2.0, 4.0)
+    g = torch.Generator().manual_seed(5)
+    labels = topk_labels(zipf_logits(sum(LENGTHS), vocab, g), vocab, (0.5, 2.0, 4.0), lengths=LENGTHS)
+    root = tmp_path / "labels.store"
+    spec = StoreSpec("topk", k=vocab, vocab_size=vocab, num_examples=len(LENGTHS), examples_per_shard=PER_SHARD,
+                     temperatures=temperatures, value_encoding=encoding, backend=backend)
+    writer = create_store(str(root), spec)
+    for i in range(spec.num_shards):
+        writer.write_shard(i, labels.examples(*spec.shard_range(i)))
+    writer.finalize()
+
+    manifest, shards = read_plain(root)
+    reader = open_store(str(root))
+    phantom = 0.0  # the tail mass a reader without the rule would report
+    for i, plain in enumerate(shards):
+        ref = reader.read_shard(i)
+        assert np.isneginf(plain["tail"]).all()
+        assert np.array_equal(plain["ids"], np.tile(np.arange(vocab), (len(plain["ids"]), 1)))
+        for t in temperatures:
+            lp, tail = tempered(plain, manifest, t)
+            ref_lp, ref_tail = ref.tempered(t)
+            assert np.isneginf(tail).all() and np.isneginf(ref_tail.numpy()).all()
+            assert_same_logprobs(lp, ref_lp.numpy(), 0.0 if encoding == "lossless" and t == 1.0 else 1e-6)
+            if len(lp):
+                np.testing.assert_allclose(np.exp(lp.astype(np.float64)).sum(1), 1.0, atol=1e-6)
+                if t != 1.0:
+                    j = [u for u in manifest["temperatures"] if u != 1.0].index(t)
+                    mass = np.exp(plain["logprobs"].astype(np.float64) / t - plain["tempered_lse"][:, j : j + 1]).sum(1)
+                    phantom = max(phantom, float(np.clip(1.0 - mass, 0.0, None).max()))
+    if encoding == "sqrt":  # the rule matters: float16 normalisers leave 1 - mass above 0 somewhere
+        assert phantom > 1e-5
