@@ -158,14 +158,18 @@ def inspect(ctx: click.Context, as_json: bool, **params) -> None:
     mass percentiles and histogram, entropy over the k+1 buckets), read shard by shard. A run
     directory: its key settings, steps done, last training and held-out metrics, final model.
     """
-    from distill.stages.inspection import format_run, inspect_path
+    from distill.stages.inspection import format_lineage, format_provenance, format_run, inspect_path
 
     result = inspect_path(_stage_config(ctx, params))
     summary = result["summary"]
     if as_json:
         click.echo(json.dumps(summary, default=str))
-    else:
-        click.echo(format_run(summary) if result["kind"] == "run" else _format_summary(summary))
+    elif result["kind"] == "run":
+        click.echo(format_run(summary))
+    else:  # a store's provenance and lineage as their own indented blocks, after its figures
+        figures = {k: v for k, v in summary.items() if k not in ("provenance", "lineage")}
+        click.echo("\n".join([_format_summary(figures), *format_provenance(summary.get("provenance")),
+                              *format_lineage(summary.get("lineage") or [])]))
     if summary.get("damaged_shards") or summary.get("figures_skipped_shards"):
         sys.exit(1)
 

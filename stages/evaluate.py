@@ -38,6 +38,10 @@ Given a teacher, the retention line compares the two: ``retention`` is model/tea
 accuracy and teacher/model for perplexity (lower is better: the line says the student's
 perplexity as a multiple of the teacher's, 1 / retention); ``size_ratio`` is
 bytes/teacher_bytes and ``speedup`` teacher latency / model latency at batch 1.
+
+A model that is a run (or quantize) directory with a model card distill wrote
+(``model/README.md``) gets this report's table and retention line in the card's results
+section, replaced at each evaluation (``distill.pipeline.modelcard``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from distill.pipeline.data import DataFlags, ExampleSet, choose_split, load_data
 from distill.pipeline.formatting import human_bytes
 from distill.pipeline.labelstore import check_store_matches, open_complete_store
 from distill.pipeline.losses import bucket_divergence, student_buckets
+from distill.pipeline.modelcard import record_results
 from distill.pipeline.modelfiles import model_bytes, pinned_device
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
 from distill.pipeline.config import check_settings, setting
@@ -64,7 +69,7 @@ from distill.pipeline.timing import speedup_text, time_together
 from distill.pipeline.tokenize import tokenizer_beside
 from distill.pipeline.tokenfiles import looked_for_tokenizer
 
-__all__ = ["EvaluateConfig", "evaluate_model", "evaluate_models", "format_report", "retention_line"]
+__all__ = ["EvaluateConfig", "evaluate_model", "evaluate_models", "format_report", "retention_line", "card_results"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +140,18 @@ def evaluate_models(configs: list[EvaluateConfig]) -> list[dict]:
         if "teacher" in keys:
             report["teacher"].update(speeds[keys["teacher"]])
             report.update(_compare(report, report["teacher"]))
+    for config, (report, _) in zip(configs, measured):
+        record_results(config.model, card_results(report, config.data))  # a run directory's card, when it has one
     return [report for report, _ in measured]
+
+
+def card_results(report: dict, data: str) -> str:
+    """The results section of a model card (Markdown): the report's table and its retention line."""
+    against = f", against the teacher `{report['teacher']['model']}`" if "teacher" in report else ""
+    kept = retention_line(report) if report.get("retention") is not None else None
+    table = "\n".join(line for line in format_report(report).splitlines() if line != kept)  # kept below, as prose
+    return (f"`distill evaluate` on `{data}` (split {report['split']}, {report['device']}){against}:\n\n"
+            f"```text\n{table}\n```" + (f"\n\n{kept}" if kept else ""))
 
 
 def _measure(config: EvaluateConfig) -> tuple[dict, dict]:

@@ -25,13 +25,16 @@ import time
 
 import torch
 
+from distill import __version__
 from distill.errors import ConfigError
 from distill.pipeline.data import DataFlags, ExampleSet, load_data
 from distill.pipeline.formatting import data_summary
 from distill.pipeline.models import (LoadedModel, ModelConfig, ModelFlags, float32_output_layer, load_model,
                                      packed_attention)
 from distill.pipeline.progress import Progress
-from distill.pipeline.config import check_settings, setting
+from distill.pipeline.provenance import (check_teacher_license, dataset_identity, provenance,
+                                         teacher_identity)
+from distill.pipeline.config import check_settings, config_to_dict, setting
 from distill.pipeline.context import DEFAULT_SEQ_LEN, check_fits_context, resolve_seq_len
 from distill.pipeline.runtime import (PRECISION_ALIASES, PRECISIONS, DeviceFlags, Workers, autocast, compute_dtype,
                                       parse_shard, pin, resolve_device, to_device, weight_dtype, workers)
@@ -120,6 +123,11 @@ class GenerateConfig(DataFlags, ModelFlags, DeviceFlags):
     seed: int = setting(0, "Seed of the draws for --method sample.")
     queue_size: int = setting(8, "Labelled batches that may wait for the writer thread.", minimum=1)
     progress: bool = setting(True, "No progress bar or log lines.")
+    accept_teacher_license: str | None = setting(None, "Acknowledge the teacher's licence NAME (e.g. llama3), whose "
+                                                       "terms restrict training on its outputs: recorded in the store "
+                                                       "(not legal advice; see README).")
+    require_known_license: bool = setting(False, "Refuse a teacher that declares no licence (config.json or "
+                                                 "README.md metadata) unless --accept-teacher-license unknown.")
     precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU; bf16 and fp16 cast the "
                                      "teacher's weights too.", choices=PRECISIONS, value_aliases=PRECISION_ALIASES,
                              aliases=("--dtype",), kw_only=True)
@@ -177,6 +185,8 @@ def generate_labels(config: GenerateConfig) -> dict:
 
 def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> dict:
     say = _Say(team.rank == 0 or not team.distributed, config.progress)  # progress=False: silent unless told to act
+    identity = teacher_identity(config.teacher)  # from the teacher's files: refused before anything loads or is written
+    check_teacher_license(identity, config.accept_teacher_license, config.require_known_license)
     teacher = load_model(ModelConfig(config.teacher, weights=config.weights, task=config.task,
                                      trust_remote_code=config.trust_remote_code),
                          device=device, dtype=weight_dtype(config.precision, device))
@@ -188,6 +198,7 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
     _check_compatible(config, teacher, data)
     check_fits_context(data, f"data {config.data!r}", teacher=teacher)
     spec = store_spec(config, teacher, data, device, exact_head)
+    spec = dataclasses.replace(spec, extra={**spec.extra, "provenance": _provenance(config, teacher, data, spec, identity)})
     writer = _open_store(config, spec, team, say)
     pending = writer.pending_shards()
     mine = [i for i in pending if i % team.world == team.rank]
@@ -211,6 +222,14 @@ def _generate(config: GenerateConfig, device: torch.device, team: Workers) -> di
         say.note(f"generate-labels: task {team.rank} of {team.world} done; once all tasks are, seal the store with "
                  f"`distill generate-labels --out {config.out} --finalize`")
     return result
+
+
+def _provenance(config: GenerateConfig, teacher: LoadedModel, data: ExampleSet, spec: StoreSpec, identity: dict) -> dict:
+    """``extra["provenance"]`` (docs/FORMAT.md): who made the store, from what, with which settings."""
+    identity = {**identity, "weights_fingerprint": teacher.fingerprint,
+                "parameters": identity["parameters"] or sum(p.numel() for p in teacher.module.parameters())}
+    dataset = dataset_identity(config.data, config.split, len(data), spec.dataset_fingerprint)
+    return provenance(identity, dataset, config_to_dict(config), __version__, config.accept_teacher_license)
 
 
 def _finalize_only(config: GenerateConfig) -> dict:

@@ -8,6 +8,7 @@ run directory:
                             torch.jit.load, which runs no pickled Python code
     OUT/model/model.json    {"kind": "torchscript", "file": "model.pt", "method", "source", "traced_on", ...}:
                             makes OUT itself a model spec, like a training run directory
+    OUT/model/README.md     the source's model card carried over, saying how it was quantised
     OUT/summary.json        what this returns: bytes before and after, Linear layers quantized
 
 Every ``nn.Linear`` is quantized, and so is transformers' ``Conv1D`` (GPT-2's Linear with a
@@ -63,7 +64,8 @@ from torch import nn
 
 from distill.errors import ConfigError, WriteError, first_line, is_write_failure, write_error
 from distill.pipeline.data import DataConfig, DataFlags, load_data
-from distill.pipeline.files import read_json, write_json
+from distill.pipeline.files import read_json, write_json, write_text
+from distill.pipeline.modelcard import CARD_FILE, card_path, quantized_card
 from distill.pipeline.modelfiles import model_bytes
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
@@ -137,12 +139,22 @@ def quantize_model(config: QuantizeConfig) -> dict:
                "traced_on": traced_on, "bytes_before": bytes_before}
     bytes_after = _save(config, source, exported, summary)
     summary.update(bytes_after=bytes_after, size_ratio=bytes_after / bytes_before if bytes_before else None)
+    write_text(os.path.join(config.out, "model", CARD_FILE), quantized_card(_source_card(config.model), summary))
     if bytes_after >= bytes_before:
         summary["note"] = ("the quantized model is not smaller on disk: its TorchScript code and the layers left "
                            "in float (embeddings, convolutions, a tied output layer stored twice) outweigh the "
                            "int8 Linear weights")
     write_json(os.path.join(config.out, "summary.json"), summary)
     return summary
+
+
+def _source_card(model: str) -> str | None:
+    """The card distill wrote beside the source model (a run directory's model/README.md), or None."""
+    path = card_path(model) if os.path.isdir(model) else None
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 # --- checks and the output directory -------------------------------------------------------------

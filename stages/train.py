@@ -9,7 +9,8 @@ and the "same model trained from scratch" baseline every distillation result is 
 A run directory holds ``config.json``, ``metrics.jsonl``, ``checkpoints/`` and, at the
 end, ``model/`` (a Hugging Face model saved with ``save_pretrained``; any other model as
 ``model.safetensors`` plus ``model.json``, which says how to rebuild it; beside either, the
-tokenizer the run read text with, saved with ``save_pretrained``) and ``summary.json``.
+tokenizer the run read text with, saved with ``save_pretrained``, and the model card
+``README.md``, distill.pipeline.modelcard) and ``summary.json``.
 Rerunning the same command resumes from the newest checkpoint.
 """
 
@@ -28,10 +29,11 @@ from distill.pipeline.adapters import (ADAPTER_DIR, StudentFlags, check_student_
 from distill.pipeline.config import check_settings, setting, settings
 from distill.pipeline.context import check_fits_context, resolve_seq_len, stored_seq_len
 from distill.pipeline.data import DataConfig, DataFlags, ExampleSet, choose_split, load_data, only_split
-from distill.pipeline.files import write_json
+from distill.pipeline.files import write_json, write_text
 from distill.pipeline.labelstore import check_store_matches, open_complete_store
 from distill.pipeline.losses import LOSS_NAMES, OnlineDistillationLoss, TopKDistillationLoss, make_loss
 from distill.pipeline.metricsinks import LogFlags, check_sinks
+from distill.pipeline.modelcard import CARD_FILE, training_card
 from distill.pipeline.modelfiles import save_model
 from distill.pipeline.models import (CROSSES_DOCUMENTS, LoadedModel, ModelConfig, ModelFlags, load_model,
                                     packed_attention)
@@ -128,6 +130,8 @@ class StudentConfig(TrainConfig):
                                "do; for comparison).")
     tail_samples: bool = setting(True, "Leave out the store's tail draws: the top-k and the tail bucket alone (for "
                                        "comparison, or with a --loss or --temperature the draws do not serve).")
+    license: str | None = setting(None, "Licence in the student's model card (model/README.md), a Hub licence id.",
+                                  default_help="the teacher's, as the store's provenance records it")
 
     def __post_init__(self):
         super().__post_init__()
@@ -260,7 +264,8 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
         if team.rank == 0:
             # with the tokenizer it was trained with: the run directory works as a --teacher, the model with AutoTokenizer
             save_model(student, os.path.join(config.out, "model"), weights,
-                       also=lambda path: save_tokenizer(_tokenizer(config), path))
+                       also=lambda path: (save_tokenizer(_tokenizer(config), path),
+                                          write_text(os.path.join(path, CARD_FILE), _card(config, student, store, last))))
             write_json(os.path.join(config.out, "summary.json"), summary)
         team.barrier()
         return summary
@@ -269,6 +274,20 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
 
 
 # --- pieces ---------------------------------------------------------------------------------
+
+def _card(config: TrainConfig, student: LoadedModel, store, last: dict) -> str:
+    """The model card of the saved model (distill.pipeline.modelcard): how it was made, from what."""
+    library = "transformers" if student.describe.get("kind") == "hf" else "pytorch"
+    if store is None:
+        how = {"model": config.model, "data": config.data, "split": config.split, "loss": "cross-entropy on the "
+               "hard labels", "steps": last.get("step"), "batch size": config.batch_size, "lr": config.lr}
+        return training_card(how, student.task, library)
+    how = {"student": config.model, "data": config.data, "split": config.split, "labels": config.labels,
+           "loss": config.loss, "temperature": config.temperature, "alpha": config.alpha,
+           "tail": None if config.tail else "dropped (renormalised over the k ids)", "steps": last.get("step"),
+           "batch size": config.batch_size, "lr": config.lr}
+    return training_card(how, student.task, library, store.spec, config.license)
+
 
 def _suppress_padding(student: LoadedModel) -> None:
     """A padded vocabulary's extra ids were never trained: a Hugging Face student's generate() never picks them."""

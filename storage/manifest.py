@@ -206,8 +206,9 @@ _FIELD_TYPES = {"method": (str,), "k": (int,), "vocab_size": (int,), "num_exampl
 
 
 OPTIONAL_KEYS = {"tail_samples": 0, "id_coding": "delta"}  # spec keys a manifest holds only when they differ from these defaults
-# extra keys that describe the data (sequences, sizes), which the dataset fingerprint already pins: not compared
-DESCRIPTIVE_EXTRA = ("data", "seq_len", "longest_sequence")
+# extra keys that describe the data (sequences, sizes), which the dataset fingerprint already pins, and who made
+# the store when (provenance: its date and command change on every run): not compared
+DESCRIPTIVE_EXTRA = ("data", "seq_len", "longest_sequence", "provenance")
 
 
 def _optional(d: dict, keys: tuple[str, ...]) -> dict:

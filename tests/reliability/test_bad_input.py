@@ -64,6 +64,9 @@ CASES = {
                                  "does not exist", "check --weights"),
     "generate read-only out": (["generate-labels", *TEACHER, "--out", "{ro}/store"], "cannot write",
                                "writable directory"),
+    "generate teacher of no licence when one is required": (["generate-labels", *TEACHER, "--require-known-license",
+                                                              "--out", "{out}"], "declares no licence",
+                                                             "pass --accept-teacher-license unknown"),
     "generate unknown method": (["generate-labels", *TEACHER, "--method", "argmax", "--out", "{out}"],
                                 "Invalid value for '--method'", "--help"),
     "generate k not a number": (["generate-labels", *TEACHER, "--k", "many", "--out", "{out}"],
@@ -195,6 +198,10 @@ LM_CASES = {
     "import labels past the vocabulary": (["import-labels", "--data", "{lm}/topk.parquet", "--vocab-size", "5",
                                            "--no-progress", "--out", "{out}"], "outside the vocabulary [0, 5)",
                                           "pass the teacher's --vocab-size"),
+    "teacher whose licence restricts training on its outputs": (
+        ["generate-labels", "--teacher", "{lm}/llama-teacher", "--data", "{lm}/corpus.txt", "--out", "{out}",
+         "--no-progress"], "the teacher's licence 'llama2' (from its README.md)",
+        "pass --accept-teacher-license llama2"),
     "unknown metrics sink": (["train-teacher", "--model", LM_GPT, *LM_TEXT, "--steps", "1", "--log-to", "mlflow", "--out",
                               "{out}"], "unknown --log-to 'mlflow'", "use tensorboard, wandb"),
 }
@@ -212,6 +219,8 @@ def lm_world(tmp_path_factory):
         "--k", "4")
     make_hf_tokenizer(make_hf_causal_lm(root / "plain-teacher", vocab=300))
     make_chat_tokenizer(make_hf_causal_lm(root / "chat-teacher", vocab=302))
+    llama = make_hf_tokenizer(make_hf_causal_lm(root / "llama-teacher", vocab=300))
+    (llama / "README.md").write_text("---\nlicense: llama2\n---\n# a teacher under the Llama 2 licence\n")
     chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
     write_jsonl(root / "chat.jsonl", [{"messages": chat}])
     write_jsonl(root / "robot.jsonl", [{"messages": chat}, {"messages": [{"role": "robot", "content": "beep"}]}])

@@ -4,12 +4,14 @@ import json
 import math
 import re
 import shutil
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from huggingface_hub import ModelCard
 from torch import nn
 
 from distill.cli import cli
@@ -103,6 +105,14 @@ def test_evaluate_reports_the_student_against_its_teacher(runs):
     assert r["size_ratio"] == pytest.approx(r["bytes"] / r["teacher"]["bytes"]) and r["size_ratio"] < 1
     assert r["speedup"] == pytest.approx(r["teacher"]["latency_ms"] / r["latency_ms"])
     assert r["latency_ms"] > 0 and r["throughput"] > 0 and r["throughput_unit"] == "examples/s"
+    # the student's model card (model/README.md) reads back and now holds this evaluation
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        card = ModelCard.load(runs / "student" / "model" / "README.md")
+    assert card.data.tags == ["distillation", "classification"] and card.data.library_name == "pytorch"
+    assert card.data.license == "unknown" and card.data.base_model is None  # a built-in teacher declares none
+    assert "- loss: `kl`" in card.text and "- steps: 30" in card.text and "method topk, k " in card.text
+    assert retention_line(r) in card.text and card.text.count("student keeps") == 1
 
 
 def test_human_output_is_a_table_and_the_retention_line(runs):
@@ -210,6 +220,9 @@ def test_quantize_shrinks_the_model_and_evaluate_accepts_it(runs, method):
     r = report("--model", out, "--teacher", runs / "teacher", "--data", MNIST)
     assert abs(r["value"] - r["teacher_value"]) <= 0.05 and r["agreement"] >= 0.9
     assert r["params"] == r["teacher"]["params"] and r["bytes"] == q["bytes_after"] and r["size_ratio"] < 1
+    card = (out / "model" / "README.md").read_text()  # the teacher's card, carried over, with its results
+    assert f"--method {method}" in card and "- loss: `cross-entropy on the hard labels`" in card
+    assert "quantized" in ModelCard.load(out / "model" / "README.md").data.tags and retention_line(r) in card
     # rerunning the same command redoes it; another method into the same directory needs --overwrite
     run("quantize", "--model", runs / "teacher", "--out", out, "--method", method)
     other = "weight-only-int8" if method == "dynamic-int8" else "dynamic-int8"

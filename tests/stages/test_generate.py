@@ -339,7 +339,8 @@ def test_hugging_face_classifier_on_token_ids(tmp_path):
     torch.testing.assert_close(reader.read_all().topk_logprobs, want.topk_logprobs, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("workload, examples", [("lm-small", 4), ("classifier", 256)])
+@pytest.mark.parametrize("workload, examples", [pytest.param("lm-small", 4, marks=pytest.mark.slow),  # ~9 s
+                                                ("classifier", 256)])
 def test_generate_benchmark_prints_one_json_object_last(workload, examples):
     bench = REPO / "benchmarks" / "generate.py"
     proc = subprocess.run([sys.executable, str(bench), "--workload", workload, "--examples", str(examples),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from distill.pipeline.models import ModelConfig, load_model
@@ -185,6 +186,8 @@ def test_hugging_face_student_from_a_config(tmp_path):
 
     teacher = make_hf_causal_lm(tmp_path / "teacher", vocab=300, n_embd=32)
     make_hf_tokenizer(teacher, vocab_size=300)
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "license": "mit"}))  # the student's card inherits it
     student = tmp_path / "student-config"
     GPT2Config(vocab_size=300, n_layer=1, n_embd=16, n_head=2, n_positions=64).save_pretrained(student)
     make_hf_tokenizer(student, vocab_size=300)  # the same tokenizer, beside the student's config
@@ -193,6 +196,9 @@ def test_hugging_face_student_from_a_config(tmp_path):
     run("train-student", "--labels", tmp_path / "labels", "--student", student, "--data", data, "--seq-len", 32,
         "--out", tmp_path / "run", "--steps", 4, "--batch-size", 4, "--workers", 0)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # transformers loads it as it is
+    card = ModelCard.load(tmp_path / "run" / "model" / "README.md")  # and the Hub reads its model card
+    assert card.data.library_name == "transformers" and card.data.license == "mit"
+    assert card.data.tags == ["distillation", "text-generation"] and "- steps: 4" in card.text
     assert saved.config.n_embd == 16 and (tmp_path / "run" / "model" / "config.json").exists()
 
 
