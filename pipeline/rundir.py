@@ -23,7 +23,8 @@ __all__ = ["RunDir", "is_run_dir", "is_quantized_dir", "load_run", "eval_metric"
 
 # settings that may change between a run and its resumption
 RESUMABLE_CHANGES = ("progress", "workers", "device", "log_every", "checkpoint_every", "eval_every", "overwrite",
-                     "log_to", "gradient_checkpointing")  # the last two change how, not what, it computes
+                     "log_to", "gradient_checkpointing",  # these two change how, not what, it computes
+                     "license")  # only the model card's metadata
 
 
 @dataclasses.dataclass(frozen=True)
