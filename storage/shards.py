@@ -32,17 +32,17 @@ def _spec(manifest: Manifest | StoreSpec) -> StoreSpec:
     raise TypeError(f"expected a Manifest or StoreSpec (e.g. open_store(url).manifest), got {type(manifest).__name__}")
 
 
-def encode_shard(labels: SoftLabels, manifest: Manifest | StoreSpec) -> dict[str, bytes]:
+def encode_shard(labels: SoftLabels, manifest: Manifest | StoreSpec, where: str = "labels") -> dict[str, bytes]:
     """The files of a shard holding ``labels``, as the store ``manifest`` describes them.
 
     labels: P positions of any number of examples, shaped as the store wants (k slots,
         its stored temperatures, counts / token_index / tail draws exactly when it has them;
-        labels that differ raise StoreError naming the difference).
+        labels that differ raise StoreError naming the difference, its message starting with ``where``).
     Returns {path relative to the shard's directory: bytes}, in the store's backend and
     encodings: the bytes ``StoreWriter.write_shard`` writes for the same labels.
     """
     spec = _spec(manifest)
-    check_labels(labels, spec)
+    check_labels(labels, spec, where)
     columns = encode_labels(labels, spec.vocab_size, spec.value_encoding, spec.id_coding)
     return get_backend(spec.backend).serialize(columns)
 

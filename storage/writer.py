@@ -27,7 +27,7 @@ from distill.storage.layout import (MANIFEST, SHARDS, commit_index, commit_names
                                     read_commit_record, read_commit_records, read_shard_files, remove_commit_record,
                                     shard_dir, write_commit_record, write_manifest, write_shard_files)
 from distill.storage.manifest import Manifest, ShardRecord, StoreSpec
-from distill.storage.shards import check_labels, encode_shard
+from distill.storage.shards import encode_shard
 from distill.storage.stats import topk_mass_sum
 
 __all__ = ["StoreWriter", "ShardWriter", "create_store", "open_store_writer", "empty_labels"]
@@ -108,8 +108,10 @@ class StoreWriter:
     def write_shard(self, index: int, labels: SoftLabels) -> ShardRecord:
         """Encode and write a whole shard, then mark it complete. Returns its record."""
         start, stop = self.spec.shard_range(index)
-        self._check(labels, index, stop - start)
-        files = encode_shard(labels, self.spec)
+        if labels.num_examples != stop - start:
+            raise StoreError(f"shard {index} holds examples {(start, stop)}: got {labels.num_examples} examples, not "
+                             f"{stop - start}")
+        files = encode_shard(labels, self.spec, where=f"shard {index}")  # which checks the rest of the labels
         if self.manifest.finalized:  # redoing a shard: the sealed shard table is about to go stale
             self._unseal()
         self.sfs.remove(commit_path(index))
@@ -139,12 +141,6 @@ class StoreWriter:
         """Back to an unfinalized manifest: the commit records, not the manifest's table, say what is complete."""
         self.manifest = Manifest(self.spec, __version__)
         write_manifest(self.sfs, self.manifest)
-
-    def _check(self, labels: SoftLabels, index: int, n_examples: int) -> None:
-        spec, where = self.spec, f"shard {index}"
-        if labels.num_examples != n_examples:
-            raise StoreError(f"{where} holds examples {spec.shard_range(index)}: got {labels.num_examples} examples, not {n_examples}")
-        check_labels(labels, spec, where)
 
 
 class ShardWriter:
