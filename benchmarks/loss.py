@@ -1,10 +1,11 @@
 """Loss benchmark: the distillation loss alone (forward and backward) against cross-entropy, on the CPU.
 
-    python benchmarks/loss.py [--shape P V] ... [--k 64] [--temperature 2] [--alpha 0.5] [--rounds 7]
+    python benchmarks/loss.py [--shape P V] ... [--k 64 (at most V)] [--temperature 2] [--alpha 0.5] [--rounds 7]
 
 Random logits, top-k labels with the tail from the teacher's own logits (``topk_labels``),
-``TopKDistillationLoss("kl", T, alpha, fused=True)`` and ``fused=False`` (the plain autograd
-loss), and ``F.cross_entropy`` on the same student logits, each timed for 10 steps per
+``TopKDistillationLoss("kl", T, alpha)`` as train-student builds it (``default``: the fused loss
+from 1,024 outputs, the dense one of ``distill.pipeline.fused.dense_kl`` below), ``fused=True``
+and ``fused=False`` (the plain autograd loss), and ``F.cross_entropy`` on the same student logits, each timed for 10 steps per
 round in alternating rounds on one intra-op thread; the figure is the median round. Prints a
 line per shape, then one JSON object as the last line. It uses only the public API, so the
 same file run against an older checkout measures that checkout's loss.
@@ -25,12 +26,14 @@ from distill.storage.labels import topk_labels
 
 
 def time_shape(p: int, v: int, k: int, temperature: float, alpha: float, rounds: int) -> dict:
+    k = min(k, v)  # a classifier's labels keep every class
     g = torch.Generator().manual_seed(0)
     teacher = torch.randn(p, v, generator=g) * 3
     student = (torch.randn(p, v, generator=g) * 3).requires_grad_()
     labels = topk_labels(teacher, k, temperatures=(temperature,) if temperature != 1.0 else ())
     hard = teacher.argmax(1)
-    losses = {"fused": TopKDistillationLoss("kl", temperature, alpha, fused=True),
+    losses = {"default": TopKDistillationLoss("kl", temperature, alpha),
+              "fused": TopKDistillationLoss("kl", temperature, alpha, fused=True),
               "plain": TopKDistillationLoss("kl", temperature, alpha, fused=False)}
 
     def step(name):
@@ -40,7 +43,7 @@ def time_shape(p: int, v: int, k: int, temperature: float, alpha: float, rounds:
         else:
             losses[name](student, labels, hard)["loss"].backward()
 
-    names = ["cross_entropy", "fused", "plain"]
+    names = ["cross_entropy", "default", "fused", "plain"]
     times = {n: [] for n in names}
     for _ in range(rounds):
         for name in names:
@@ -52,13 +55,14 @@ def time_shape(p: int, v: int, k: int, temperature: float, alpha: float, rounds:
             times[name].append((time.perf_counter() - start) / 10 * 1e3)
     ms = {n: statistics.median(t) for n, t in times.items()}
     return {"positions": p, "vocab_size": v, "k": k, **{f"{n}_ms": round(m, 2) for n, m in ms.items()},
-            "fused_vs_ce": round(ms["fused"] / ms["cross_entropy"], 3)}
+            "fused_vs_ce": round(ms["fused"] / ms["cross_entropy"], 3),
+            "default_vs_ce": round(ms["default"] / ms["cross_entropy"], 3)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", nargs=2, type=int, action="append", metavar=("P", "V"),
-                    help="positions and vocabulary (default: 512 4096 and 2048 32000)")
+                    help="positions and vocabulary (default: 256 10, 512 4096 and 2048 32000)")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--alpha", type=float, default=0.5)
@@ -66,9 +70,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for p, v in args.shape or [(512, 4096), (2048, 32000)]:
+    for p, v in args.shape or [(256, 10), (512, 4096), (2048, 32000)]:
         r = time_shape(p, v, args.k, args.temperature, args.alpha, args.rounds)
-        print(f"{p} x {v}: fused {r['fused_ms']} ms, plain {r['plain_ms']} ms, cross-entropy {r['cross_entropy_ms']} ms",
+        print(f"{p} x {v}: default {r['default_ms']} ms, fused {r['fused_ms']} ms, plain {r['plain_ms']} ms, cross-entropy {r['cross_entropy_ms']} ms",
               flush=True)
         rows.append(r)
     print(json.dumps({"benchmark": "loss", "k": args.k, "temperature": args.temperature, "alpha": args.alpha,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.pipeline.fused import fused_bucket_loss
+from distill.pipeline.fused import dense_kl, fused_bucket_loss
 from distill.pipeline.models import LoadedModel
 from distill.pipeline.runtime import module_device, to_device
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
@@ -215,7 +215,8 @@ class _HintonMix(nn.Module):
 
 
 # From about this many outputs the fused loss is faster than the plain one (and it always holds less
-# memory); below it (classifiers) its per-chunk bookkeeping costs more than the tiny (P, C) tensors it saves.
+# memory); below it (classifiers) its per-chunk bookkeeping costs more than the tiny (P, C) tensors it saves,
+# and the forward KL takes the dense path instead.
 FUSED_MIN_OUTPUTS = 1024
 
 
@@ -257,10 +258,13 @@ class TopKDistillationLoss(_HintonMix):
     ``fused=True`` (the default, None, for outputs of FUSED_MIN_OUTPUTS or more: a language model's
     vocabulary) computes it with ``distill.pipeline.fused.fused_bucket_loss``: one
     softmax per chunk of positions, shared by both terms, and no (P, V) intermediates kept for
-    backward beyond the gradient itself. Its ``soft`` and ``ce`` are then detached values (only
+    backward beyond the gradient itself. Below that (a classifier), the default computes the
+    forward KL without padding slots or tail draws with ``distill.pipeline.fused.dense_kl``:
+    its gradient in closed form over the few outputs, with no autograd graph of small operations
+    (and the hard term from ``F.cross_entropy``). On the fused path ``soft`` and ``ce`` are detached values (only
     ``loss`` carries the gradient; ``soft`` is ``loss / T^2`` when alpha == 0, ``ce`` is ``loss`` when
     alpha == 1, so both keep theirs there). ``fused=False`` is the plain autograd path, kept as the
-    reference the fused one is tested against.
+    reference both are tested against.
 
     forward(student_logits (P, V), labels (P positions), hard_labels (P,) int64 or None)
         -> {"loss": scalar, "soft": scalar mean divergence (unscaled), "ce": scalar or None}
@@ -292,6 +296,8 @@ class TopKDistillationLoss(_HintonMix):
         targets = (teacher_lp, teacher_tail) if draws is None else (teacher_lp, teacher_tail, draws[1])
         if self.fused or (self.fused is None and student_logits.shape[-1] >= FUSED_MIN_OUTPUTS):
             return self._fused(student_logits, labels.topk_ids, kept, targets, draws, hard_labels)
+        if self.fused is None and self.kind == "kl" and self.tail and kept is None and draws is None:
+            return self._dense(student_logits, labels.topk_ids, teacher_lp, teacher_tail, hard_labels)
         student = student_buckets(student_logits, labels.topk_ids, self.temperature, kept,
                                   None if draws is None else draws[0])
         div = self._divergence(student[0], student[1], student[2] if draws is not None else None, *targets)  # (P,)
@@ -322,6 +328,11 @@ class TopKDistillationLoss(_HintonMix):
         elif self.alpha == 1.0:
             ce = loss
         return {"loss": loss, "soft": soft, "ce": ce}
+
+    def _dense(self, student_logits: Tensor, ids: Tensor, teacher_lp: Tensor, teacher_tail: Tensor,
+               hard_labels: Tensor | None) -> dict[str, Tensor | None]:
+        return self._mix(student_logits, dense_kl(student_logits, ids, teacher_lp, teacher_tail, self.temperature),
+                         hard_labels)
 
     def _tail_draws(self, labels: SoftLabels) -> tuple[Tensor, Tensor] | None:
         """(tail_ids, tail_counts) when the loss uses them, after checking that it can."""

@@ -462,10 +462,11 @@ def fused_inputs(case, dtype, seed=60, p=7, v=40, k=6):
     return s.to(dtype), labels, hard
 
 
-def fused_and_plain(student, labels, hard, **kwargs):
-    """{"loss", "soft", "ce"} and the gradient of the loss, from the fused and the plain path."""
+def fused_and_plain(student, labels, hard, first=True, **kwargs):
+    """{"loss", "soft", "ce"} and the gradient of the loss, from the fused (or with ``first=None``, the default)
+    and the plain path."""
     got = []
-    for fused in (True, False):
+    for fused in (first, False):
         x = student.clone().requires_grad_()
         out = TopKDistillationLoss(fused=fused, **kwargs)(x, labels, hard)
         (grad,) = torch.autograd.grad(out["loss"], x)
@@ -532,10 +533,11 @@ def test_the_fused_loss_with_tail_draws_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda x: loss(x, labels, hard)["loss"], (logits(3, 12, 1.0, 67).requires_grad_(),))
 
 
-def test_a_scaled_fused_loss_scales_its_gradient_also_on_a_second_backward():
+@pytest.mark.parametrize("fused", [True, None])  # None at 40 outputs: the dense path
+def test_a_scaled_fused_loss_scales_its_gradient_also_on_a_second_backward(fused):
     student, labels, hard = fused_inputs("random", torch.float64)
     x = student.clone().requires_grad_()
-    loss = TopKDistillationLoss("kl", 1.0, alpha=0.5)(x, labels, hard)["loss"]
+    loss = TopKDistillationLoss("kl", 1.0, alpha=0.5, fused=fused)(x, labels, hard)["loss"]
     (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
     g1 = g1.clone()  # the returned gradient shares the loss's buffer
     (g3,) = torch.autograd.grad(loss * 3.0, x)
@@ -573,14 +575,75 @@ def test_the_fused_loss_allocates_at_most_what_cross_entropy_does(temperature):
     assert peak["fused"] <= 2 * p * v * 4 + 4 * chunk < peak["ce"], peak
 
 
-def test_the_default_path_is_fused_for_a_vocabulary_and_plain_for_a_classifier(monkeypatch):
+def test_the_default_path_is_fused_for_a_vocabulary_dense_for_a_classifier_and_plain_otherwise(monkeypatch):
     import distill.pipeline.losses as losses_module
 
     calls = []
-    real = losses_module.fused_bucket_loss
-    monkeypatch.setattr(losses_module, "fused_bucket_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for outputs in (10, losses_module.FUSED_MIN_OUTPUTS):
+    for name in ("fused_bucket_loss", "dense_kl"):
+        real = getattr(losses_module, name)
+        monkeypatch.setattr(losses_module, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+
+    def path(outputs, kind="kl", labels=None, **kwargs):
+        calls.clear()
         t = torch.randn(6, outputs, dtype=torch.float64)
         s = torch.randn(6, outputs, dtype=torch.float64, requires_grad=True)
-        TopKDistillationLoss("kl", 2.0, alpha=0.5)(s, topk_labels(t, 4, temperatures=(2.0,)), t.argmax(1))["loss"].backward()
-    assert len(calls) == 1  # the vocabulary's call only: a classifier's (P, C) tensors are too small to gain from it
+        labels = labels or topk_labels(t, 4, temperatures=(2.0,))
+        TopKDistillationLoss(kind, 2.0, alpha=0.5, **kwargs)(s, labels, t.argmax(1))["loss"].backward()
+        return calls[0] if calls else "plain"
+
+    assert path(losses_module.FUSED_MIN_OUTPUTS) == "fused_bucket_loss"
+    assert path(10) == "dense_kl"  # the forward KL over a classifier's outputs: no (P, C) autograd graph
+    assert path(10, "jsd") == "plain"  # other divergences keep the plain path below FUSED_MIN_OUTPUTS
+    assert path(10, tail=False) == "plain"
+    assert path(10, fused=False) == "plain"
+    padded = sampled_labels(torch.randn(6, 10), 12, temperatures=(2.0,), generator=torch.Generator().manual_seed(1))
+    assert (padded.counts == 0).any() and path(10, labels=padded) == "plain"
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-9, 1e-12), (torch.float32, 2e-5, 1e-6)])
+@pytest.mark.parametrize("case", [c for c in FUSED_CASES if c != "sampled-padding"])
+@pytest.mark.parametrize("temperature, alpha", [(1.0, 0.3), (2.0, 0.5), (2.0, 0.0), (1.0, 1.0), (1.5, 0.4)])
+def test_the_dense_kl_equals_the_plain_one(dtype, rtol, atol, case, temperature, alpha):
+    student, labels, hard = fused_inputs(case, dtype, v=24, k=6)
+    (dense, g_dense), (plain, g_plain) = fused_and_plain(student, labels, hard, first=None, kind="kl",
+                                                         temperature=temperature, alpha=alpha)
+    for name in ("loss", "soft", "ce"):
+        assert (dense[name] is None) == (plain[name] is None)
+        if dense[name] is not None:
+            torch.testing.assert_close(dense[name], plain[name], rtol=rtol, atol=atol)
+    assert torch.isfinite(g_dense).all() and g_dense.dtype == dtype
+    torch.testing.assert_close(g_dense, g_plain, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("k", [3, 10])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_dense_kl_passes_gradcheck_with_ignored_labels(k, temperature):
+    labels = topk_labels(logits(4, 10, 3.0, 71).float(), k, temperatures=(2.0,))
+    hard = torch.tensor([0, -100, 9, 4])
+    loss = TopKDistillationLoss("kl", temperature, alpha=0.4)
+    assert torch.autograd.gradcheck(lambda x: loss(x, labels, hard)["loss"], (logits(4, 10, 1.0, 72).requires_grad_(),))
+
+
+def test_the_dense_kl_gives_bfloat16_logits_a_bfloat16_gradient_and_needs_none_without_grad():
+    student, labels, hard = fused_inputs("random", torch.float32, v=24)
+    (dense, g_dense), (plain, g_plain) = fused_and_plain(student.bfloat16(), labels, hard, first=None,
+                                                         temperature=2.0, alpha=0.5)
+    assert g_dense.dtype == torch.bfloat16 and dense["loss"].dtype == torch.float32
+    torch.testing.assert_close(dense["loss"], plain["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_dense.float(), g_plain.float(), rtol=1e-2, atol=1e-4)
+    with torch.no_grad():
+        out = TopKDistillationLoss("kl", 2.0, 0.5)(student.requires_grad_(), labels, hard)
+    assert not out["loss"].requires_grad
+    torch.testing.assert_close(out["loss"], TopKDistillationLoss("kl", 2.0, 0.5, fused=False)(student, labels, hard)["loss"])
+
+
+@pytest.mark.parametrize("k", [4, 10])
+def test_the_dense_kl_reads_a_kept_id_the_student_masks_as_the_plain_loss_does(k):
+    """A student logit of -inf where the teacher has mass: the bucket counts as float32's smallest mass, with no
+    gradient, on both paths."""
+    labels = topk_labels(logits(5, 10, 2.0, 73).float(), k, temperatures=(2.0,))
+    student = logits(5, 10, 1.0, 74).scatter(1, labels.topk_ids[:, :1], -math.inf)  # each row's top id
+    (dense, g_dense), (plain, g_plain) = fused_and_plain(student, labels, torch.tensor([1, 2, -100, 3, 4]),
+                                                         first=None, temperature=2.0, alpha=0.5)
+    torch.testing.assert_close(dense["loss"], plain["loss"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_dense, g_plain, rtol=1e-9, atol=1e-12)
