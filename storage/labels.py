@@ -60,6 +60,9 @@ class SoftLabels:
     tail_ids: torch.Tensor | None = None
     tail_counts: torch.Tensor | None = None
     example_start: int = 0
+    # (T, logprobs_T (P, K), tail_logprob_T (P,)): ``tempered(T)`` worked out ahead (``with_tempered``), e.g. in a
+    # DataLoader worker while the trainer runs the step before; sliced, moved and concatenated with the labels
+    pretempered: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def num_examples(self) -> int:
@@ -120,7 +123,16 @@ class SoftLabels:
     def _with_positions(self, take, offsets: torch.Tensor, example_start: int) -> "SoftLabels":
         """These labels with every per-position field replaced by ``take(field)`` (None stays None)."""
         fields = {name: None if getattr(self, name) is None else take(getattr(self, name)) for name in POSITION_FIELDS}
-        return dataclasses.replace(self, offsets=offsets, example_start=example_start, **fields)
+        pre = self.pretempered
+        pre = None if pre is None else (pre[0], take(pre[1]), take(pre[2]))
+        return dataclasses.replace(self, offsets=offsets, example_start=example_start, pretempered=pre, **fields)
+
+    def with_tempered(self, temperature: float) -> "SoftLabels":
+        """These labels with ``tempered(temperature)`` worked out now: later calls (on these labels, their slices,
+        selections and copies on another device) return it at once. T = 1 needs no work and stores nothing."""
+        if temperature == 1.0:
+            return self
+        return dataclasses.replace(self, pretempered=(float(temperature), *self.tempered(temperature)))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "SoftLabels":
         """These labels with every per-position field on ``device`` (offsets stay on the host).
@@ -159,6 +171,8 @@ class SoftLabels:
         """
         if temperature == 1.0:
             return self.topk_logprobs, self.tail_logprob
+        if self.pretempered is not None and self.pretempered[0] == temperature:
+            return self.pretempered[1], self.pretempered[2]
         if temperature not in self.temperatures:
             held = ", ".join(str(t) for t in (1.0, *self.temperatures))
             raise ValueError(f"temperature {temperature} is not in the store (it holds {held})")
@@ -182,7 +196,10 @@ def concat_labels(parts: list[SoftLabels]) -> SoftLabels:
         base += p.num_positions
     fields = {name: None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
               for name in POSITION_FIELDS}
-    return dataclasses.replace(parts[0], offsets=torch.cat(offsets), **fields)
+    pre = [p.pretempered for p in parts]
+    same = all(q is not None and q[0] == pre[0][0] for q in pre)  # kept only where every part has the same T
+    pre = (pre[0][0], torch.cat([q[1] for q in pre]), torch.cat([q[2] for q in pre])) if same else None
+    return dataclasses.replace(parts[0], offsets=torch.cat(offsets), pretempered=pre, **fields)
 
 
 class _Softmax:

@@ -45,13 +45,17 @@ class LabelStream(IterableDataset):
                (``distill.pipeline.data.ExampleSet``).
     store:     a ``StoreReader`` over the same examples, or None.
     shuffle_buffer: examples per shuffled block; None: about 65,536 positions' worth.
+    temperature: the loss's temperature: the teacher's tempered log-probabilities at it are worked out
+               here (``SoftLabels.with_tempered``, once per shuffled block, in the DataLoader worker)
+               and travel with the batch as ``soft_pretempered_*``, so the training step does not.
     Yields dicts: the collated example tensors, ``example_index`` (B,), and, with a store,
     ``soft_<field>`` tensors of the batch's ``SoftLabels`` (see ``labels_from_batch``).
     """
 
     def __init__(self, examples, store=None, *, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 shuffle: bool = True, shuffle_buffer: int | None = None, chunk_examples: int = 1024, workers: int = 0):
-        self.examples, self.store = examples, store
+                 shuffle: bool = True, shuffle_buffer: int | None = None, chunk_examples: int = 1024, workers: int = 0,
+                 temperature: float = 1.0):
+        self.examples, self.store, self.temperature = examples, store, float(temperature)
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         if shuffle_buffer is None:  # about BUFFER_POSITIONS positions' worth of examples, at least a batch
             per = store.num_positions / max(1, store.spec.num_examples) if store is not None else 1.0
@@ -166,6 +170,8 @@ class LabelStream(IterableDataset):
                     order = torch.randperm(len(ids), generator=rng)
                     ids = ids[order]
                     labels = None if labels is None else labels.select(order)
+                if labels is not None and self.temperature in labels.temperatures:
+                    labels = labels.with_tempered(self.temperature)
                 yield ids, labels
                 block = []
 
@@ -183,10 +189,18 @@ class LabelStream(IterableDataset):
                 value = getattr(labels, field)
                 if value is not None:
                     out[f"soft_{field}"] = value
+            if labels.pretempered is not None:  # the temperature in the names: reading it back needs no device sync
+                at = repr(labels.pretempered[0])
+                out[f"soft_pretempered_logprobs@{at}"], out[f"soft_pretempered_tail@{at}"] = labels.pretempered[1:]
         return out
 
 
 def labels_from_batch(batch: dict, temperatures: tuple[float, ...]) -> SoftLabels:
     """The batch's ``SoftLabels`` back from its ``soft_*`` tensors (on whatever device they are)."""
-    return SoftLabels(offsets=batch["soft_offsets"], temperatures=temperatures,
+    pre = None
+    for name in batch:
+        if name.startswith("soft_pretempered_logprobs@"):
+            at = name.partition("@")[2]
+            pre = (float(at), batch[name], batch[f"soft_pretempered_tail@{at}"])
+    return SoftLabels(offsets=batch["soft_offsets"], temperatures=temperatures, pretempered=pre,
                       **{name: batch.get(f"soft_{name}") for name in POSITION_FIELDS})

@@ -97,3 +97,37 @@ def test_tail_draws_travel_with_their_positions(tmp_path):
         assert torch.equal(got.tail_ids[got.tail_counts > 0], want.tail_ids[want.tail_counts > 0])
         seen += len(batch["example_index"])
     assert seen == 31
+
+
+def test_tempered_labels_worked_out_ahead_are_what_the_step_would_compute(store):
+    """A stream given the loss's temperature works out ``tempered(T)`` per block (in the worker); the labels the
+    step rebuilds from the packed batch return exactly the values computed from the stored fields."""
+    from distill.pipeline.batching import pack_batch
+
+    reader, labels = store
+    t = reader.spec.stored_temperatures[0]
+    stream = LabelStream(Examples(57), reader, batch_size=4, seed=1, shuffle_buffer=12, temperature=t)
+    for b in _batches(stream):
+        got = labels_from_batch(pack_batch(b).to(torch.device("cpu")), reader.spec.stored_temperatures)
+        assert got.pretempered is not None and got.pretempered[0] == t
+        fresh = labels.select(b["example_index"])  # no precomputed values: tempered() from the stored fields
+        assert fresh.pretempered is None
+        for mine, want in zip(got.tempered(t), fresh.tempered(t)):
+            assert torch.equal(mine, want)
+    plain = LabelStream(Examples(57), reader, batch_size=4, seed=1, shuffle_buffer=12)  # T = 1: nothing ahead
+    assert not any(name.startswith("soft_pretempered") for b in _batches(plain) for name in b)
+
+
+def test_tempered_values_follow_their_labels_through_slices_selections_and_concatenation():
+    from distill.storage.labels import concat_labels
+
+    labels = make_labels("topk", n_examples=9, seed=5)
+    t = labels.temperatures[0]
+    ahead = labels.with_tempered(t)
+    for derived, fresh in [(ahead.examples(2, 6), labels.examples(2, 6)), (ahead.select([7, 1, 1]), labels.select([7, 1, 1])),
+                           (concat_labels([ahead.examples(0, 3), ahead.examples(3, 9)]), labels)]:
+        assert derived.pretempered is not None
+        for mine, want in zip(derived.tempered(t), fresh.tempered(t)):
+            assert torch.equal(mine, want)
+    mixed = concat_labels([ahead.examples(0, 3), labels.examples(3, 9)])  # one part without: none kept
+    assert mixed.pretempered is None
