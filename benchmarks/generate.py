@@ -20,6 +20,14 @@ over random token sequences; ``lm-small``, the same with a 19M-parameter teacher
 wide, 4 layers), where the fixed cost of reducing 32,000 logits per position weighs more;
 ``classifier``, a built-in 1-D CNN over mnist1d-shaped inputs (k=5 of 10 classes).
 
+Memory at the default shard size (``memory_default_shards``, with ``--memory-default-shards N``,
+not run otherwise: about 6 s per shard here): the same command with the default shard size
+(65,536 positions: 1,024 sequences of 64 tokens), a teacher with a vocabulary of 4,096, k = 64
+(and the causal LM's default tail draws), over N shards' worth of data and 10 N. There the
+peak rises over the first shards (freed shard buffers stay in the heap: glibc's dynamic mmap
+threshold, see the README) and then levels off; ``MALLOC_MMAP_THRESHOLD_=131072`` in the
+environment changes that, and the JSON records the variable.
+
 Memory (``memory``): `distill generate-labels` (the real CLI, in a subprocess) on two Parquet
 files of token ids (a ``input_ids`` list column, as users write them) 10 times apart in size,
 with a small teacher (vocabulary 1,024, 64-token sequences, k=16) and 64-example shards,
@@ -29,7 +37,8 @@ process's ``ru_maxrss`` plus its children's, taken at exit; ``peak_rss_ratio = l
 (``distill.pipeline.diskarrays``) and the store is written a shard at a time, so neither
 stays in memory.
 
-    python benchmarks/generate.py [--quick] [--workload lm|classifier|all] [--device auto] [--precision auto]
+    python benchmarks/generate.py [--quick] [--workload lm|classifier|all|none] [--device auto] [--precision auto]
+                                  [--memory-default-shards N]
 
 Prints one line per workload, then one JSON object as the last line.
 """
@@ -179,10 +188,37 @@ def run_memory(quick: bool, device: str, tmp: str, examples: int | None) -> dict
             "peak_rss_ratio": round(rss["large"] / rss["small"], 4), "target_peak_rss_ratio": 1.05}
 
 
+DEFAULT_SHARDS = dict(teacher="gpt:vocab_size=4096,d_model=32,n_layers=1,n_heads=2,max_len=64", vocab_size=4096,
+                      seq_len=64, k=64, batch_size=64, sequences_per_shard=1024)
+
+
+def run_memory_default_shards(shards: int, device: str, tmp: str) -> dict:
+    """generate-labels' peak RSS over ``shards`` and 10x as many shards of the default size."""
+    m = DEFAULT_SHARDS
+    rss = {}
+    for label, n in (("small", shards), ("large", 10 * shards)):
+        data = write_data(f"default-shards-{n}", n * m["sequences_per_shard"], m["seq_len"], tmp, m["vocab_size"])
+        out = os.path.join(tmp, f"default-shards-{n}-store")
+        start = time.perf_counter()
+        own, children = peak_rss_mb(
+            ["generate-labels", "--teacher", m["teacher"], "--data", data, "--out", out, "--k", str(m["k"]),
+             "--batch-size", str(m["batch_size"]), "--device", device, "--task", "causal-lm",
+             "--seq-len", str(m["seq_len"]), "--no-progress"], out + ".rss.json")
+        rss[label] = own + children
+        print(f"    memory, default shards: {n} shards, peak RSS {rss[label]:.0f} MB "
+              f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+    return {**{k: v for k, v in m.items()}, "shards_small": shards, "shards_large": 10 * shards,
+            "positions_per_shard": m["sequences_per_shard"] * m["seq_len"],
+            **{f"peak_rss_mb_{k}": round(v, 1) for k, v in rss.items()},
+            "peak_rss_ratio": round(rss["large"] / rss["small"], 4), "target_peak_rss_ratio": 1.05,
+            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small inputs: under a minute on 2 CPU cores")
-    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all", "none"], default="all",
+                        help="none: only the memory checks asked for (--only-memory, --memory-default-shards)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="generate-labels' --precision (auto: a bf16 teacher on CUDA, fp32 on the CPU)")
@@ -193,10 +229,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the memory check (it runs with --workload all, the default, or --only-memory)")
     parser.add_argument("--only-memory", action="store_true", help="run the memory check alone")
+    parser.add_argument("--memory-default-shards", type=int, default=0, metavar="N",
+                        help="also measure peak RSS over N and 10 N shards of the default size (about 6 s a shard)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
-    names = [] if args.only_memory else list(WORKLOADS) if args.workload == "all" else [args.workload]
-    results, memory = {}, None
+    names = ([] if args.only_memory or args.workload == "none" else list(WORKLOADS) if args.workload == "all"
+             else [args.workload])
+    results, memory, default_shards = {}, None, None
     with tempfile.TemporaryDirectory(prefix="distill-bench-gen-") as tmp:
         for name in names:
             results[name] = r = run_workload(name, args.quick, args.device, repeats, tmp, args.examples, args.precision)
@@ -210,12 +249,15 @@ def main(argv=None) -> dict:
             print(f"    memory: generate-labels peak RSS {memory['peak_rss_mb_small']:.0f} MB at "
                   f"{memory['positions_small']:,} positions, {memory['peak_rss_mb_large']:.0f} MB at "
                   f"{memory['positions_large']:,} (ratio {memory['peak_rss_ratio']:.3f})", file=sys.stderr)
+        if args.memory_default_shards:
+            default_shards = run_memory_default_shards(args.memory_default_shards,
+                                                       "cpu" if args.device == "auto" else args.device, tmp)
     out = {
         "benchmark": "generate", "quick": args.quick, "target_overhead_ratio": 0.95,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.machine(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__},
-        "workloads": results, "memory": memory,
+        "workloads": results, "memory": memory, "memory_default_shards": default_shards,
         "meets_target": all(r["overhead_ratio"] >= 0.95 for r in results.values()),
         "meets_memory_target": None if memory is None else memory["peak_rss_ratio"] <= 1.05,
     }

@@ -300,13 +300,14 @@ def test_empty_shards_and_empty_examples(backend, tmp_path):
     assert open_store(str(tmp_path / "s")).read_all().num_positions == 0
 
 
-def test_shard_writer_appends_batches(backend, tmp_path):
+@pytest.mark.parametrize("step", [3, 1])  # 1: ten appends, so the writer compacts its batches along the way
+def test_shard_writer_appends_batches(backend, tmp_path, step):
     labels = make_labels("topk", n_examples=10)
     spec = StoreSpec("topk", k=K, vocab_size=V, num_examples=10, examples_per_shard=10, temperatures=(1, 2, 4),
                      value_encoding="lossless", backend=backend)
     shard = create_store(str(tmp_path / "s"), spec).shard(0)
-    for a in range(0, 10, 3):
-        shard.append(labels.examples(a, min(a + 3, 10)))
+    for a in range(0, 10, step):
+        shard.append(labels.examples(a, min(a + step, 10)))
     assert shard.num_examples == 10
     record = shard.commit()
     assert record.positions == labels.num_positions
