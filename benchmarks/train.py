@@ -239,7 +239,8 @@ class Ideal:
         reader = open_store(store)
         self.spec = reader.spec
         self.loss = make_loss(self.spec.method, "kl", TEMPERATURE, ALPHA)
-        stream = LabelStream(data, reader, batch_size=w["batch_size"], seed=0)  # the first batches every run sees
+        # the first batches every run sees, with the tempered labels worked out ahead as train-student's stream does
+        stream = LabelStream(data, reader, batch_size=w["batch_size"], seed=0, temperature=TEMPERATURE)
         self.batches = [{k: v.to(device) for k, v in b.items()} for b in islice(iter(stream), n_batches)]
         self.device = device
 
