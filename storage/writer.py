@@ -16,13 +16,16 @@ the shards between them instead of writing the same files.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from distill import __version__
 from distill.errors import CorruptStoreError, StoreError
 from distill.storage.backend import get_backend
 from distill.storage.fs import FileLock, StoreFS
-from distill.storage.labels import SoftLabels, concat_labels
+from distill.storage.labels import POSITION_FIELDS, SoftLabels
 from distill.storage.layout import (MANIFEST, SHARDS, commit_index, commit_names, commit_path, load_manifest, lock_path,
                                     read_commit_record, read_commit_records, read_shard_files, remove_commit_record,
                                     shard_dir, write_commit_record, write_manifest, write_shard_files)
@@ -143,32 +146,55 @@ class StoreWriter:
         write_manifest(self.sfs, self.manifest)
 
 
-# A shard's batches are joined into one block every this many appends. Held until the commit, a shard's
-# worth of batch-sized buffers (a few MB each, which glibc serves from its heap once it has freed blocks that
-# size) left the heap fragmented shard after shard: generate-labels' peak RSS over 30 default-size shards
-# was 977 MB, and 861 MB with this (benchmarks/generate.py --memory-default-shards 3), at no cost in speed.
-COMPACT_PARTS = 4
-
-
 class ShardWriter:
-    """Collects one shard's labels batch by batch; ``commit`` writes the shard."""
+    """Collects one shard's labels batch by batch; ``commit`` writes the shard.
+
+    Each batch is copied on arrival into one buffer per field, sized for the whole shard from the
+    first batch's positions per example (pages never written cost no memory; a longer shard doubles
+    the buffer), and its own buffers are freed at once. Held until the commit instead, a shard's worth
+    of batch-sized buffers (a few MB each: glibc serves blocks that size from its heap once it has
+    freed one) fragmented the heap shard after shard, and generate-labels' peak RSS grew over its
+    first default-size shards (``benchmarks/generate.py --memory-default-shards``). The commit writes
+    the buffers' filled part: each position is still copied once, as the join at the commit did.
+    """
 
     def __init__(self, writer: StoreWriter, index: int):
         self.writer, self.index = writer, index
-        self.parts: list[SoftLabels] = []
-
-    @property
-    def num_examples(self) -> int:
-        return sum(p.num_examples for p in self.parts)
+        self.num_examples = 0
+        self._first: SoftLabels | None = None  # its non-position fields (temperatures, example_start) are the shard's
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._offsets: list[torch.Tensor] = [torch.zeros(1, dtype=torch.int64)]
+        self._used = 0
 
     def append(self, labels: SoftLabels) -> None:
-        self.parts.append(labels)
-        if len(self.parts) >= COMPACT_PARTS:  # one block: the batches' buffers are freed now, not at the commit
-            self.parts = [concat_labels(self.parts)]
+        n = labels.num_positions
+        fields = {name: getattr(labels, name) for name in POSITION_FIELDS if getattr(labels, name) is not None}
+        if self._first is None:
+            self._first = labels
+            per = n / max(labels.num_examples, 1)
+            capacity = max(n, math.ceil(per * self.writer.spec.examples_per_shard * 1.25))
+            self._buffers = {name: t.new_empty((capacity, *t.shape[1:])) for name, t in fields.items()}
+        if fields.keys() != self._buffers.keys():
+            raise StoreError(f"shard {self.index}: a batch holds {sorted(fields)} but the shard's first held "
+                             f"{sorted(self._buffers)}: every batch of a store must carry the same fields")
+        for name, t in fields.items():
+            buf = self._buffers[name]
+            if self._used + n > len(buf):  # longer than the first batch suggested: double
+                grown = buf.new_empty((max(2 * len(buf), self._used + n), *buf.shape[1:]))
+                grown[: self._used] = buf[: self._used]
+                self._buffers[name] = buf = grown
+            buf[self._used : self._used + n] = t
+        self._offsets.append(labels.offsets[1:] + self._used)
+        self._used += n
+        self.num_examples += labels.num_examples
 
     def commit(self) -> ShardRecord:
         spec = self.writer.spec
-        labels = concat_labels(self.parts) if self.parts else empty_labels(spec)
+        if self._first is None:
+            return self.writer.write_shard(self.index, empty_labels(spec))
+        fields = {name: None for name in POSITION_FIELDS}
+        fields.update({name: buf[: self._used] for name, buf in self._buffers.items()})
+        labels = dataclasses.replace(self._first, offsets=torch.cat(self._offsets), pretempered=None, **fields)
         return self.writer.write_shard(self.index, labels)
 
 

@@ -325,3 +325,21 @@ def test_rewriting_a_shard_of_a_finalized_store_unseals_it(backend, tmp_path):
     assert torch.equal(reader.read_shard(1).topk_ids, by_id(other.examples(5, 10))[0])
     create_store(url, writer.spec).finalize()
     assert open_store(url).manifest.finalized and open_store(url).verify() == []
+
+
+def test_shard_writer_grows_past_what_its_first_batch_suggests(backend, tmp_path):
+    """The first batch has one position per example, the rest four: the shard's buffers double on the way."""
+    from distill.storage import topk_labels
+    from distill.storage.synthetic import zipf_logits
+
+    lengths = torch.tensor([1, 1, 4, 4, 4, 4, 4, 4, 4, 4])
+    g = torch.Generator().manual_seed(11)
+    labels = topk_labels(zipf_logits(int(lengths.sum()), V, g), K, (2.0,), lengths=lengths)
+    spec = StoreSpec("topk", k=K, vocab_size=V, num_examples=10, examples_per_shard=10, temperatures=(1, 2),
+                     value_encoding="lossless", backend=backend)
+    shard = create_store(str(tmp_path / "s"), spec).shard(0)
+    for a, b in [(0, 2), (2, 5), (5, 10)]:
+        shard.append(labels.examples(a, b))
+    assert shard.commit().positions == labels.num_positions == 34
+    back = open_store(str(tmp_path / "s")).read_all()
+    assert torch.equal(back.offsets, labels.offsets) and torch.equal(back.topk_ids, by_id(labels)[0])
