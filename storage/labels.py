@@ -129,7 +129,9 @@ class SoftLabels:
 
     def with_tempered(self, temperature: float) -> "SoftLabels":
         """These labels with ``tempered(temperature)`` worked out now: later calls (on these labels, their slices,
-        selections and copies on another device) return it at once. T = 1 needs no work and stores nothing."""
+        selections and copies on another device) return it at once. T = 1 needs no work and stores nothing.
+        The values are kept, not recomputed: change ``topk_logprobs``, ``tail_logprob`` or ``tempered_lse`` in place
+        afterwards and they are stale (take the labels from before this call)."""
         if temperature == 1.0:
             return self
         return dataclasses.replace(self, pretempered=(float(temperature), *self.tempered(temperature)))
