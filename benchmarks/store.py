@@ -5,7 +5,8 @@ Workload: seeded Zipf-shaped logits over random vocabulary permutations
 function stage one uses, then written by the real writer to a local directory and read
 back by the real reader (checksums, backend decode, decode to torch tensors), one core.
 
-    python benchmarks/store.py [--quick] [--backend zarr|parquet]
+    python benchmarks/store.py [--quick] [--backend zarr|parquet] [--workload V32000_k64|V128256_k50]
+                               [--positions N] [--shard-positions N] [--no-sweep]
 
 Prints a table, then one JSON object as the last line. Speeds repeat the write and read
 passes over the same distinct positions; bytes and KL are measured on those positions.
@@ -284,6 +285,10 @@ def main(argv=None):
     ap.add_argument("--backend", default="zarr", choices=BACKENDS)
     ap.add_argument("--positions", type=int, default=0, help="override the number of distinct positions")
     ap.add_argument("--no-sweep", action="store_true", help="skip the rate-control sweeps (bits and k)")
+    ap.add_argument("--workload", default="all", choices=["all", *(f"V{v}_k{k}" for v, k in WORKLOADS)],
+                    help="one synthetic workload only (all: both)")
+    ap.add_argument("--shard-positions", type=int, default=0, metavar="N",
+                    help="positions per shard (default 8,192; --quick 2,048; generate-labels' default is 65,536)")
     ap.add_argument("--real", type=int, default=0, metavar="N",
                     help="also the real-logits workload over N held-out sequences of the cached LM teacher")
     args = ap.parse_args(argv)
@@ -291,13 +296,19 @@ def main(argv=None):
     numcodecs.blosc.set_nthreads(1)
     positions, repeats, shard = (2048, 5, 2048) if args.quick else (32768, 3, 8192)
     positions = args.positions or positions
-    results = {"backend": args.backend, "quick": args.quick, "positions": positions, "generator": "zipf_logits s~U[1,2], noise 0.3"}
+    shard = args.shard_positions or shard
+    results = {"backend": args.backend, "quick": args.quick, "positions": positions, "shard_positions": shard,
+               "generator": "zipf_logits s~U[1,2], noise 0.3"}
     tmp = tempfile.mkdtemp(prefix="distill-bench-")
     try:
         for vocab, k in WORKLOADS:
             key = f"V{vocab}_k{k}"
-            lossy = run_one(vocab, k, positions, repeats, args.backend, "sqrt", shard, tmp)
-            lossless = run_one(vocab, k, positions, 1, args.backend, "lossless", shard, tmp)
+            if args.workload not in ("all", key):
+                continue
+            torch.set_num_threads(os.cpu_count() or 1)  # generating the teacher's logits is not what we time
+            same = make_labels(positions, vocab, k, seed=vocab + k)  # once: every figure of the workload is on these
+            lossy = run_one(vocab, k, positions, repeats, args.backend, "sqrt", shard, tmp, same)
+            lossless = run_one(vocab, k, positions, 1, args.backend, "lossless", shard, tmp, same)
             id_bits = math.ceil(math.log2(vocab))
             results[key] = {
                 **lossy,
@@ -307,12 +318,10 @@ def main(argv=None):
                 "packed_bytes_per_position": math.ceil(k * id_bits / 8) + 2 * k,  # ceil(log2 V)-bit ids + bf16
                 "id_entropy_bits": math.log2(math.comb(vocab, k)) / k,
             }
-            torch.set_num_threads(os.cpu_count() or 1)
-            same = make_labels(positions, vocab, k, seed=vocab + k)  # the labels run_one made above
             results[key]["id_coding"] = id_coding_compare(vocab, k, same, args.backend, tmp, shard)
             if not args.no_sweep:  # same seed as above: the same labels
                 results[key]["sweep"] = sweep(vocab, k, SWEEP_BITS, positions, args.backend, shard, tmp, vocab + k)
-        if not args.no_sweep:
+        if not args.no_sweep and args.workload == "all":
             vocab = WORKLOADS[-1][0]
             results["k_sweep"] = {f"V{vocab}_k{k}": sweep(vocab, k, bits, positions, args.backend, shard, tmp, vocab + k)
                                   for k, bits in SWEEP_K}

@@ -64,3 +64,13 @@ def test_store_benchmark_sweeps_the_value_bits_and_k():
     assert sweep["bits4"]["bytes_per_position"] < sweep["bits8"]["bytes_per_position"] < sweep["lossless"]["bytes_per_position"]
     assert sweep["bits4"]["kl_mean"] > sweep["bits8"]["kl_mean"] > sweep["lossless"]["kl_mean"] >= 0
     assert "budget_point" in result and result["k_sweep"]
+
+
+def test_store_benchmark_runs_one_workload_at_a_chosen_shard_size():
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "store.py"
+    out = subprocess.run([sys.executable, str(bench), "--quick", "--positions", "64", "--no-sweep", "--workload",
+                          "V32000_k64", "--shard-positions", "16"], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["shard_positions"] == 16 and "V32000_k64" in result and "V128256_k50" not in result
+    assert result["V32000_k64"]["encode_positions_per_s"] > 0
