@@ -157,12 +157,13 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
 
 # --- memory: the real CLI in a subprocess, at two data sizes --------------------------------
 
-def generate_peak_rss_mb(data: str, out: str, device: str) -> float:
-    """Peak RSS (MB) of `distill generate-labels` over ``data``: the process's plus its children's."""
-    m = MEMORY
+def generate_peak_rss_mb(data: str, out: str, device: str, m: dict = MEMORY) -> float:
+    """Peak RSS (MB) of `distill generate-labels` over ``data`` with the settings ``m`` (no ``examples_per_shard``:
+    the default shard size): the process's plus its children's."""
+    shards = ["--examples-per-shard", str(m["examples_per_shard"])] if "examples_per_shard" in m else []
     own, children = peak_rss_mb(
         ["generate-labels", "--teacher", m["teacher"], "--data", data, "--out", out, "--k", str(m["k"]),
-         "--batch-size", str(m["batch_size"]), "--device", device, "--examples-per-shard", str(m["examples_per_shard"]),
+         "--batch-size", str(m["batch_size"]), "--device", device, *shards,
          "--task", "causal-lm", "--seq-len", str(m["seq_len"]), "--no-progress"], out + ".rss.json")
     return own + children
 
@@ -198,16 +199,11 @@ def run_memory_default_shards(shards: int, device: str, tmp: str) -> dict:
     rss = {}
     for label, n in (("small", shards), ("large", 10 * shards)):
         data = write_data(f"default-shards-{n}", n * m["sequences_per_shard"], m["seq_len"], tmp, m["vocab_size"])
-        out = os.path.join(tmp, f"default-shards-{n}-store")
         start = time.perf_counter()
-        own, children = peak_rss_mb(
-            ["generate-labels", "--teacher", m["teacher"], "--data", data, "--out", out, "--k", str(m["k"]),
-             "--batch-size", str(m["batch_size"]), "--device", device, "--task", "causal-lm",
-             "--seq-len", str(m["seq_len"]), "--no-progress"], out + ".rss.json")
-        rss[label] = own + children
+        rss[label] = generate_peak_rss_mb(data, os.path.join(tmp, f"default-shards-{n}-store"), device, m)
         print(f"    memory, default shards: {n} shards, peak RSS {rss[label]:.0f} MB "
               f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-    return {**{k: v for k, v in m.items()}, "shards_small": shards, "shards_large": 10 * shards,
+    return {**m, "shards_small": shards, "shards_large": 10 * shards,
             "positions_per_shard": m["sequences_per_shard"] * m["seq_len"],
             **{f"peak_rss_mb_{k}": round(v, 1) for k, v in rss.items()},
             "peak_rss_ratio": round(rss["large"] / rss["small"], 4), "target_peak_rss_ratio": 1.05,

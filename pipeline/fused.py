@@ -41,7 +41,9 @@ __all__ = ["CHUNK_ELEMENTS", "dense_kl", "fused_bucket_loss"]
 
 CHUNK_ELEMENTS = 1 << 21  # positions x vocabulary per chunk: 8 MiB of float32 per buffer
 _NEG_INF = float("-inf")
-_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # as distill.pipeline.losses: an empty student bucket's mass
+# A float32 store cannot tell a mass below ~1e-38 from 0 (the teacher's tail underflows there): the divergences
+# (here and in distill.pipeline.losses) read such a bucket as this log-mass rather than as an infinite penalty
+_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 # divergence(student_lp (n, K), student_tail (n,), within (n, M) or None, *target rows) -> (n,)
 Divergence = Callable[..., Tensor]

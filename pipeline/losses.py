@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.pipeline.fused import dense_kl, fused_bucket_loss
+from distill.pipeline.fused import _LOG_FLOOR, dense_kl, fused_bucket_loss  # _LOG_FLOOR: see there
 from distill.pipeline.models import LoadedModel
 from distill.pipeline.runtime import module_device, to_device
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
@@ -46,9 +46,6 @@ __all__ = [
 LOSSES = ("kl", "reverse-kl", "jsd", "skew-kl")  # divergences over the buckets
 LOSS_NAMES = (*LOSSES, "argmax")  # what train-student --loss takes: argmax is the hard pseudo-label baseline
 
-# A float32 store cannot tell a mass below ~1e-38 from 0 (the teacher's tail underflows there):
-# the divergences read such a bucket as this log-mass rather than as an infinite penalty.
-_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 _NEG_INF = float("-inf")
 
 

@@ -239,7 +239,7 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
         student.module.train()
         stream = LabelStream(data, store, batch_size=config.batch_size, seed=config.seed, rank=team.rank,
                              world=team.world, shuffle_buffer=config.shuffle_buffer, workers=config.workers,
-                             temperature=getattr(config, "temperature", 1.0))  # train-teacher has none
+                             temperature=1.0 if store is None else config.temperature)  # train-teacher: no labels
         evaluate = None
         if config.eval_split is not None:
             held_out = load_data(dataclasses.replace(  # --limit trims the training data, never the held-out split

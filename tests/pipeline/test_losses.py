@@ -474,6 +474,18 @@ def fused_and_plain(student, labels, hard, first=True, **kwargs):
     return got
 
 
+def assert_same_loss(got, want, dtype, rtol, atol):
+    """Two (outputs, gradient) pairs of fused_and_plain agree: the same parts present, their values and a finite
+    gradient of ``dtype`` within tolerance."""
+    (out, grad), (ref, ref_grad) = got, want
+    for name in ("loss", "soft", "ce"):
+        assert (out[name] is None) == (ref[name] is None)
+        if out[name] is not None:
+            torch.testing.assert_close(out[name], ref[name], rtol=rtol, atol=atol)
+    assert torch.isfinite(grad).all() and grad.dtype == dtype
+    torch.testing.assert_close(grad, ref_grad, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-9, 1e-12), (torch.float32, 2e-5, 1e-6)])
 @pytest.mark.parametrize("case", FUSED_CASES)
 @pytest.mark.parametrize("kind", LOSSES)
@@ -482,12 +494,7 @@ def test_the_fused_loss_equals_the_plain_one(dtype, rtol, atol, case, kind, temp
     student, labels, hard = fused_inputs(case, dtype)
     (fused, g_fused), (plain, g_plain) = fused_and_plain(student, labels, hard, kind=kind, temperature=temperature,
                                                          alpha=alpha, chunk_positions=3)
-    for name in ("loss", "soft", "ce"):
-        assert (fused[name] is None) == (plain[name] is None)
-        if fused[name] is not None:
-            torch.testing.assert_close(fused[name], plain[name], rtol=rtol, atol=atol)
-    assert torch.isfinite(g_fused).all() and g_fused.dtype == dtype
-    torch.testing.assert_close(g_fused, g_plain, rtol=rtol, atol=atol)
+    assert_same_loss((fused, g_fused), (plain, g_plain), dtype, rtol, atol)
 
 
 @pytest.mark.parametrize("case", ["random", "peaked", "every-id-kept"])
@@ -607,12 +614,7 @@ def test_the_dense_kl_equals_the_plain_one(dtype, rtol, atol, case, temperature,
     student, labels, hard = fused_inputs(case, dtype, v=24, k=6)
     (dense, g_dense), (plain, g_plain) = fused_and_plain(student, labels, hard, first=None, kind="kl",
                                                          temperature=temperature, alpha=alpha)
-    for name in ("loss", "soft", "ce"):
-        assert (dense[name] is None) == (plain[name] is None)
-        if dense[name] is not None:
-            torch.testing.assert_close(dense[name], plain[name], rtol=rtol, atol=atol)
-    assert torch.isfinite(g_dense).all() and g_dense.dtype == dtype
-    torch.testing.assert_close(g_dense, g_plain, rtol=rtol, atol=atol)
+    assert_same_loss((dense, g_dense), (plain, g_plain), dtype, rtol, atol)
 
 
 @pytest.mark.parametrize("k", [3, 10])
