@@ -37,13 +37,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK_ELEMENTS", "dense_kl", "fused_bucket_loss"]
+__all__ = ["CHUNK_ELEMENTS", "LOG_FLOOR", "dense_kl", "fused_bucket_loss"]
 
 CHUNK_ELEMENTS = 1 << 21  # positions x vocabulary per chunk: 8 MiB of float32 per buffer
 _NEG_INF = float("-inf")
 # A float32 store cannot tell a mass below ~1e-38 from 0 (the teacher's tail underflows there): the divergences
 # (here and in distill.pipeline.losses) read such a bucket as this log-mass rather than as an infinite penalty
-_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 # divergence(student_lp (n, K), student_tail (n,), within (n, M) or None, *target rows) -> (n,)
 Divergence = Callable[..., Tensor]
@@ -281,7 +281,7 @@ class _DenseKL(torch.autograd.Function):
         a = teacher_lp.to(dev, dtype)
         p_head = a.exp()  # (P, K)
         live = head_lq > _NEG_INF
-        div = a.nan_to_num(neginf=0.0).sub_(head_lq.nan_to_num(neginf=_LOG_FLOOR)).mul_(p_head)  # (P, K)
+        div = a.nan_to_num(neginf=0.0).sub_(head_lq.nan_to_num(neginf=LOG_FLOOR)).mul_(p_head)  # (P, K)
         e = None
         if k < c:  # the tail: its log q exactly, however small (no log(1 - sum of the kept q))
             masked = lq.clone().scatter_(1, ids, torch.full_like(head_lq, _NEG_INF))  # (P, C) log q on the tail alone
@@ -292,7 +292,7 @@ class _DenseKL(torch.autograd.Function):
             a_t = teacher_tail.to(dev, dtype)
             p_tail = a_t.exp()  # (P,)
             live_t = tail_lq > _NEG_INF
-            div = div.sum(1).add_(a_t.nan_to_num(neginf=0.0).sub_(tail_lq.nan_to_num(neginf=_LOG_FLOOR)).mul_(p_tail))
+            div = div.sum(1).add_(a_t.nan_to_num(neginf=0.0).sub_(tail_lq.nan_to_num(neginf=LOG_FLOOR)).mul_(p_tail))
         soft = div.sum() / max(p, 1)
         ctx.has_grad = need_grad
         if need_grad:  # d KL / d z_j = s q_j - target_j: s the teacher's mass on live buckets, target its p on the

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.pipeline.fused import _LOG_FLOOR, dense_kl, fused_bucket_loss  # _LOG_FLOOR: see there
+from distill.pipeline.fused import LOG_FLOOR, dense_kl, fused_bucket_loss
 from distill.pipeline.models import LoadedModel
 from distill.pipeline.runtime import module_device, to_device
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
@@ -120,7 +120,7 @@ def _kl(a: Tensor, b: Tensor) -> Tensor:
     Finite values of b are never clamped: a student at log q = -300 still gets its gradient.
     """
     has = a > _NEG_INF
-    a0, b0 = torch.where(has, a, 0.0), torch.where(has & (b > _NEG_INF), b, _LOG_FLOOR)
+    a0, b0 = torch.where(has, a, 0.0), torch.where(has & (b > _NEG_INF), b, LOG_FLOOR)
     return torch.where(has, a0.exp() * (a0 - b0), 0.0).sum(-1)
 
 
