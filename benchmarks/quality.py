@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import ctypes
 import dataclasses
 import functools
 import glob
@@ -72,6 +71,7 @@ import time
 
 import torch
 
+from distill.pipeline.allocator import tune_allocator
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, load_model
 from distill.pipeline.runtime import resolve_device, to_device
@@ -352,14 +352,11 @@ def keep_freed_memory() -> None:
     A training step allocates and frees (positions x vocabulary) tensors of tens of MB; by default
     each is a fresh mmap and every page of it faults in again (without this, ``/usr/bin/time -v``
     on ``--workload lm`` showed more system time than user time, and hundreds of millions of
-    minor page faults). The numbers the runs produce are unchanged. No-op where glibc is absent.
+    minor page faults). Higher thresholds than `distill`'s own (``distill.pipeline.allocator``):
+    these workers' memory is not what is measured. The numbers the runs produce are unchanged.
+    No-op where glibc is absent, or where the environment chose the allocator's settings.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GiB come from the heap
-        libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: keep up to 2 GiB of freed heap
-    except (OSError, AttributeError):
-        pass
+    tune_allocator(mmap_threshold=1 << 30, trim_threshold=1 << 31)  # blocks under 1 GiB from the heap; keep 2 GiB
 
 
 def _record(out: str, fn) -> None:

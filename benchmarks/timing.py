@@ -1,6 +1,6 @@
 """Timing benchmark: how far `distill evaluate`'s speed figures move between runs, and how far the machine drifts.
 
-    python benchmarks/timing.py [--drift-s 20] [--window 0.5] [--runs 5] [--probe-s 2] [--min-timing-s 1]
+    python benchmarks/timing.py [--drift-s 20] [--window 0.5] [--runs 5] [--probe-s 2] [--min-timing-s S]
 
 ``drift``: a fixed workload, the built-in student (``mlp:hidden=128``) forward at batch 1 on
 one intra-op thread, called back to back for ``--drift-s`` seconds in this process; the
@@ -17,7 +17,7 @@ separate process running the real command,
 
     python -m distill evaluate --model STUDENT --teacher TEACHER --data DATA --split train --json
 
-(interleaved rounds, fastest pass, on as many intra-op threads as torch takes by default),
+(interleaved rounds of bursts, fastest pass, on evaluate's default --timing-threads, one),
 and its report's latency_ms (batch 1) and throughput (examples/s at batch 256) of each
 model and its speedup are read. Before each run a ``--probe-s`` drift probe (the fixed
 workload's fastest call) says which phase of the machine that run saw;
@@ -116,9 +116,11 @@ def prepare(directory: str, examples: int = 64) -> dict[str, str]:
     return paths
 
 
-def evaluate_command(paths: dict[str, str], min_timing_s: float) -> list[str]:
+def evaluate_command(paths: dict[str, str], min_timing_s: float | None) -> list[str]:
+    """The `distill evaluate` command of each run; ``--min-timing-s`` only when given (else evaluate's default)."""
+    timing = [] if min_timing_s is None else ["--min-timing-s", str(min_timing_s)]
     return [sys.executable, "-m", "distill", "evaluate", "--model", paths["student"], "--teacher", paths["teacher"],
-            "--data", paths["data"], "--split", "train", "--min-timing-s", str(min_timing_s), "--json"]
+            "--data", paths["data"], "--split", "train", *timing, "--json"]
 
 
 def one_run(command: list[str], probe_ms: float) -> dict:
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=float, default=0.5, help="seconds per drift window (its fastest call)")
     ap.add_argument("--runs", type=int, default=5, help="separate `distill evaluate` processes")
     ap.add_argument("--probe-s", type=float, default=2.0, help="seconds of drift probe before each run")
-    ap.add_argument("--min-timing-s", type=float, default=1.0, help="`distill evaluate --min-timing-s` of each run")
+    ap.add_argument("--min-timing-s", type=float, default=None,
+                    help="`distill evaluate --min-timing-s` of each run (default: evaluate's own default)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         paths = prepare(tmp)
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     print("spread (max/min - 1): " + ", ".join(f"{k} {v:.1%}" for k, v in spreads.items()), flush=True)
     settings = {**vars(args), "student": STUDENT, "teacher": TEACHER, "drift_threads": 1,
                 "evaluate_command": "python -m distill evaluate --model STUDENT --teacher TEACHER --data DATA "
-                                    f"--split train --min-timing-s {args.min_timing_s} --json",
+                                    "--split train" + ("" if args.min_timing_s is None else
+                                                       f" --min-timing-s {args.min_timing_s}") + " --json",
                 "torch": torch.__version__, "cpus": os.cpu_count(), "machine": platform.machine()}
     print(json.dumps({"benchmark": "timing", "drift": drift, "runs": runs, "spread": spreads, "settings": settings}))
 

@@ -3,7 +3,7 @@
 Reads top to bottom: load the model (and the teacher, or open the soft-label store), load
 the data, refuse a store made for other data, run over the data once for the task metric
 and the agreement with the teacher, then time the model: latency at batch 1 and
-throughput at a large batch, each the median of repeats after a warm-up.
+throughput at a large batch, each the fastest of interleaved timed calls after a warm-up.
 
 What is reported, per model:
 
@@ -20,12 +20,14 @@ What is reported, per model:
     latency_ms      one forward pass at batch 1 (the first example)
     throughput      examples/s (classification) or tokens/s (causal LM) at a batch of
                     ``throughput_batch`` examples
+    timing_threads  the intra-op threads both were timed on (``--timing-threads``: 1 by
+                    default, a model serving one request per core; the CPU only)
 
 Speed is measured once per model, the model and its teacher (and, through ``evaluate_models``,
 every model of a comparison) timed together in rounds after ``warmup`` untimed passes: each
-of ``repeats`` rounds times one pass of each, and the figure is the fastest pass (other
-processes only ever slow a pass down; see ``distill.pipeline.timing``), with more rounds
-until they have taken ``min_timing_s``. The table, the
+of ``repeats`` rounds times a burst of passes of each (calls back to back for ``burst_s``),
+and the figure is the fastest pass (other processes only ever slow a pass down; see
+``distill.pipeline.timing``), with more rounds until they have taken ``min_timing_s``. The table, the
 retention line and ``distill report`` all show these figures.
 
 Agreement with the teacher (at every position, as the store holds them): with ``teacher``
@@ -60,6 +62,7 @@ from distill.pipeline.losses import bucket_divergence, student_buckets
 from distill.pipeline.modelcard import record_results
 from distill.pipeline.modelfiles import model_bytes, pinned_device
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
+from distill.pipeline.allocator import tune_allocator
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.context import check_fits_context, resolve_seq_len, stored_seq_len
 from distill.pipeline.runtime import DeviceFlags, autocast, resolve_device, to_device
@@ -93,9 +96,16 @@ class EvaluateConfig(DataFlags, ModelFlags, DeviceFlags):
                           minimum=0)
     repeats: int = setting(30, "Timed rounds, one pass of each model a round; latency and throughput are the "
                                "fastest pass's.", minimum=1)
-    min_timing_s: float = setting(1.0, "Time rounds for at least this long (seconds; more rounds than --repeats "
+    min_timing_s: float = setting(3.0, "Time rounds for at least this long (seconds; more rounds than --repeats "
                                        "if need be): on a busy machine the fastest pass needs time to happen.",
                                   minimum=0)
+    burst_s: float = setting(0.005, "In each round, call each pass back to back until this long (seconds) has "
+                                    "passed: a small model's batch-1 latency is its warm call's, not the first call "
+                                    "after another model's large batch.", minimum=0)
+    timing_threads: int = setting(1, "Intra-op threads while timing on the CPU (0: torch's default, all cores). One "
+                                     "thread: each model as one request on one core, the rounds taking turns on "
+                                     "each core and the least disturbed core's figure counting, which two runs "
+                                     "agree on; several threads wait on the slowest core.", minimum=0)
     split: str = setting("test", "Data split to evaluate.", kw_only=True)
 
     def __post_init__(self):
@@ -350,9 +360,21 @@ def _speeds(jobs: list[tuple], config: EvaluateConfig) -> list[dict]:
         many = to_device(data.collate([data[i % len(data)] for i in range(n)]), device)
         passes += [_forward(model, one, device, precision), _forward(model, many, device, precision)]
         figures.append((int(many["attention_mask"].sum()) if causal else n, n, causal))
-    seconds = time_together(passes, config.warmup, config.repeats, config.min_timing_s)
+    tune_allocator()  # a pass's buffers reused, not faulted in again at every call (distill.pipeline.allocator)
+    default_threads = torch.get_num_threads()
+    threads = config.timing_threads or default_threads
+    torch.set_num_threads(threads)
+    try:
+        # one thread on the CPU: rounds take turns on each core, and the least disturbed core's figure counts
+        cores = sorted(os.sched_getaffinity(0)) if threads == 1 and hasattr(os, "sched_getaffinity") else None
+        cpu_only = all(device.type == "cpu" for _, _, device, _ in jobs)
+        seconds = time_together(passes, config.warmup, config.repeats, config.min_timing_s, config.burst_s,
+                                cores if cpu_only else None)
+    finally:
+        torch.set_num_threads(default_threads)
     return [{"latency_ms": seconds[2 * i] * 1e3, "throughput": work / seconds[2 * i + 1],
-             "throughput_unit": "tokens/s" if causal else "examples/s", "throughput_batch": n}
+             "throughput_unit": "tokens/s" if causal else "examples/s", "throughput_batch": n,
+             "timing_threads": threads}
             for i, (work, n, causal) in enumerate(figures)]
 
 
@@ -381,7 +403,9 @@ def _compare(mine: dict, theirs: dict) -> dict:
 
 def format_report(report: dict) -> str:
     """An aligned table (teacher first, when given), then the retention and agreement lines."""
-    rows = [("model", report["metric"], "params", "size", "latency", "throughput")]
+    threads = report.get("timing_threads")
+    timed = f" ({threads} thread{'s' if threads != 1 else ''})" if threads and report.get("device", "cpu") == "cpu" else ""
+    rows = [("model", report["metric"], "params", "size", "latency" + timed, "throughput" + timed)]
     if "teacher" in report:
         rows.append(_row("teacher", report["teacher"]))
     rows.append(_row("student" if "teacher" in report else "model", report))

@@ -52,3 +52,12 @@ def test_rounds_go_on_until_they_have_taken_min_seconds(clock):
     a, b = clock.pass_taking("a", 0.1), clock.pass_taking("b", 0.15)
     assert time_together([a, b], warmup=0, repeats=2, min_seconds=1.0) == [pytest.approx(0.1), pytest.approx(0.15)]
     assert clock.calls.count("a") == 4  # 2 rounds take 0.5 s; 4 take 1 s
+
+
+def test_a_burst_calls_a_pass_until_it_has_taken_burst_seconds_and_each_call_counts(clock):
+    slow_first = lambda n: 0.004 if n % 3 == 1 else 0.001  # noqa: E731  each burst's first call is cold
+    a, b = clock.pass_taking("a", slow_first), clock.pass_taking("b", 0.010)
+    assert time_together([a, b], warmup=0, repeats=2, burst_seconds=0.006) == [pytest.approx(0.001),
+                                                                                   pytest.approx(0.010)]
+    # a: 4 + 1 + 1 ms reach 6 ms in three calls; b's one call already takes longer than the burst
+    assert clock.calls == ["a", "a", "a", "b", "b", "a", "a", "a"]

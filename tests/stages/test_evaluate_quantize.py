@@ -119,7 +119,8 @@ def test_human_output_is_a_table_and_the_retention_line(runs):
     out = run("evaluate", "--model", runs / "student", "--teacher", runs / "teacher", "--data", MNIST,
               *FAST, *CPU).output
     lines = out.splitlines()
-    assert lines[0].split() == ["model", "accuracy", "params", "size", "latency", "throughput"]
+    assert lines[0].split() == ["model", "accuracy", "params", "size", "latency", "(1", "thread)", "throughput", "(1",
+                                "thread)"]  # timed on one intra-op thread by default
     assert lines[1].startswith("teacher ") and lines[2].startswith("student ")
     assert re.fullmatch(r"student keeps \d+\.\d% of the teacher's accuracy, is \d+\.\d% smaller and "
                         r"\d+\.\d× (faster|slower)", lines[3]), lines[3]
@@ -145,6 +146,25 @@ def test_models_compared_together_are_timed_once_with_one_set_of_figures(runs):
         assert alone[figure] == student["teacher"][figure] == itself[figure] == itself["teacher"][figure]
     assert student["speedup"] == alone["latency_ms"] / student["latency_ms"] and itself["speedup"] == 1.0
     assert student["value"] != alone["value"] and student["teacher_value"] == alone["value"]
+
+
+def test_timing_runs_on_the_timing_threads_and_gives_the_process_its_threads_back(runs, monkeypatch):
+    import distill.stages.evaluate as evaluate
+    from distill.stages.evaluate import EvaluateConfig, evaluate_model
+
+    seen, timed, tuned = [], evaluate.time_together, []
+    monkeypatch.setattr(evaluate, "time_together", lambda *a, **k: seen.append(torch.get_num_threads()) or timed(*a, **k))
+    monkeypatch.setattr(evaluate, "tune_allocator", lambda: tuned.append(len(seen)))  # before each timing
+    fast = dict(data=MNIST, device="cpu", warmup=1, repeats=2, throughput_batch=32, min_timing_s=0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        one = evaluate_model(EvaluateConfig(model=str(runs / "student"), **fast))
+        every = evaluate_model(EvaluateConfig(model=str(runs / "student"), timing_threads=0, **fast))
+        assert seen == [1, 2] and torch.get_num_threads() == 2 and tuned == [0, 1]
+        assert one["timing_threads"] == 1 and every["timing_threads"] == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_the_teacher_against_itself_agrees_fully(runs):
