@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "torch": torch.__version__},
         "workloads": results, "memory": memory, "memory_default_shards": default_shards,
-        "meets_target": all(r["overhead_ratio"] >= 0.95 for r in results.values()),
+        "meets_target": all(r["overhead_ratio"] >= 0.95 for r in results.values()) if results else None,
         "meets_memory_target": None if memory is None else memory["peak_rss_ratio"] <= 1.05,
     }
     print(json.dumps(out))
