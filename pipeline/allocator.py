@@ -32,11 +32,11 @@ after it inherit the settings.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import platform
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_allocator"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "c_library", "tune_allocator"]
 
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what glibc sets the trim threshold to when it raises the mmap threshold
@@ -59,8 +59,14 @@ def tune_allocator(environ: dict[str, str] | None = None, mmap_threshold: int = 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "unavailable"
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = c_library()
         done = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
     except (OSError, AttributeError):
         return "unavailable"
     return "tuned" if done else "unavailable"
+
+
+@functools.cache
+def c_library() -> ctypes.CDLL:
+    """This process's C library, by ``dlopen(NULL)``: ``ctypes.util.find_library`` would fork ``ldconfig``."""
+    return ctypes.CDLL(None)

@@ -1,6 +1,5 @@
 """The allocator's thresholds: set on glibc unless the user chose an allocator or its settings."""
 
-import ctypes
 import platform
 
 import pytest
@@ -14,13 +13,13 @@ from distill.pipeline.allocator import tune_allocator
     {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},
     {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}])
 def test_the_users_choice_is_left_alone(env, monkeypatch):
-    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: pytest.fail("mallopt called despite the user's choice"))
+    monkeypatch.setattr(allocator, "c_library", lambda: pytest.fail("mallopt called despite the user's choice"))
     assert tune_allocator(env) == "user"
 
 
 def test_off_glibc_nothing_is_done(monkeypatch):
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
-    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: pytest.fail("mallopt called off glibc"))
+    monkeypatch.setattr(allocator, "c_library", lambda: pytest.fail("mallopt called off glibc"))
     assert tune_allocator({}) == "unavailable"
 
 
@@ -34,7 +33,7 @@ def test_on_glibc_both_thresholds_are_set_to_their_ceilings(monkeypatch):
 
     monkeypatch.setattr(allocator.platform, "system", lambda: "Linux")
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("glibc", "2.36"))
-    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda *a: Libc())
+    monkeypatch.setattr(allocator, "c_library", Libc)
     assert tune_allocator({}) == "tuned"
     assert calls == [(-3, 32 << 20), (-1, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD (malloc.h)
     calls.clear()
@@ -46,5 +45,5 @@ def test_on_glibc_both_thresholds_are_set_to_their_ceilings(monkeypatch):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_the_real_mallopt_accepts_the_values():
-    libc = ctypes.CDLL("libc.so.6")
+    libc = allocator.c_library()  # the process's own C library, found without a subprocess
     assert libc.mallopt(-3, allocator.MMAP_THRESHOLD) == 1 and libc.mallopt(-1, allocator.TRIM_THRESHOLD) == 1
