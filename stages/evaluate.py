@@ -366,10 +366,9 @@ def _speeds(jobs: list[tuple], config: EvaluateConfig) -> list[dict]:
     torch.set_num_threads(threads)
     try:
         # one thread on the CPU: rounds take turns on each core, and the least disturbed core's figure counts
-        cores = sorted(os.sched_getaffinity(0)) if threads == 1 and hasattr(os, "sched_getaffinity") else None
-        cpu_only = all(device.type == "cpu" for _, _, device, _ in jobs)
+        rotate = threads == 1 and hasattr(os, "sched_getaffinity") and all(job[2].type == "cpu" for job in jobs)
         seconds = time_together(passes, config.warmup, config.repeats, config.min_timing_s, config.burst_s,
-                                cores if cpu_only else None)
+                                sorted(os.sched_getaffinity(0)) if rotate else None)
     finally:
         torch.set_num_threads(default_threads)
     return [{"latency_ms": seconds[2 * i] * 1e3, "throughput": work / seconds[2 * i + 1],

@@ -280,7 +280,8 @@ def _methods(runs: list[RunDir]) -> list[str | None]:
 def _comparison_section(models: list[_Model], measured: bool) -> tuple:
     if measured:
         text = ("From `distill evaluate --json`: the held-out metric, the size of the saved weights on disk, the "
-                "parameters and the latency of one forward pass at batch 1 (the fastest of interleaved timed calls) of each model.")
+                "parameters and the latency of one forward pass at batch 1 (the fastest of interleaved timed calls) "
+                "of each model.")
     else:
         text = ("From the run directories: the last held-out metric, the size of the saved weights on disk and the "
                 "parameters. Latency was not measured: run `distill evaluate --model DIR --data DATA --json` for each "

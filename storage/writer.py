@@ -169,8 +169,8 @@ class ShardWriter:
     def append(self, labels: SoftLabels) -> None:
         n = labels.num_positions
         fields = {name: getattr(labels, name) for name in POSITION_FIELDS if getattr(labels, name) is not None}
-        if self._first is None:
-            self._first = labels
+        if self._first is None:  # its other fields; its position buffers are freed with the batch
+            self._first = dataclasses.replace(labels, pretempered=None, **{name: None for name in POSITION_FIELDS})
             per = n / max(labels.num_examples, 1)
             capacity = max(n, math.ceil(per * self.writer.spec.examples_per_shard * 1.25))
             self._buffers = {name: t.new_empty((capacity, *t.shape[1:])) for name, t in fields.items()}
@@ -194,7 +194,7 @@ class ShardWriter:
             return self.writer.write_shard(self.index, empty_labels(spec))
         fields = {name: None for name in POSITION_FIELDS}
         fields.update({name: buf[: self._used] for name, buf in self._buffers.items()})
-        labels = dataclasses.replace(self._first, offsets=torch.cat(self._offsets), pretempered=None, **fields)
+        labels = dataclasses.replace(self._first, offsets=torch.cat(self._offsets), **fields)
         return self.writer.write_shard(self.index, labels)
 
 
