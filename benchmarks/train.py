@@ -2,7 +2,8 @@
 
 For each workload, on the same device, with the same student (same initial weights), the
 same batches (same examples in the same order) and the same trainer loop
-(``distill.pipeline.trainer.fit``, one DataLoader worker as train-student uses by default):
+(``distill.pipeline.trainer.fit``, with train-student's default DataLoader workers, ``loader_workers``: none on
+a CPU, one on a GPU; ``--workers N`` to choose):
 
 - ``ce_steps_per_s``: `distill train-teacher` on the student, hard labels only (cross-entropy);
 - ``offline_kd_steps_per_s``: `distill train-student` (``distill.stages.train.train_student``)
@@ -26,10 +27,10 @@ Every variant runs ``--warmup`` steps (worker start-up, first allocations), then
 steps' losses), then one last step that is not timed. The variants run alternately
 ``--repeats`` times and the median of each is reported.
 
-Memory: `distill train-student` (the real CLI, in a subprocess, one epoch, its default one
-DataLoader worker) on two stores 10 times apart in size, written from LM-shaped data. Each
-run's peak RSS is the training process's ``ru_maxrss`` plus its DataLoader worker's (taken
-at exit: ``RUSAGE_SELF`` and ``RUSAGE_CHILDREN``; the worker's counts the pages it shares
+Memory: `distill train-student` (the real CLI, in a subprocess, one epoch, its default
+DataLoader workers) on two stores 10 times apart in size, written from LM-shaped data. Each
+run's peak RSS is the training process's ``ru_maxrss`` plus its DataLoader worker's if it has one (taken
+at exit: ``RUSAGE_SELF`` and ``RUSAGE_CHILDREN``; a worker's counts the pages it shares
 with the training process too, so the sum overstates the footprint by the same amount at
 both sizes); ``peak_rss_ratio = large / small`` should be about 1: stage two holds the
 student, a shuffle buffer and the shards it draws from, never the store. ``memory`` runs
@@ -86,7 +87,7 @@ from distill.pipeline.losses import TopKDistillationLoss, make_loss
 from distill.pipeline.models import ModelConfig, load_model
 from distill.pipeline.runtime import TRAINING_PRECISIONS, Workers, autocast, resolve_device
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
-from distill.pipeline.trainer import RunPlace, Schedule, fit, make_optimizer
+from distill.pipeline.trainer import RunPlace, Schedule, fit, loader_workers, make_optimizer
 from distill.stages.generate import GenerateConfig, generate_labels
 from distill.stages.train import StudentConfig, TrainConfig, train_student, train_teacher
 from distill.storage import open_store, topk_labels
@@ -96,14 +97,15 @@ from peakrss import peak_rss_mb  # benchmarks/peakrss.py, beside this script
 TRAIN_STAGE = importlib.import_module("distill.stages.train")
 # train-teacher streams runs of this many examples; shards of the same size give the same batches
 CHUNK = inspect.signature(LabelStream).parameters["chunk_examples"].default
-TEMPERATURE, ALPHA, WORKERS = 2.0, 0.5, 1
+TEMPERATURE, ALPHA = 2.0, 0.5
+WORKERS = None  # train-student's default (loader_workers); --workers sets it
 
 WORKLOADS = {
     # name: student, teacher, output size, sequence length (None: features), k (None: all), batch size,
     # timed steps and warm-up steps (full, quick)
     "lm": dict(student="gpt:vocab_size=4096,d_model=128,n_layers=2,n_heads=4,max_len=64",
                teacher="gpt:vocab_size=4096,d_model=416,n_layers=4,n_heads=8,max_len=64",
-               vocab_size=4096, seq_len=64, k=64, batch_size=8, steps=(30, 8), warmup=(3, 2)),
+               vocab_size=4096, seq_len=64, k=64, batch_size=8, steps=(90, 8), warmup=(3, 2)),
     "classifier": dict(student="mlp", teacher="mlp:hidden=864",
                        vocab_size=10, seq_len=None, k=None, batch_size=256, steps=(100, 30), warmup=(10, 5)),
 }
@@ -206,7 +208,8 @@ def online_rate(w: dict, data_spec: str, out: str, warmup: int, steps: int, devi
     student = load_model(ModelConfig(w["student"]), device=device)
     data = load_data(DataConfig(data_spec, task=student.task))
     student.module.train()
-    stream = LabelStream(data, None, batch_size=w["batch_size"], seed=0, workers=WORKERS)  # as train-teacher's
+    stream = LabelStream(data, None, batch_size=w["batch_size"], seed=0,
+                         workers=loader_workers(WORKERS, device))  # as train-teacher's
 
     def loss(model, batch):
         with torch.no_grad():
@@ -318,7 +321,7 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
         "teacher_params": teacher_params, "param_ratio": round(teacher_params / student_params, 2),
         "examples": n, "batch_size": w["batch_size"], "positions_per_step": w["batch_size"] * (w["seq_len"] or 1),
         "k": spec.k, "vocab_size": spec.vocab_size, "examples_per_shard": spec.examples_per_shard,
-        "temperature": TEMPERATURE, "alpha": ALPHA, "workers": WORKERS, "device": str(device), "precision": precision,
+        "temperature": TEMPERATURE, "alpha": ALPHA, "workers": loader_workers(WORKERS, device), "device": str(device), "precision": precision,
         "steps": steps, "warmup_steps": warmup, "repeats": repeats,
         "ce_steps_per_s": round(ce, 3), "offline_kd_steps_per_s": round(offline, 3),
         "online_kd_steps_per_s": round(online, 3),
@@ -412,6 +415,7 @@ def _peak_rss_mb(store: str, data: str, out: str, device: str, shuffle_buffer: i
     m = MEMORY
     report = out + ".rss.json"
     buffer = ["--shuffle-buffer", str(shuffle_buffer)] if shuffle_buffer is not None else []
+    buffer += ["--workers", str(WORKERS)] if WORKERS is not None else []
     main_mb, worker_mb = peak_rss_mb(
         ["train-student", "--labels", store, "--student", m["student"], "--data", data, "--out", out, "--epochs", "1",
          "--batch-size", str(m["batch_size"]), *buffer, "--temperature", str(TEMPERATURE), "--alpha", str(ALPHA),
@@ -446,7 +450,7 @@ def run_memory(stores: dict, device: str, tmp: str, shuffle_buffer: int | None) 
     default = StudentConfig.__dataclass_fields__["shuffle_buffer"].default
     return {
         "student": m["student"], "seq_len": m["seq_len"], "k": m["k"], "batch_size": m["batch_size"],
-        "examples_per_shard": m["examples_per_shard"], "workers": WORKERS, "epochs": 1,
+        "examples_per_shard": m["examples_per_shard"], "workers": loader_workers(WORKERS, resolve_device(device)), "epochs": 1,
         "shuffle_buffer": shuffle_buffer if shuffle_buffer is not None else default,
         "data": "parquet input_ids", "examples_small": s["examples"], "examples_large": g["examples"],
         "positions_small": s["positions"], "positions_large": g["positions"],
@@ -459,9 +463,10 @@ def run_memory(stores: dict, device: str, tmp: str, shuffle_buffer: int | None) 
 
 
 def _say_memory(name: str, r: dict) -> None:
+    buffer = "the default shuffle buffer" if r["shuffle_buffer"] is None else f"shuffle buffer {r['shuffle_buffer']} examples"
     print(f"{name:>10}: train-student peak RSS {r['peak_rss_mb_small']:.0f} MB at {r['positions_small']:,} positions, "
-          f"{r['peak_rss_mb_large']:.0f} MB at {r['positions_large']:,} (ratio {r['peak_rss_ratio']:.3f}; shuffle "
-          f"buffer {r['shuffle_buffer']} examples)", file=sys.stderr)
+          f"{r['peak_rss_mb_large']:.0f} MB at {r['positions_large']:,} (ratio {r['peak_rss_ratio']:.3f}; "
+          f"{buffer})", file=sys.stderr)
 
 
 def main(argv=None) -> dict:
@@ -478,10 +483,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--memory-examples", type=int, default=None,
                         help="examples of the small store of the memory check (the large one has 10 times more)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory check")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers of every run (default: train-student's, 0 on a CPU, 1 on a GPU)")
     parser.add_argument("--no-default-buffer", action="store_true",
                         help="skip the memory check's second pair of runs, at train-student's default shuffle buffer "
                              "(always skipped with --quick)")
     args = parser.parse_args(argv)
+    global WORKERS
+    WORKERS = args.workers
     repeats = args.repeats or (2 if args.quick else 3)
     names = list(WORKLOADS) if args.workload == "all" else [] if args.workload == "none" else [args.workload]
     results, memory, memory_default = {}, None, None

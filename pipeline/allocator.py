@@ -12,16 +12,20 @@ faults a call and 5-7 ms; with the thresholds at their ceilings, none and 3-4 ms
 ``tune_allocator()`` sets them to those ceilings (32 MiB and 64 MiB), where glibc's own rule
 would take them after its first large free. `distill evaluate` (and `distill demo`, which
 runs it) calls it before timing, so that a pass is timed the way it runs in a long-lived
-server, and the setting stays for the rest of the process. The other commands leave glibc's
-rule alone: on their memory benchmarks the same setting made the peak grow with the data (it
+server, and the setting stays for the rest of the process. `train-teacher` and
+`train-student` call it too when they train on a CPU: a step's few-MB gradients and
+activations were faulted in afresh at every step (a causal LM student of 0.9M parameters at
+512 positions x 4,096: 5,000-7,000 page faults a step by default, about a third with the
+ceilings), and `benchmarks/train.py`'s steps got 10-15% faster while its memory line (64-example
+shuffle blocks) stayed within 5% from 1 to 10 times the store. Stage one leaves glibc's
+rule alone: on its memory benchmark the same setting made the peak grow with the data (it
 keeps up to 64 MiB of freed heap): stage one's small-shard line read 441 and 474 MB (1.074)
-against 434 and 446 MB (1.027) without it, run side by side, and train-student's lines 1.032
-and 1.218 against the 1.023 and 1.19 of an earlier session; it bought 5% more speed in stage
-one at V = 32,000. Higher thresholds still (1 GiB and 2 GiB, which a (positions x
-vocabulary) tensor of hundreds of MB needs to stay in the heap) made a 19M causal LM
-teacher's forward pass 20% faster than glibc's rule, with train-student's small-block line
-at 1.073. A user who wants either sets ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_`` in the environment.
+against 434 and 446 MB (1.027) without it, run side by side, for 5% more speed at
+V = 32,000. Higher thresholds still (1 GiB and 2 GiB, which a (positions x vocabulary)
+tensor of hundreds of MB needs to stay in the heap) made a 19M causal LM teacher's forward
+pass 20% faster than glibc's rule, with train-student's small-block line at 1.073. A user
+who wants either sets ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in the
+environment.
 
 It leaves the allocator alone where the user chose one: any ``MALLOC_*_`` variable or a
 malloc tunable in ``GLIBC_TUNABLES``, jemalloc, tcmalloc or mimalloc in ``LD_PRELOAD``, or

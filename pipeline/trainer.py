@@ -40,7 +40,7 @@ from distill.pipeline.sharding import (DISTRIBUTED, check_team, load_shards, rep
                                        shard_writer)
 from distill.storage.stream import LabelStream
 
-__all__ = ["Schedule", "RunPlace", "fit", "make_optimizer", "steps_per_epoch", "total_steps"]
+__all__ = ["Schedule", "RunPlace", "fit", "loader_workers", "make_optimizer", "steps_per_epoch", "total_steps"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,7 +63,8 @@ class Schedule:
     eval_every: int | None = setting(None, "Evaluate on --eval-split every N steps (and at the end).", minimum=1)
     checkpoint_every: int = setting(500, "Checkpoint every N steps (and at the end).", minimum=1)
     log_every: int = setting(10, "Metrics line every N steps.", minimum=1)
-    workers: int = setting(1, "DataLoader worker processes (0: load in the training process).", minimum=0)
+    workers: int | None = setting(None, "DataLoader worker processes (0: load in the training process).", minimum=0,
+                                  default_help="1 on a GPU, 0 on a CPU")
     distributed: str = setting("ddp", "How torchrun's processes train together: ddp (a whole model per process) or "
                                       "fsdp (FSDP2: weights, gradients and optimiser state sharded across them).",
                                choices=DISTRIBUTED)
@@ -85,6 +86,21 @@ class RunPlace:
     """Show a progress bar on rank 0."""
     log_to: tuple[str, ...] = ()
     """Live metrics sinks besides metrics.jsonl (``distill.pipeline.metricsinks``): tensorboard, wandb."""
+
+
+def loader_workers(workers: int | None, device: torch.device) -> int:
+    """DataLoader worker processes: ``workers``, or by default 1 for a GPU and 0 for a CPU.
+
+    A worker overlaps reading and collating the next batch with a GPU's step. On a CPU the
+    model's intra-op threads already keep every core busy, so a worker process only takes its
+    time from them and adds the batch's trip through shared memory: measured on 2 cores
+    (``benchmarks/train.py``'s workloads, alternated in one process), training with none ran
+    9-13% more steps a second on the causal LM and 20-36% more on the classifier. The order
+    of the batches is the same with 0 workers as with 1 (``LabelStream``).
+    """
+    if workers is not None:
+        return workers
+    return 0 if torch.device(device).type == "cpu" else 1
 
 
 def steps_per_epoch(stream: LabelStream, epoch: int, world: int, accum: int) -> int:
@@ -245,10 +261,11 @@ class _Loop:
     def _epoch_loader(self) -> DataLoader:
         """The position's epoch, from its next batch on (the batches before it are skipped, not loaded)."""
         schedule = self.schedule
+        n = loader_workers(schedule.workers, self.place.device)
         self.stream.set_epoch(self.pos.epoch, skip=self.pos.batches_in_epoch)
-        return DataLoader(self.stream, batch_size=None, num_workers=schedule.workers,
-                          collate_fn=pack_batch if schedule.workers else None,  # one buffer crosses, not one per field
-                          pin_memory=self.place.device.type == "cuda", prefetch_factor=2 if schedule.workers else None,
+        return DataLoader(self.stream, batch_size=None, num_workers=n,
+                          collate_fn=pack_batch if n else None,  # one buffer crosses, not one per field
+                          pin_memory=self.place.device.type == "cuda", prefetch_factor=2 if n else None,
                           generator=torch.Generator().manual_seed(schedule.seed))  # leaves the global RNG alone
 
     def _accumulate(self, it, n_micro: int) -> tuple[dict, int]:

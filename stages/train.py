@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from distill.errors import ConfigError, StoreError
 from distill.pipeline.adapters import (ADAPTER_DIR, StudentFlags, check_student_flags, is_adapted, merged,
                                       prepare_student, save_adapter)
+from distill.pipeline.allocator import tune_allocator
 from distill.pipeline.config import check_settings, setting, settings
 from distill.pipeline.context import check_fits_context, resolve_seq_len, stored_seq_len
 from distill.pipeline.data import DataConfig, DataFlags, ExampleSet, choose_split, load_data, only_split
@@ -44,7 +45,7 @@ from distill.pipeline.tasks import IGNORE_INDEX, position_logits
 from distill.pipeline.tokenize import tokenizer_beside
 from distill.pipeline.tokenfiles import looked_for_tokenizer, save_tokenizer
 from distill.pipeline.sharding import check_team, gathered_weights
-from distill.pipeline.trainer import RunPlace, Schedule, fit
+from distill.pipeline.trainer import RunPlace, Schedule, fit, loader_workers
 from distill.storage.stream import LabelStream, labels_from_batch
 
 __all__ = ["TrainConfig", "StudentConfig", "train_student", "train_teacher"]
@@ -219,7 +220,10 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
         check_team(config.distributed, team)  # before anything is written
         check_student_flags(config, config.model, config.distributed)
         check_sinks(config.log_to)
-        config = dataclasses.replace(config, eval_split=_eval_split(config))  # config.json records the split read
+        # config.json records the split read and the DataLoader workers used
+        config = dataclasses.replace(config, eval_split=_eval_split(config), workers=loader_workers(config.workers, device))
+        if device.type == "cpu":
+            tune_allocator()  # a step's buffers reused, not faulted in again at every step (distill.pipeline.allocator)
         student = load_model(ModelConfig(config.model, weights=config.weights, task=task,
                                          trust_remote_code=config.trust_remote_code), device=device)
         config = dataclasses.replace(config, seq_len=_seq_len(config, student, store))  # refused before the run dir

@@ -104,6 +104,32 @@ def test_a_run_directory_with_other_settings_is_refused(labelled, tmp_path):
     run("train-student", *args[:-4], "--steps", 3, "--workers", 0, "--lr", "0.1", "--overwrite")
 
 
+def test_dataloader_workers_default_to_none_on_a_cpu_and_one_on_a_gpu(labelled, tmp_path):
+    """On a CPU the batches are read in the training process (its threads already use every core); the run
+    records the number it used, and a resumed run may change it."""
+    from distill.pipeline.trainer import loader_workers
+
+    assert loader_workers(None, torch.device("cpu")) == 0 and loader_workers(None, torch.device("cuda", 0)) == 1
+    assert loader_workers(2, torch.device("cpu")) == 2 and loader_workers(0, torch.device("cuda")) == 0
+    args = ["--labels", labelled / "labels", "--student", "mlp:hidden=16", "--data", MNIST, "--out", tmp_path / "s",
+            "--device", "cpu", "--checkpoint-every", 2]
+    run("train-student", *args, "--steps", 2)
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["workers"] == 0
+    run("train-student", *args, "--steps", 4, "--workers", 1, "--overwrite")
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["workers"] == 1
+    assert metrics(tmp_path / "s")[-1]["step"] == 4
+
+
+def test_training_on_a_cpu_tunes_the_allocator_first(labelled, tmp_path, monkeypatch):
+    from distill.stages import train
+
+    calls = []
+    monkeypatch.setattr(train, "tune_allocator", lambda: calls.append("tuned"))
+    run("train-teacher", "--model", "mlp:hidden=16", "--data", MNIST, "--out", tmp_path / "t", "--steps", 1,
+        "--device", "cpu")
+    assert calls == ["tuned"]
+
+
 def test_a_run_made_before_a_setting_existed_resumes_at_that_settings_default(labelled, tmp_path):
     args = ["--labels", labelled / "labels", "--student", "mlp:hidden=16", "--data", MNIST, "--out", tmp_path / "s",
             "--workers", 0, "--checkpoint-every", 2]
