@@ -27,6 +27,25 @@ def test_topk_labels_match_dense_float64():
         assert torch.allclose(labels.tempered_lse[:, j].double(), (dense / t).logsumexp(1), atol=1e-4)
 
 
+@pytest.mark.parametrize("temperatures", [(2.0,), (4.0, 2.0), (2.0, 0.5), (0.5,), (3.0,), (1.5, 2.0), (4.0, 3.0), ()])
+@pytest.mark.parametrize("scale", [0.5, 3.0, 30.0])
+def test_every_temperature_set_and_the_tail_draws_match_float64(temperatures, scale):
+    """Each temperature's normaliser is a power of the one exp pass, taken in place in any order: every set
+    gives the float64 labels, and the tail draws come from the T = 1 tail whatever else was computed."""
+    logits = _logits(p=60, v=700, seed=3, scale=scale)
+    labels = topk_labels(logits.float(), 8, temperatures=temperatures, tail_samples=16,
+                         generator=torch.Generator().manual_seed(5))
+    dense = torch.log_softmax(logits, 1)
+    assert torch.allclose(labels.topk_logprobs.double(), dense.gather(1, labels.topk_ids), atol=2e-5)
+    ref_tail = dense.scatter(1, labels.topk_ids, float("-inf")).logsumexp(1)
+    assert (labels.tail_logprob.double() - ref_tail).abs().max() < 1e-4
+    for j, t in enumerate(temperatures):
+        assert torch.allclose(labels.tempered_lse[:, j].double(), (dense / t).logsumexp(1), atol=1e-4, rtol=0)
+    # the same ids as drawn from the dense reference's T = 1 tail
+    want = draw(dense.exp().scatter(1, labels.topk_ids, 0.0).float(), 16, torch.Generator().manual_seed(5))
+    assert torch.equal(labels.tail_ids, want[0]) and torch.equal(labels.tail_counts, want[1].int())
+
+
 @pytest.mark.parametrize("scale", [0.1, 3.0, 12.0, 40.0])
 def test_tail_is_exact_from_flat_to_very_peaked(scale):
     """Both tail paths (1 - kept mass, and the exact pass for tails under 1e-3) against float64."""
