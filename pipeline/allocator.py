@@ -15,9 +15,10 @@ runs it) calls it before timing, so that a pass is timed the way it runs in a lo
 server, and the setting stays for the rest of the process. `train-teacher` and
 `train-student` call it too when they train on a CPU: a step's few-MB gradients and
 activations were faulted in afresh at every step (a causal LM student of 0.9M parameters at
-512 positions x 4,096: 5,000-7,000 page faults a step by default, about a third with the
-ceilings), and `benchmarks/train.py`'s steps got 10-15% faster while its memory line (64-example
-shuffle blocks) stayed within 5% from 1 to 10 times the store. Stage one leaves glibc's
+512 positions x 4,096: 586,000-840,000 minor page faults in a 150-step run by default,
+300,000 with the ceilings), and those 150 steps (`benchmarks/train.py`'s LM workload, offline KD, whole
+processes) took 13.9-15.6 s against 17.0-17.4 s, while its memory line (64-example shuffle
+blocks) stayed within 5% from 1 to 10 times the store (490 and 510 MB). Stage one leaves glibc's
 rule alone: on its memory benchmark the same setting made the peak grow with the data (it
 keeps up to 64 MiB of freed heap): stage one's small-shard line read 441 and 474 MB (1.074)
 against 434 and 446 MB (1.027) without it, run side by side, for 5% more speed at
