@@ -1,5 +1,6 @@
 """The command line: version, help, and user errors as one line with exit status 2."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -32,10 +33,20 @@ class FakeReader:
         return self.damaged
 
 
+def _import_store_users():
+    """Import the modules that bind ``open_store`` by name before it is patched: imported first under the patch,
+    they would keep the fake for the rest of the session (and later tests' real stores would not open)."""
+    for name in ("distill.stages.generate", "distill.stages.importing", "distill.stages.inspection",
+                 "distill.pipeline.labelstore"):
+        importlib.import_module(name)
+
+
 @pytest.fixture
 def fake_store(monkeypatch):
     """Point `distill.storage.open_store` at a FakeReader; returns the reader to tweak."""
     import distill.storage
+
+    _import_store_users()
 
     reader = FakeReader()
     monkeypatch.setattr(distill.storage, "open_store", lambda url: reader, raising=False)
@@ -65,6 +76,8 @@ def test_unknown_flag_is_usage_error():
 
 def test_distill_error_is_one_line_and_exit_2(monkeypatch):
     import distill.storage
+
+    _import_store_users()
 
     def open_store(url):
         raise StoreError(f"no soft-label store at {url}; check the path")
