@@ -321,7 +321,8 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
         "teacher_params": teacher_params, "param_ratio": round(teacher_params / student_params, 2),
         "examples": n, "batch_size": w["batch_size"], "positions_per_step": w["batch_size"] * (w["seq_len"] or 1),
         "k": spec.k, "vocab_size": spec.vocab_size, "examples_per_shard": spec.examples_per_shard,
-        "temperature": TEMPERATURE, "alpha": ALPHA, "workers": loader_workers(WORKERS, device), "device": str(device), "precision": precision,
+        "temperature": TEMPERATURE, "alpha": ALPHA, "workers": loader_workers(WORKERS, device), "device": str(device),
+        "precision": precision,
         "steps": steps, "warmup_steps": warmup, "repeats": repeats,
         "ce_steps_per_s": round(ce, 3), "offline_kd_steps_per_s": round(offline, 3),
         "online_kd_steps_per_s": round(online, 3),
@@ -450,7 +451,8 @@ def run_memory(stores: dict, device: str, tmp: str, shuffle_buffer: int | None) 
     default = StudentConfig.__dataclass_fields__["shuffle_buffer"].default
     return {
         "student": m["student"], "seq_len": m["seq_len"], "k": m["k"], "batch_size": m["batch_size"],
-        "examples_per_shard": m["examples_per_shard"], "workers": loader_workers(WORKERS, resolve_device(device)), "epochs": 1,
+        "examples_per_shard": m["examples_per_shard"], "workers": loader_workers(WORKERS, resolve_device(device)),
+        "epochs": 1,
         "shuffle_buffer": shuffle_buffer if shuffle_buffer is not None else default,
         "data": "parquet input_ids", "examples_small": s["examples"], "examples_large": g["examples"],
         "positions_small": s["positions"], "positions_large": g["positions"],
@@ -463,7 +465,8 @@ def run_memory(stores: dict, device: str, tmp: str, shuffle_buffer: int | None) 
 
 
 def _say_memory(name: str, r: dict) -> None:
-    buffer = "the default shuffle buffer" if r["shuffle_buffer"] is None else f"shuffle buffer {r['shuffle_buffer']} examples"
+    size = r["shuffle_buffer"]
+    buffer = "the default shuffle buffer" if size is None else f"shuffle buffer {size} examples"
     print(f"{name:>10}: train-student peak RSS {r['peak_rss_mb_small']:.0f} MB at {r['positions_small']:,} positions, "
           f"{r['peak_rss_mb_large']:.0f} MB at {r['positions_large']:,} (ratio {r['peak_rss_ratio']:.3f}; "
           f"{buffer})", file=sys.stderr)

@@ -66,13 +66,12 @@ def _round(passes: list[Callable[[], object]], r: int, burst_seconds: float, bes
     """One timed round: a burst of each pass, starting with pass r mod n; each call's seconds lower ``best``."""
     for j in range(len(passes)):
         i = (r + j) % len(passes)
-        burst_end = None
+        burst_end = time.perf_counter() + burst_seconds
         while True:
             start = time.perf_counter()
             passes[i]()
             end = time.perf_counter()
             best[i] = min(best[i], end - start)
-            burst_end = start + burst_seconds if burst_end is None else burst_end
             if end >= burst_end:
                 break
 

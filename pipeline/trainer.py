@@ -94,9 +94,9 @@ def loader_workers(workers: int | None, device: torch.device) -> int:
     A worker overlaps reading and collating the next batch with a GPU's step. On a CPU the
     model's intra-op threads already keep every core busy, so a worker process only takes its
     time from them and adds the batch's trip through shared memory: measured on 2 cores
-    (``benchmarks/train.py``'s workloads, alternated in one process), training with none ran
-    9-13% more steps a second on the causal LM and 20-36% more on the classifier. The order
-    of the batches is the same with 0 workers as with 1 (``LabelStream``).
+    (``benchmarks/train.py``'s workloads, alternated in one process, two runs), training with
+    none ran 9-17% more steps a second on the causal LM and 20-36% more on the classifier. The
+    order of the batches is the same with 0 workers as with 1 (``LabelStream``).
     """
     if workers is not None:
         return workers

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.errors import ConfigError, StoreError
+from distill.pipeline.allocator import tune_allocator
 from distill.pipeline.data import DataFlags, ExampleSet, choose_split, load_data
 from distill.pipeline.formatting import human_bytes
 from distill.pipeline.labelstore import check_store_matches, open_complete_store
@@ -62,7 +63,6 @@ from distill.pipeline.losses import bucket_divergence, student_buckets
 from distill.pipeline.modelcard import record_results
 from distill.pipeline.modelfiles import model_bytes, pinned_device
 from distill.pipeline.models import LoadedModel, ModelConfig, ModelFlags, load_model
-from distill.pipeline.allocator import tune_allocator
 from distill.pipeline.config import check_settings, setting
 from distill.pipeline.context import check_fits_context, resolve_seq_len, stored_seq_len
 from distill.pipeline.runtime import DeviceFlags, autocast, resolve_device, to_device
@@ -403,7 +403,8 @@ def _compare(mine: dict, theirs: dict) -> dict:
 def format_report(report: dict) -> str:
     """An aligned table (teacher first, when given), then the retention and agreement lines."""
     threads = report.get("timing_threads")
-    timed = f" ({threads} thread{'s' if threads != 1 else ''})" if threads and report.get("device", "cpu") == "cpu" else ""
+    on_cpu = report.get("device", "cpu") == "cpu"
+    timed = f" ({threads} thread{'s' if threads != 1 else ''})" if threads and on_cpu else ""
     rows = [("model", report["metric"], "params", "size", "latency" + timed, "throughput" + timed)]
     if "teacher" in report:
         rows.append(_row("teacher", report["teacher"]))

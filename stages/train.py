@@ -221,7 +221,8 @@ def _train(config: TrainConfig, task: str | None, store, check, loss) -> dict:
         check_student_flags(config, config.model, config.distributed)
         check_sinks(config.log_to)
         # config.json records the split read and the DataLoader workers used
-        config = dataclasses.replace(config, eval_split=_eval_split(config), workers=loader_workers(config.workers, device))
+        config = dataclasses.replace(config, eval_split=_eval_split(config),
+                                     workers=loader_workers(config.workers, device))
         if device.type == "cpu":
             tune_allocator()  # a step's buffers reused, not faulted in again at every step (distill.pipeline.allocator)
         student = load_model(ModelConfig(config.model, weights=config.weights, task=task,
