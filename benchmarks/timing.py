@@ -1,6 +1,6 @@
 """Timing benchmark: how far `distill evaluate`'s speed figures move between runs, and how far the machine drifts.
 
-    python benchmarks/timing.py [--drift-s 20] [--window 0.5] [--runs 5] [--probe-s 2] [--min-timing-s S]
+    python benchmarks/timing.py [--drift-s 20] [--window 0.5] [--runs 5] [--probe-s 2] [--min-timing-s S] [--burst-s S]
 
 ``drift``: a fixed workload, the built-in student (``mlp:hidden=128``) forward at batch 1 on
 one intra-op thread, called back to back for ``--drift-s`` seconds in this process; the
@@ -116,9 +116,14 @@ def prepare(directory: str, examples: int = 64) -> dict[str, str]:
     return paths
 
 
-def evaluate_command(paths: dict[str, str], min_timing_s: float | None) -> list[str]:
-    """The `distill evaluate` command of each run; ``--min-timing-s`` only when given (else evaluate's default)."""
-    timing = [] if min_timing_s is None else ["--min-timing-s", str(min_timing_s)]
+def timing_flags(min_timing_s: float | None, burst_s: float | None) -> list[str]:
+    """``--min-timing-s`` and ``--burst-s`` of `distill evaluate`, each only when given (else evaluate's default)."""
+    given = (("--min-timing-s", min_timing_s), ("--burst-s", burst_s))
+    return [part for flag, value in given if value is not None for part in (flag, str(value))]
+
+
+def evaluate_command(paths: dict[str, str], timing: list[str]) -> list[str]:
+    """The `distill evaluate` command of each run, with ``timing``'s flags."""
     return [sys.executable, "-m", "distill", "evaluate", "--model", paths["student"], "--teacher", paths["teacher"],
             "--data", paths["data"], "--split", "train", *timing, "--json"]
 
@@ -180,18 +185,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--probe-s", type=float, default=2.0, help="seconds of drift probe before each run")
     ap.add_argument("--min-timing-s", type=float, default=None,
                     help="`distill evaluate --min-timing-s` of each run (default: evaluate's own default)")
+    ap.add_argument("--burst-s", type=float, default=None,
+                    help="`distill evaluate --burst-s` of each run (default: evaluate's own default)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         paths = prepare(tmp)
         student, one = load_model(ModelConfig(STUDENT)).module, torch.zeros(1, 40)  # one: (1, F)
         drift = measure_drift(lambda: student(one), args.drift_s, args.window)
-        runs = measure_runs(lambda: student(one), evaluate_command(paths, args.min_timing_s), args.runs, args.probe_s)
+        timing = timing_flags(args.min_timing_s, args.burst_s)
+        runs = measure_runs(lambda: student(one), evaluate_command(paths, timing), args.runs, args.probe_s)
     spreads = {name: spread([r[name] for r in runs]) for name in FIGURES}
     print("spread (max/min - 1): " + ", ".join(f"{k} {v:.1%}" for k, v in spreads.items()), flush=True)
     settings = {**vars(args), "student": STUDENT, "teacher": TEACHER, "drift_threads": 1,
-                "evaluate_command": "python -m distill evaluate --model STUDENT --teacher TEACHER --data DATA "
-                                    "--split train" + ("" if args.min_timing_s is None else
-                                                       f" --min-timing-s {args.min_timing_s}") + " --json",
+                "evaluate_command": " ".join(["python -m distill evaluate --model STUDENT --teacher TEACHER --data DATA "
+                                              "--split train", *timing, "--json"]),
                 "torch": torch.__version__, "cpus": os.cpu_count(), "machine": platform.machine()}
     print(json.dumps({"benchmark": "timing", "drift": drift, "runs": runs, "spread": spreads, "settings": settings}))
 
