@@ -26,9 +26,12 @@ V = 32,000. Higher thresholds still (1 GiB and 2 GiB, which a (positions x vocab
 tensor of hundreds of MB needs to stay in the heap) made a 19M causal LM teacher's forward
 pass 20% faster than glibc's rule, with train-student's small-block line at 1.073. A user
 who wants either sets ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in the
-environment.
+environment. What stage one does instead is ``release_free_memory()`` after each shard is
+written: its default-shard memory line (`benchmarks/generate.py --memory-default-shards`)
+peaked 54 to 159 MB lower at both sizes (690 and 761 MB for 4 and 40 shards, against 744 and
+920 MB; 717 and 779 MB for 6 and 60, against 794 and 844 MB), for about 15 ms a shard.
 
-It leaves the allocator alone where the user chose one: any ``MALLOC_*_`` variable or a
+Both leave the allocator alone where the user chose one: any ``MALLOC_*_`` variable or a
 malloc tunable in ``GLIBC_TUNABLES``, jemalloc, tcmalloc or mimalloc in ``LD_PRELOAD``, or
 ``DISTILL_MALLOC=system``; off glibc (macOS, musl) it does nothing. DataLoader workers forked
 after it inherit the settings.
@@ -41,7 +44,7 @@ import functools
 import os
 import platform
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "c_library", "tune_allocator"]
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "c_library", "release_free_memory", "tune_allocator"]
 
 MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit)
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what glibc sets the trim threshold to when it raises the mmap threshold
@@ -57,11 +60,9 @@ def tune_allocator(environ: dict[str, str] | None = None, mmap_threshold: int = 
     ``"unavailable"`` (not glibc, or mallopt refused).
     """
     env = os.environ if environ is None else environ
-    preload = env.get("LD_PRELOAD", "")
-    if (env.get("DISTILL_MALLOC", "").lower() == "system" or any(k.startswith("MALLOC_") for k in env)
-            or "glibc.malloc" in env.get("GLIBC_TUNABLES", "") or any(a in preload for a in _OTHER_ALLOCATORS)):
+    if _users_choice(env):
         return "user"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return "unavailable"
     try:
         libc = c_library()
@@ -69,6 +70,39 @@ def tune_allocator(environ: dict[str, str] | None = None, mmap_threshold: int = 
     except (OSError, AttributeError):
         return "unavailable"
     return "tuned" if done else "unavailable"
+
+
+def release_free_memory(environ: dict[str, str] | None = None) -> str:
+    """Give the heap's free pages back to the OS now (glibc's ``malloc_trim(0)``), unless the user chose an allocator.
+
+    glibc keeps blocks under its mmap threshold in the heap once freed, and the threshold rises
+    as large blocks are freed, so the buffers of one finished stage-one shard stay resident
+    among live blocks, where the trim threshold (which only returns the heap's top) cannot
+    return them; ``malloc_trim`` also releases free pages inside the heap, in every arena. It
+    takes about 15 ms on a heap of a few hundred MB. Returns ``"released"``, ``"user"`` or
+    ``"unavailable"`` as ``tune_allocator`` does (``"released"`` when glibc gave nothing back too).
+    """
+    env = os.environ if environ is None else environ
+    if _users_choice(env):
+        return "user"
+    if not _glibc():
+        return "unavailable"
+    try:
+        c_library().malloc_trim(0)
+    except (OSError, AttributeError):
+        return "unavailable"
+    return "released"
+
+
+def _users_choice(env) -> bool:
+    """Whether the environment chose an allocator or its settings (then distill leaves the allocator alone)."""
+    preload = env.get("LD_PRELOAD", "")
+    return (env.get("DISTILL_MALLOC", "").lower() == "system" or any(k.startswith("MALLOC_") for k in env)
+            or "glibc.malloc" in env.get("GLIBC_TUNABLES", "") or any(a in preload for a in _OTHER_ALLOCATORS))
+
+
+def _glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 @functools.cache

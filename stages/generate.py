@@ -27,6 +27,7 @@ import torch
 
 from distill import __version__
 from distill.errors import ConfigError
+from distill.pipeline.allocator import release_free_memory
 from distill.pipeline.data import DataFlags, ExampleSet, load_data
 from distill.pipeline.formatting import data_summary
 from distill.pipeline.models import (LoadedModel, ModelConfig, ModelFlags, float32_output_layer, load_model,
@@ -563,6 +564,8 @@ class _ShardSink:
                 else:
                     shard = shards.pop(index, None) or self.writer.shard(index)
                     shard.commit()
+                    del shard  # its buffers are free now: give their pages back (distill.pipeline.allocator)
+                    release_free_memory()
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
 

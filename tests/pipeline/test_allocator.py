@@ -1,6 +1,10 @@
 """The allocator's thresholds: set on glibc unless the user chose an allocator or its settings."""
 
+import json
 import platform
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -47,3 +51,40 @@ def test_on_glibc_both_thresholds_are_set_to_their_ceilings(monkeypatch):
 def test_the_real_mallopt_accepts_the_values():
     libc = allocator.c_library()  # the process's own C library, found without a subprocess
     assert libc.mallopt(-3, allocator.MMAP_THRESHOLD) == 1 and libc.mallopt(-1, allocator.TRIM_THRESHOLD) == 1
+
+
+def test_releasing_free_memory_leaves_the_users_choice_alone_and_does_nothing_off_glibc(monkeypatch):
+    monkeypatch.setattr(allocator, "c_library", lambda: pytest.fail("malloc_trim called despite the user's choice"))
+    assert allocator.release_free_memory({"DISTILL_MALLOC": "system"}) == "user"
+    assert allocator.release_free_memory({"LD_PRELOAD": "libjemalloc.so.2"}) == "user"
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator.release_free_memory({}) == "unavailable"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or platform.system() != "Linux", reason="glibc on Linux only")
+def test_releasing_free_memory_gives_freed_heap_blocks_back_to_the_os():
+    # in a fresh process: 256 blocks of 1 MiB, kept in the heap by high thresholds and written to, then all freed
+    # but the last (so the heap's top stays live and the trim threshold alone could not return them)
+    script = textwrap.dedent("""
+        import ctypes, json
+        from distill.pipeline.allocator import release_free_memory
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.mallopt(-3, 1 << 30); libc.mallopt(-1, 1 << 31)
+        def rss_mb():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 / 2**20
+        blocks = [libc.malloc(1 << 20) for _ in range(256)]
+        for b in blocks:
+            ctypes.memset(b, 1, 1 << 20)
+        for b in blocks[:-1]:
+            libc.free(b)
+        before = rss_mb()
+        done = release_free_memory({})
+        print(json.dumps({"before": before, "after": rss_mb(), "done": done}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["done"] == "released"
+    assert figures["before"] - figures["after"] > 200, figures  # of the 255 MiB freed

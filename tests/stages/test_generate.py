@@ -228,6 +228,15 @@ def test_job_array_then_finalize(tmp_path):
     assert_same_store(tmp_path / "whole", out)
 
 
+def test_each_shards_freed_buffers_are_given_back_once_it_is_committed(tmp_path, monkeypatch):
+    from distill.stages import generate
+
+    out, seen = tmp_path / "s", []
+    monkeypatch.setattr(generate, "release_free_memory", lambda: seen.append(len(commit_records(out))))
+    run("--teacher", MLP, "--data", MNIST, "--out", out, "--examples-per-shard", 100, "--k", 3)
+    assert seen == [1, 2, 3, 4, 5]  # once per shard, each after that shard's commit record is written
+
+
 def _subprocess_env(extra_path=""):
     env = dict(os.environ, DISTILL_LOG_EVERY="3600", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH", "")) if p)
