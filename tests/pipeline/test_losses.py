@@ -497,6 +497,20 @@ def test_the_fused_loss_equals_the_plain_one(dtype, rtol, atol, case, kind, temp
     assert_same_loss((fused, g_fused), (plain, g_plain), dtype, rtol, atol)
 
 
+@pytest.mark.parametrize("case", ["random", "sampled-padding", "masked-vocab"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_fused_loss_writes_a_non_contiguous_gradient_as_a_contiguous_one(case, temperature):
+    """Student logits laid out column-major (a transposed output layer's): the gradient keeps that layout, so the
+    kept ids' terms go through scatter instead of the flat index writes, with the same values."""
+    student, labels, hard = fused_inputs(case, torch.float64)
+    column_major = student.t().contiguous().t()
+    assert not column_major.is_contiguous()
+    (fused, g_fused), (plain, g_plain) = fused_and_plain(column_major, labels, hard, temperature=temperature,
+                                                         alpha=0.4, chunk_positions=3)
+    assert not g_fused.is_contiguous()  # the layout the flat writes cannot take
+    assert_same_loss((fused, g_fused), (plain, g_plain), torch.float64, 1e-9, 1e-12)
+
+
 @pytest.mark.parametrize("case", ["random", "peaked", "every-id-kept"])
 def test_the_fused_loss_equals_the_plain_one_at_another_temperature(case):
     """T = 1 and 2 share the tail's softmax with the cross-entropy; any other T takes its own."""
