@@ -174,10 +174,11 @@ def test_store_with_value_bits_reads_back_on_every_backend(backend, store_url, b
     assert float((root - root_back).abs().max()) <= 0.5 / enc.levels + 1e-6
 
 
-@pytest.mark.parametrize("v", [4096, 5003])  # whole blocks, and a short last block
+@pytest.mark.parametrize("v", [4096, 5003, 9000])  # whole blocks, a short last block; 9000: k = 64 searched twice
 @pytest.mark.parametrize("k", [1, 4, 9, 64])
-def test_largest_finds_what_topk_finds(v, k):
-    x = torch.randn(50, v, generator=torch.Generator().manual_seed(k + v)) * 3
+@pytest.mark.parametrize("wider", [0, 13])  # contiguous rows, and rows of a wider tensor (the blocks gathered)
+def test_largest_finds_what_topk_finds(v, k, wider):
+    x = (torch.randn(50, v + wider, generator=torch.Generator().manual_seed(k + v)) * 3)[:, :v]
     x[0, -7:] = 50.0  # the largest values in the short last block (or the last whole one)
     x[1] = float("-inf")
     x[1, 3] = 0.0  # one finite value; the rest of the top k are -inf
