@@ -1,0 +1,19 @@
+"""benchmarks/reduction.py at a tiny shape: every setting and kind of logits timed, figures positive."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_reduction_benchmark_times_every_setting_on_both_kinds_of_logits(capsys):
+    spec = importlib.util.spec_from_file_location("reduction_bench", REPO / "benchmarks" / "reduction.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--shape", "8", "8192", "--rounds", "2"])  # V >= 4 * 48 * 32: the tail draws' block search
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["benchmark"] == "reduction" and (out["positions"], out["vocab_size"]) == (8, 8192)
+    assert set(out["settings"]) == {f"{s}/{kind}" for s in ("k4_draws48", "k64_draws48", "k64")
+                                    for kind in ("lm", "below_zero")}
+    assert all(row["ms"] > 0 and row["ns_per_logit"] > 0 for row in out["settings"].values())
