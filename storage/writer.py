@@ -173,12 +173,16 @@ class ShardWriter:
             self._first = dataclasses.replace(labels, pretempered=None, **{name: None for name in POSITION_FIELDS})
             per = n / max(labels.num_examples, 1)
             capacity = max(n, math.ceil(per * self.writer.spec.examples_per_shard * 1.25))
-            self._buffers = {name: t.new_empty((capacity, *t.shape[1:])) for name, t in fields.items()}
+            self._buffers = {name: t.new_empty((capacity, *t.shape[1:]), dtype=self._dtype(name, t))
+                             for name, t in fields.items()}
         if fields.keys() != self._buffers.keys():
             raise StoreError(f"shard {self.index}: a batch holds {sorted(fields)} but the shard's first held "
                              f"{sorted(self._buffers)}: every batch of a store must carry the same fields")
         for name, t in fields.items():
             buf = self._buffers[name]
+            if buf.dtype == torch.int32 and t.dtype == torch.int64 and t.numel() and (
+                    int(t.min()) < -(2**31) or int(t.max()) >= 2**31):  # would wrap: the commit's check could not see it
+                raise StoreError(f"shard {self.index}: {name} outside the vocabulary [0, {self.writer.spec.vocab_size})")
             if self._used + n > len(buf):  # longer than the first batch suggested: double
                 grown = buf.new_empty((max(2 * len(buf), self._used + n), *buf.shape[1:]))
                 grown[: self._used] = buf[: self._used]
@@ -187,6 +191,13 @@ class ShardWriter:
         self._offsets.append(labels.offsets[1:] + self._used)
         self._used += n
         self.num_examples += labels.num_examples
+
+    def _dtype(self, name: str, t: torch.Tensor) -> torch.dtype:
+        """Ids are held as int32 (every vocabulary fits): half the bytes of the int64 that topk gives, in the
+        buffers and in the encoder's copies at the commit, which coincide with the next batches' teacher logits."""
+        if name in ("topk_ids", "tail_ids") and t.dtype == torch.int64 and self.writer.spec.vocab_size <= 2**31 - 1:
+            return torch.int32
+        return t.dtype
 
     def commit(self) -> ShardRecord:
         spec = self.writer.spec

@@ -343,3 +343,23 @@ def test_shard_writer_grows_past_what_its_first_batch_suggests(backend, tmp_path
     assert shard.commit().positions == labels.num_positions == 34
     back = open_store(str(tmp_path / "s")).read_all()
     assert torch.equal(back.offsets, labels.offsets) and torch.equal(back.topk_ids, by_id(labels)[0])
+
+
+def test_shard_writer_holds_ids_as_int32_and_refuses_an_id_that_would_wrap(backend, tmp_path):
+    labels = make_labels("topk", n_examples=10)
+    spec = StoreSpec("topk", k=K, vocab_size=V, num_examples=10, examples_per_shard=10, temperatures=(1, 2, 4),
+                     value_encoding="lossless", backend=backend)
+    shard = create_store(str(tmp_path / "s"), spec).shard(0)
+    shard.append(labels.examples(0, 5))
+    assert shard._buffers["topk_ids"].dtype == torch.int32  # half of topk's int64 while the shard fills
+    bad = labels.examples(5, 10)
+    bad.topk_ids = bad.topk_ids.clone()
+    bad.topk_ids[0, 0] = 2**32 + 1  # as int32 this would read 1, inside the vocabulary
+    with pytest.raises(StoreError, match="shard 0: topk_ids outside the vocabulary"):
+        shard.append(bad)
+    shard = create_store(str(tmp_path / "s"), spec).shard(0)
+    shard.append(labels.examples(0, 5))
+    shard.append(labels.examples(5, 10))
+    shard.commit()
+    back = open_store(str(tmp_path / "s")).read_all()
+    assert back.topk_ids.dtype == torch.int64 and torch.equal(back.topk_ids, by_id(labels)[0])
