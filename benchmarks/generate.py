@@ -27,7 +27,7 @@ not run otherwise: about 6 s per shard here): the same command with the default 
 peak rose over the first shards and then levelled off: a longer job more often meets the moments when a
 batch's teacher logits and a shard's encoding are alive at once (freed shard buffers also stayed in the heap,
 glibc's dynamic mmap threshold). The writer now gives each written shard's buffers back and holds ids as int32,
-and the two sizes peak within 2% (see the README).
+and the two sizes peak within 3% (see the README).
 ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment changes the allocator's side, and the JSON records it.
 
 Memory (``memory``): `distill generate-labels` (the real CLI, in a subprocess) on two Parquet
