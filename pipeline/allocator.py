@@ -59,11 +59,9 @@ def tune_allocator(environ: dict[str, str] | None = None, mmap_threshold: int = 
     Returns what was done: ``"tuned"``, ``"user"`` (the environment chose; left alone) or
     ``"unavailable"`` (not glibc, or mallopt refused).
     """
-    env = os.environ if environ is None else environ
-    if _users_choice(env):
-        return "user"
-    if not _glibc():
-        return "unavailable"
+    refused = _refused(environ)
+    if refused:
+        return refused
     try:
         libc = c_library()
         done = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
@@ -82,11 +80,9 @@ def release_free_memory(environ: dict[str, str] | None = None) -> str:
     takes about 15 ms on a heap of a few hundred MB. Returns ``"released"``, ``"user"`` or
     ``"unavailable"`` as ``tune_allocator`` does (``"released"`` when glibc gave nothing back too).
     """
-    env = os.environ if environ is None else environ
-    if _users_choice(env):
-        return "user"
-    if not _glibc():
-        return "unavailable"
+    refused = _refused(environ)
+    if refused:
+        return refused
     try:
         c_library().malloc_trim(0)
     except (OSError, AttributeError):
@@ -94,15 +90,17 @@ def release_free_memory(environ: dict[str, str] | None = None) -> str:
     return "released"
 
 
-def _users_choice(env) -> bool:
-    """Whether the environment chose an allocator or its settings (then distill leaves the allocator alone)."""
+def _refused(environ: dict[str, str] | None) -> str | None:
+    """Why distill leaves the allocator alone: ``"user"`` (the environment chose an allocator or its
+    settings), ``"unavailable"`` (not glibc on Linux), or None (go ahead)."""
+    env = os.environ if environ is None else environ
     preload = env.get("LD_PRELOAD", "")
-    return (env.get("DISTILL_MALLOC", "").lower() == "system" or any(k.startswith("MALLOC_") for k in env)
-            or "glibc.malloc" in env.get("GLIBC_TUNABLES", "") or any(a in preload for a in _OTHER_ALLOCATORS))
-
-
-def _glibc() -> bool:
-    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    if (env.get("DISTILL_MALLOC", "").lower() == "system" or any(k.startswith("MALLOC_") for k in env)
+            or "glibc.malloc" in env.get("GLIBC_TUNABLES", "") or any(a in preload for a in _OTHER_ALLOCATORS)):
+        return "user"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "unavailable"
+    return None
 
 
 @functools.cache
