@@ -2,9 +2,10 @@
 
     python benchmarks/loss.py [--shape P V] ... [--k 64 (at most V)] [--temperature 2] [--alpha 0.5] [--rounds 7]
 
-Random logits, top-k labels with the tail from the teacher's own logits (``topk_labels``),
+Random logits, top-k labels with the tail from the teacher's own logits (``topk_labels``; their
+tempered log-probabilities worked out ahead, ``with_tempered``, as train-student's stream does),
 ``TopKDistillationLoss("kl", T, alpha)`` as train-student builds it (``default``: the fused loss
-from 1,024 outputs, the dense one of ``distill.pipeline.fused.dense_kl`` below), ``fused=True``
+from 1,024 outputs, the dense one of ``distill.pipeline.fused.dense_bucket_loss`` below), ``fused=True``
 and ``fused=False`` (the plain autograd loss), and ``F.cross_entropy`` on the same student logits, each timed for 10 steps per
 round in alternating rounds on one intra-op thread; the figure is the median round. Prints a
 line per shape, then one JSON object as the last line. It uses only the public API, so the
@@ -31,6 +32,7 @@ def time_shape(p: int, v: int, k: int, temperature: float, alpha: float, rounds:
     teacher = torch.randn(p, v, generator=g) * 3
     student = (torch.randn(p, v, generator=g) * 3).requires_grad_()
     labels = topk_labels(teacher, k, temperatures=(temperature,) if temperature != 1.0 else ())
+    labels = labels.with_tempered(temperature)  # as train-student's stream hands them to the loss
     hard = teacher.argmax(1)
     losses = {"default": TopKDistillationLoss("kl", temperature, alpha),
               "fused": TopKDistillationLoss("kl", temperature, alpha, fused=True),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.pipeline.fused import LOG_FLOOR, dense_kl, fused_bucket_loss
+from distill.pipeline.fused import LOG_FLOOR, dense_bucket_loss, fused_bucket_loss
 from distill.pipeline.models import LoadedModel
 from distill.pipeline.runtime import module_device, to_device
 from distill.pipeline.tasks import IGNORE_INDEX, position_logits
@@ -256,9 +256,9 @@ class TopKDistillationLoss(_HintonMix):
     vocabulary) computes it with ``distill.pipeline.fused.fused_bucket_loss``: one
     softmax per chunk of positions, shared by both terms, and no (P, V) intermediates kept for
     backward beyond the gradient itself. Below that (a classifier), the default computes the
-    forward KL without padding slots or tail draws with ``distill.pipeline.fused.dense_kl``:
-    its gradient in closed form over the few outputs, with no autograd graph of small operations
-    (and the hard term from ``F.cross_entropy``). On the fused path ``soft`` and ``ce`` are detached values (only
+    forward KL without padding slots or tail draws with ``distill.pipeline.fused.dense_bucket_loss``:
+    the soft and hard terms and their gradient in closed form over the few outputs, with no autograd
+    graph of small operations. On the fused and dense paths ``soft`` and ``ce`` are detached values (only
     ``loss`` carries the gradient; ``soft`` is ``loss / T^2`` when alpha == 0, ``ce`` is ``loss`` when
     alpha == 1, so both keep theirs there). ``fused=False`` is the plain autograd path, kept as the
     reference both are tested against.
@@ -320,16 +320,23 @@ class TopKDistillationLoss(_HintonMix):
             student_logits, ids, kept, self._divergence, targets, temperature=self.temperature, alpha=self.alpha,
             hard_labels=hard_labels, ignore_index=self.ignore_index, tail_ids=None if draws is None else draws[0],
             chunk_positions=self.chunk_positions)
+        return self._detached_terms(loss, soft, ce)
+
+    def _dense(self, student_logits: Tensor, ids: Tensor, teacher_lp: Tensor, teacher_tail: Tensor,
+               hard_labels: Tensor | None) -> dict[str, Tensor | None]:
+        if self.alpha > 0 and hard_labels is None:
+            raise ConfigError(f"alpha = {self.alpha} mixes in hard labels but the data has none: pass --alpha 0")
+        loss, soft, ce = dense_bucket_loss(student_logits, ids, teacher_lp, teacher_tail, self.temperature,
+                                           alpha=self.alpha, hard_labels=hard_labels, ignore_index=self.ignore_index)
+        return self._detached_terms(loss, soft, ce)
+
+    def _detached_terms(self, loss: Tensor, soft: Tensor, ce: Tensor | None) -> dict[str, Tensor | None]:
+        """The fused and dense paths' output: where one term is the whole loss it is returned differentiable."""
         if self.alpha == 0.0:
             soft = loss / self.temperature**2  # the same value, and differentiable
         elif self.alpha == 1.0:
             ce = loss
         return {"loss": loss, "soft": soft, "ce": ce}
-
-    def _dense(self, student_logits: Tensor, ids: Tensor, teacher_lp: Tensor, teacher_tail: Tensor,
-               hard_labels: Tensor | None) -> dict[str, Tensor | None]:
-        return self._mix(student_logits, dense_kl(student_logits, ids, teacher_lp, teacher_tail, self.temperature),
-                         hard_labels)
 
     def _tail_draws(self, labels: SoftLabels) -> tuple[Tensor, Tensor] | None:
         """(tail_ids, tail_counts) when the loss uses them, after checking that it can."""

@@ -600,7 +600,7 @@ def test_the_default_path_is_fused_for_a_vocabulary_dense_for_a_classifier_and_p
     import distill.pipeline.losses as losses_module
 
     calls = []
-    for name in ("fused_bucket_loss", "dense_kl"):
+    for name in ("fused_bucket_loss", "dense_bucket_loss"):
         real = getattr(losses_module, name)
         monkeypatch.setattr(losses_module, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
 
@@ -613,7 +613,7 @@ def test_the_default_path_is_fused_for_a_vocabulary_dense_for_a_classifier_and_p
         return calls[0] if calls else "plain"
 
     assert path(losses_module.FUSED_MIN_OUTPUTS) == "fused_bucket_loss"
-    assert path(10) == "dense_kl"  # the forward KL over a classifier's outputs: no (P, C) autograd graph
+    assert path(10) == "dense_bucket_loss"  # the forward KL over a classifier's outputs: no (P, C) autograd graph
     assert path(10, "jsd") == "plain"  # other divergences keep the plain path below FUSED_MIN_OUTPUTS
     assert path(10, tail=False) == "plain"
     assert path(10, fused=False) == "plain"
@@ -624,7 +624,7 @@ def test_the_default_path_is_fused_for_a_vocabulary_dense_for_a_classifier_and_p
 @pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-9, 1e-12), (torch.float32, 2e-5, 1e-6)])
 @pytest.mark.parametrize("case", [c for c in FUSED_CASES if c != "sampled-padding"])
 @pytest.mark.parametrize("temperature, alpha", [(1.0, 0.3), (2.0, 0.5), (2.0, 0.0), (1.0, 1.0), (1.5, 0.4)])
-def test_the_dense_kl_equals_the_plain_one(dtype, rtol, atol, case, temperature, alpha):
+def test_the_dense_loss_equals_the_plain_one(dtype, rtol, atol, case, temperature, alpha):
     student, labels, hard = fused_inputs(case, dtype, v=24, k=6)
     (dense, g_dense), (plain, g_plain) = fused_and_plain(student, labels, hard, first=None, kind="kl",
                                                          temperature=temperature, alpha=alpha)
@@ -633,14 +633,14 @@ def test_the_dense_kl_equals_the_plain_one(dtype, rtol, atol, case, temperature,
 
 @pytest.mark.parametrize("k", [3, 10])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_the_dense_kl_passes_gradcheck_with_ignored_labels(k, temperature):
+def test_the_dense_loss_passes_gradcheck_with_ignored_labels(k, temperature):
     labels = topk_labels(logits(4, 10, 3.0, 71).float(), k, temperatures=(2.0,))
     hard = torch.tensor([0, -100, 9, 4])
     loss = TopKDistillationLoss("kl", temperature, alpha=0.4)
     assert torch.autograd.gradcheck(lambda x: loss(x, labels, hard)["loss"], (logits(4, 10, 1.0, 72).requires_grad_(),))
 
 
-def test_the_dense_kl_gives_bfloat16_logits_a_bfloat16_gradient_and_needs_none_without_grad():
+def test_the_dense_loss_gives_bfloat16_logits_a_bfloat16_gradient_and_needs_none_without_grad():
     student, labels, hard = fused_inputs("random", torch.float32, v=24)
     (dense, g_dense), (plain, g_plain) = fused_and_plain(student.bfloat16(), labels, hard, first=None,
                                                          temperature=2.0, alpha=0.5)
@@ -654,7 +654,7 @@ def test_the_dense_kl_gives_bfloat16_logits_a_bfloat16_gradient_and_needs_none_w
 
 
 @pytest.mark.parametrize("k", [4, 10])
-def test_the_dense_kl_reads_a_kept_id_the_student_masks_as_the_plain_loss_does(k):
+def test_the_dense_loss_reads_a_kept_id_the_student_masks_as_the_plain_loss_does(k):
     """A student logit of -inf where the teacher has mass: the bucket counts as float32's smallest mass, with no
     gradient, on both paths."""
     labels = topk_labels(logits(5, 10, 2.0, 73).float(), k, temperatures=(2.0,))
