@@ -34,6 +34,8 @@ from distill.storage.labels import POSITION_FIELDS, SoftLabels, concat_labels
 
 __all__ = ["LabelStream", "labels_from_batch"]
 
+# a shuffle block's examples are read into memory at once when they take at most this (else a batch at a time)
+RESIDENT_BYTES = 64 << 20
 BUFFER_POSITIONS = 65536  # default shuffle block: ~50 MB of decoded labels at k=64 (ids int64 + values float32)
 SOFT_FIELDS = ("offsets", *POSITION_FIELDS)
 
@@ -124,35 +126,51 @@ class LabelStream(IterableDataset):
         shards = self.rank_shards(self.epoch, self.rank)[part::n_workers]
         skip = skips[part]
         rng = torch.Generator().manual_seed(random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{part}").getrandbits(62))
-        pending: tuple[torch.Tensor, SoftLabels | None] | None = None  # a batch begun in the previous block
+        # a batch begun in the previous block: its global ids, their labels, and the ids it is gathered by
+        pending: tuple[torch.Tensor, SoftLabels | None] | None = None
+        pending_at = None
         produced = 0
         for ids, labels in self._blocks(shards, rng):
+            # the block's examples (and the pending ones) in memory when they are on disk; ``at``: where to gather
+            source, at = self._resident(ids if pending is None else torch.cat([pending[0], ids]))
             if pending is not None:  # finish the batch begun in the previous block
+                pending_at, at = at[: len(pending[0])], at[len(pending[0]) :]
                 need = self.batch_size - len(pending[0])
                 head, rest = ids[:need], ids[need:]
                 part = None if labels is None else labels.examples(0, len(head))  # slices: no gather per batch
-                ids_b = torch.cat([pending[0], head])
+                ids_b, at_b = torch.cat([pending[0], head]), torch.cat([pending_at, at[:need]])
                 labels_b = None if labels is None else concat_labels([pending[1], part])
                 if labels is not None:
                     labels = labels.examples(len(head), len(ids))
-                ids = rest
+                ids, at = rest, at[need:]
                 if len(ids_b) < self.batch_size:
-                    pending = (ids_b, labels_b)
+                    pending, pending_at = (ids_b, labels_b), at_b
                     continue
                 if produced >= skip:
-                    yield self._collate(ids_b, labels_b)
+                    yield self._collate(ids_b, labels_b, source, at_b)
                 produced += 1
                 pending = None
             full = len(ids) // self.batch_size * self.batch_size
             for a in range(0, full, self.batch_size):
                 if produced >= skip:
                     yield self._collate(ids[a : a + self.batch_size],
-                                        None if labels is None else labels.examples(a, a + self.batch_size))
+                                        None if labels is None else labels.examples(a, a + self.batch_size),
+                                        source, at[a : a + self.batch_size])
                 produced += 1
             if full < len(ids):
                 pending = (ids[full:], None if labels is None else labels.examples(full, len(ids)))
+                pending_at = at[full:]
         if pending is not None and produced >= skip:
-            yield self._collate(*pending)
+            yield self._collate(*pending, source, pending_at)
+
+    def _resident(self, ids: torch.Tensor) -> tuple[object, torch.Tensor]:
+        """(what to gather ``ids`` from, the index of each there): the examples themselves, or a copy of just
+        these in memory (``ExampleSet.resident``, at most RESIDENT_BYTES) when they are on disk."""
+        if not hasattr(self.examples, "resident") or not len(ids):
+            return self.examples, ids
+        unique, at = torch.unique(ids, sorted=True, return_inverse=True)  # ascending: the shards' runs, few reads
+        block = self.examples.resident(unique, RESIDENT_BYTES)
+        return (self.examples, ids) if block is None else (block, at)
 
     def _blocks(self, shards: list[int], rng: torch.Generator) -> Iterator[tuple[torch.Tensor, SoftLabels | None]]:
         """Consecutive runs of this worker's shards holding at least ``shuffle_buffer`` examples,
@@ -175,14 +193,15 @@ class LabelStream(IterableDataset):
                 yield ids, labels
                 block = []
 
-    def _collate(self, ids: torch.Tensor, labels: SoftLabels | None) -> dict:
-        """The batch of examples ``ids`` (B,) joined to ``labels`` (theirs, in that order). The soft
-        fields are slices of the shuffled block, not copies: the trainer's DataLoader packs each
-        batch into one new buffer (``distill.pipeline.batching.pack_batch``) to cross to it."""
-        if hasattr(self.examples, "gather"):  # an ExampleSet: whole-batch gathers, not one item at a time
-            out = self.examples.gather(ids)
+    def _collate(self, ids: torch.Tensor, labels: SoftLabels | None, source, at: torch.Tensor) -> dict:
+        """The batch of examples ``ids`` (B,) joined to ``labels`` (theirs, in that order), gathered from
+        ``source`` at ``at`` (``_resident``). The soft fields are slices of the shuffled block, not copies:
+        the trainer's DataLoader packs each batch into one new buffer (``distill.pipeline.batching.pack_batch``)
+        to cross to it."""
+        if hasattr(source, "gather"):  # an ExampleSet: whole-batch gathers, not one item at a time
+            out = source.gather(at)
         else:
-            out = self.examples.collate([self.examples[int(e)] for e in ids])
+            out = source.collate([source[int(e)] for e in at])
         out["example_index"] = ids.clone()
         if labels is not None:
             for field in SOFT_FIELDS:

@@ -7,9 +7,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from distill.pipeline.batching import PackedBatch, pack_batch
+from distill.pipeline.diskarrays import ArrayWriter
 from distill.pipeline.examples import ExampleSet
 from distill.pipeline.runtime import to_device
 from distill.storage import open_store
+from distill.storage import stream as stream_module
 from distill.storage.stream import LabelStream
 from storehelp import make_labels, write_store
 
@@ -39,12 +41,26 @@ def store(tmp_path_factory):
     return open_store(str(url))
 
 
-def _packed_lm() -> ExampleSet:
+def _packed_lm(disk: bool = False) -> ExampleSet:
     rng = np.random.default_rng(3)
     lengths = rng.integers(1, 12, N)
     t = int(lengths.sum())
-    return ExampleSet("causal-lm", input_ids=rng.integers(0, 99, t), lengths=lengths, position_mask=rng.random(t) < 0.8,
-                      position_ids=np.concatenate([np.arange(m) % 5 for m in lengths]))
+    keep = _on_disk if disk else (lambda a, dtype=None: a)
+    return ExampleSet("causal-lm", input_ids=keep(rng.integers(0, 99, t), np.int32), lengths=lengths,
+                      position_mask=keep(rng.random(t) < 0.8),
+                      position_ids=keep(np.concatenate([np.arange(m) % 5 for m in lengths]), np.int32))
+
+
+def _features(disk: bool = False) -> ExampleSet:
+    rng = np.random.default_rng(4)
+    inputs = rng.standard_normal((N, 7)).astype(np.float32)
+    return ExampleSet("classification", inputs=_on_disk(inputs) if disk else inputs, labels=rng.integers(0, 3, N))
+
+
+def _on_disk(a: np.ndarray, dtype=None):
+    writer = ArrayWriter(dtype or a.dtype, a.shape[1:])
+    writer.append(a)
+    return writer.finish()
 
 
 def _batches(data, store, workers=0, **loader):
@@ -77,3 +93,21 @@ def test_packed_batches_from_workers_equal_unpacked_ones(store, workers):
     raw = list(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=pack_batch))
     assert all(isinstance(b, PackedBatch) for b in raw)
     _same([to_device(b, torch.device("cpu")) for b in raw], plain)
+
+
+@pytest.mark.parametrize("make", [_packed_lm, _features])
+@pytest.mark.parametrize("with_store", [True, False])
+def test_on_disk_examples_are_read_a_shuffle_block_at_a_time_into_the_same_batches(store, with_store, make,
+                                                                                monkeypatch):
+    """Blocks of 15 examples, batches of 4: some batches span two blocks, and the epoch skips its first 3."""
+    labels = store if with_store else None
+    want = _batches(make(), labels)
+    made = []
+    real = ExampleSet.resident
+    monkeypatch.setattr(ExampleSet, "resident", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    _same(_batches(make(disk=True), labels), want)
+    assert made and all(m is not None and not m.on_disk() for m in made)  # each block held in memory
+    made.clear()
+    monkeypatch.setattr(stream_module, "RESIDENT_BYTES", 16)  # too big to hold: read a batch at a time
+    _same(_batches(make(disk=True), labels), want)
+    assert made == [None] * len(made) and made
