@@ -83,6 +83,9 @@ class StoreFS:
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
     def read(self, rel: str) -> bytes:
+        if self.local:  # a plain open: fsspec's cat_file costs ~4x as much per file, and a shard is ~11 files
+            with open(self.path(rel), "rb") as f:
+                return f.read()
         return self.fs.cat_file(self.path(rel))
 
     def write(self, rel: str, data: bytes, atomic: bool = True) -> None:
