@@ -32,6 +32,10 @@ GAP_BYTES = 64 << 10  # on-disk runs closer than this are read together: a read 
 def take_rows(array: Any, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` (B,) of an (N, ...) array: a tensor, a numpy array, or an on-disk array whose
     ``a[start:stop]`` reads rows (``distill.pipeline.diskarrays.DiskArray``). Returns (B, ...)."""
+    if isinstance(array, torch.Tensor):
+        return array.index_select(0, index)
+    if isinstance(array, np.ndarray):  # one fancy index: 13 us for 256 rows of 40 floats, the runs' way 44 us
+        return torch.from_numpy(np.ascontiguousarray(array[index.numpy()]))
     return take_ranges(array, index, torch.ones_like(index))
 
 
