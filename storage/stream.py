@@ -4,7 +4,9 @@
 (and hard labels) for B examples, joined by example index to those examples' soft labels
 from the store, gathered with index tensors. Memory is bounded: each DataLoader worker
 holds one block of decoded shards (about ``shuffle_buffer`` examples, rounded up to whole
-shards), one batch, and the DataLoader's prefetch; nothing grows with the store.
+shards), the same block's examples when they are on disk and take at most RESIDENT_BYTES
+(read at once, ``ExampleSet.resident``), one batch, and the DataLoader's prefetch; nothing
+grows with the store.
 
 Order, for a given seed and epoch, is deterministic:
 
