@@ -63,9 +63,10 @@ def _on_disk(a: np.ndarray, dtype=None):
     return writer.finish()
 
 
-def _batches(data, store, workers=0, **loader):
-    stream = LabelStream(data, store, batch_size=4, seed=2, shuffle_buffer=12, workers=max(workers, 1))
-    stream.set_epoch(1, skip=3)
+def _batches(data, store, workers=0, batch_size=4, shuffle_buffer=12, skip=3, **loader):
+    stream = LabelStream(data, store, batch_size=batch_size, seed=2, shuffle_buffer=shuffle_buffer,
+                         workers=max(workers, 1))
+    stream.set_epoch(1, skip=skip)
     batches = DataLoader(stream, batch_size=None, num_workers=workers, **loader)
     return [to_device(b, torch.device("cpu")) for b in batches]
 
@@ -97,17 +98,25 @@ def test_packed_batches_from_workers_equal_unpacked_ones(store, workers):
 
 @pytest.mark.parametrize("make", [_packed_lm, _features])
 @pytest.mark.parametrize("with_store", [True, False])
-def test_on_disk_examples_are_read_a_shuffle_block_at_a_time_into_the_same_batches(store, with_store, make,
+@pytest.mark.parametrize("sizes", [(4, 12, 3), (16, 3, 0)])
+def test_on_disk_examples_are_read_a_shuffle_block_at_a_time_into_the_same_batches(store, with_store, make, sizes,
                                                                                 monkeypatch):
-    """Blocks of 15 examples, batches of 4: some batches span two blocks, and the epoch skips its first 3."""
-    labels = store if with_store else None
-    want = _batches(make(), labels)
+    """Blocks of 15 examples and batches of 4, some spanning two blocks, the epoch's first 3 skipped; or blocks
+    of one 5-example shard and batches of 16, each spanning three or four."""
+    labels, (batch_size, buffer, skip) = store if with_store else None, sizes
+    sized = dict(batch_size=batch_size, shuffle_buffer=buffer, skip=skip)
+    want = _batches(make(), labels, **sized)
+    data = make()
+    for batch in want:  # each batch holds the examples it names, all of them (what the in-memory path gathers)
+        examples = data.gather(batch["example_index"])
+        _same([{k: batch[k] for k in examples}], [examples])
+    assert sum(len(b["example_index"]) for b in want) == len(data) - skip * batch_size
     made = []
     real = ExampleSet.resident
     monkeypatch.setattr(ExampleSet, "resident", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
-    _same(_batches(make(disk=True), labels), want)
+    _same(_batches(make(disk=True), labels, **sized), want)
     assert made and all(m is not None and not m.on_disk() for m in made)  # each block held in memory
     made.clear()
     monkeypatch.setattr(stream_module, "RESIDENT_BYTES", 16)  # too big to hold: read a batch at a time
-    _same(_batches(make(disk=True), labels), want)
+    _same(_batches(make(disk=True), labels, **sized), want)
     assert made == [None] * len(made) and made
