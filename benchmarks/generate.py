@@ -123,6 +123,11 @@ def generate(config: GenerateConfig, tmp: str, name: str, round_: int) -> tuple[
     return seconds, result["positions"], result["seconds"]
 
 
+def _paired(num: list[float], den: list[float]) -> float:
+    """The median over rounds of num[r] / den[r]."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
 def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: str, examples: int | None = None,
                  precision: str = "auto") -> dict:
     w = WORKLOADS[name]
@@ -150,11 +155,11 @@ def run_workload(name: str, quick: bool, device_name: str, repeats: int, tmp: st
         "teacher": w["teacher"], "teacher_params": params, "examples": n, "positions": positions, "k": w["k"],
         "batch_size": w["batch_size"], "device": str(device), "precision": precision, "repeats": repeats,
         "teacher_only_positions_per_s": round(t, 1), "generate_positions_per_s": round(g, 1),
-        "overhead_ratio": round(statistics.median(a / b for a, b in zip(generate_runs, teacher_runs)), 4),
+        "overhead_ratio": round(_paired(generate_runs, teacher_runs), 4),
         "overhead_ratio_of_medians": round(g / t, 4),
         # the labelling loop alone (no model load, fingerprints, store creation or sealing)
         "generate_loop_positions_per_s": round(statistics.median(loop_runs), 1),
-        "loop_overhead_ratio": round(statistics.median(a / b for a, b in zip(loop_runs, teacher_runs)), 4),
+        "loop_overhead_ratio": round(_paired(loop_runs, teacher_runs), 4),
         "setup_seconds": round(statistics.median(setup), 2),
         "teacher_only_runs": [round(x, 1) for x in teacher_runs], "generate_runs": [round(x, 1) for x in generate_runs],
     }

@@ -198,10 +198,13 @@ class _HintonMix(nn.Module):
         soft_part = (1.0 - self.alpha) * self.temperature**2 * soft
         if self.alpha == 0.0:
             return {"loss": soft_part, "soft": soft, "ce": None}
-        if hard_labels is None:
-            raise ConfigError(f"alpha = {self.alpha} mixes in hard labels but the data has none: pass --alpha 0")
+        self._check_hard(hard_labels)
         ce = _hard_ce(student_logits, hard_labels, self.ignore_index)
         return {"loss": self.alpha * ce + soft_part, "soft": soft, "ce": ce}
+
+    def _check_hard(self, hard_labels: Tensor | None) -> None:
+        if self.alpha > 0 and hard_labels is None:
+            raise ConfigError(f"alpha = {self.alpha} mixes in hard labels but the data has none: pass --alpha 0")
 
     @staticmethod
     def _check_positions(student_logits: Tensor, labels: SoftLabels) -> None:
@@ -314,8 +317,7 @@ class TopKDistillationLoss(_HintonMix):
 
     def _fused(self, student_logits: Tensor, ids: Tensor, kept: Tensor | None, targets: tuple, draws,
                hard_labels: Tensor | None) -> dict[str, Tensor | None]:
-        if self.alpha > 0 and hard_labels is None:
-            raise ConfigError(f"alpha = {self.alpha} mixes in hard labels but the data has none: pass --alpha 0")
+        self._check_hard(hard_labels)
         loss, soft, ce = fused_bucket_loss(
             student_logits, ids, kept, self._divergence, targets, temperature=self.temperature, alpha=self.alpha,
             hard_labels=hard_labels, ignore_index=self.ignore_index, tail_ids=None if draws is None else draws[0],
@@ -324,8 +326,7 @@ class TopKDistillationLoss(_HintonMix):
 
     def _dense(self, student_logits: Tensor, ids: Tensor, teacher_lp: Tensor, teacher_tail: Tensor,
                hard_labels: Tensor | None) -> dict[str, Tensor | None]:
-        if self.alpha > 0 and hard_labels is None:
-            raise ConfigError(f"alpha = {self.alpha} mixes in hard labels but the data has none: pass --alpha 0")
+        self._check_hard(hard_labels)
         loss, soft, ce = dense_bucket_loss(student_logits, ids, teacher_lp, teacher_tail, self.temperature,
                                            alpha=self.alpha, hard_labels=hard_labels, ignore_index=self.ignore_index)
         return self._detached_terms(loss, soft, ce)

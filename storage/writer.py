@@ -180,8 +180,7 @@ class ShardWriter:
                              f"{sorted(self._buffers)}: every batch of a store must carry the same fields")
         for name, t in fields.items():
             buf = self._buffers[name]
-            if buf.dtype == torch.int32 and t.dtype == torch.int64 and t.numel() and (
-                    int(t.min()) < -(2**31) or int(t.max()) >= 2**31):  # would wrap: the commit's check could not see it
+            if buf.dtype == torch.int32 and t.dtype == torch.int64 and t.numel() and _wraps(t):
                 raise StoreError(f"shard {self.index}: {name} outside the vocabulary [0, {self.writer.spec.vocab_size})")
             if self._used + n > len(buf):  # longer than the first batch suggested: double
                 grown = buf.new_empty((max(2 * len(buf), self._used + n), *buf.shape[1:]))
@@ -267,3 +266,8 @@ def _entries(sfs: StoreFS) -> list[str]:
     """Directory entries, ignoring another worker's manifest write in flight (job arrays race to create)."""
     return [e for e in sfs.listdir() if ".tmp-" not in e]
 
+
+def _wraps(ids: torch.Tensor) -> bool:
+    """Whether int64 ``ids`` would wrap as int32: the commit's vocabulary check could not see it then."""
+    lo, hi = torch.aminmax(ids)  # one pass for both
+    return int(lo) < -(2**31) or int(hi) >= 2**31
