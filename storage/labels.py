@@ -13,6 +13,7 @@ import math
 import torch
 
 from distill.errors import ConfigError
+from distill.storage import native
 
 __all__ = ["POSITION_FIELDS", "SAMPLINGS", "SoftLabels", "topk_labels", "sampled_labels", "concat_labels", "draw", "largest",
            "block_sums"]
@@ -315,6 +316,9 @@ def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None, con
     for the tail draws.
     """
     logits = logits.float()
+    compiled = _compiled_topk(logits, k, temperatures, lengths, tail_samples, generator, sample_temperature, sampling)
+    if compiled is not None:
+        return compiled
     top, ids = largest(logits, k)  # (P, K) by rank; top[:, 0] is the row max
     ids, order = ids.sort(dim=-1)  # by id, as the store keeps them: sorting here runs on the device
     sm = _Softmax(logits, row_max=top[:, :1].clone(), consume=consume)
@@ -335,6 +339,65 @@ def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None, con
         if host:
             labels.tail_ids, labels.tail_counts = labels.tail_ids.cpu(), labels.tail_counts.cpu()
     return labels
+
+
+def _compiled_topk(logits: torch.Tensor, k: int, temperatures, lengths, tail_samples: int, generator,
+                   sample_temperature: float, sampling: str) -> SoftLabels | None:
+    """``topk_labels`` by ``distill.storage.native``'s compiled reduction on a CPU, or None where it does not apply.
+
+    It covers what stage one runs on a CPU: vocabularies of at least 4 k blocks (as ``largest``'s search)
+    and systematic tail draws at T = 1 over at least 4 M blocks (as ``draw``'s block path), which it places
+    as ``draw`` does, from the same offsets of ``generator``.
+    """
+    v = logits.shape[1]
+    if logits.device.type != "cpu" or -(-v // BLOCK) < 4 * k:
+        return None
+    if tail_samples and (sample_temperature != 1.0 or sampling != "systematic" or v < 4 * tail_samples * BLOCK):
+        return None
+    if native.library() is None:
+        return None
+    temps = tuple(float(t) for t in temperatures if t != 1.0)
+    state = (generator.get_state() if generator is not None else torch.get_rng_state()) if tail_samples else None
+    offsets = torch.rand(len(logits), 1, generator=generator, dtype=torch.float32)[:, 0] if tail_samples else None
+    reduced = native.topk_reduce(logits, k, [1.0 / t for t in temps], offsets, tail_samples)
+    if reduced is None:  # the torch path draws the same offsets again
+        if state is not None:
+            generator.set_state(state) if generator is not None else torch.set_rng_state(state)
+        return None
+    top, ids, sums, tail_sum, tempered_sums, draws = reduced
+    ids, order = ids.sort(dim=-1)  # by id, as the store keeps them
+    kept = top.gather(1, order).double()  # (P, K)
+    m = kept.amax(1)  # (P,) each row's max
+    total = tail_sum + (kept - m[:, None]).exp().sum(1)  # sum exp(logits - max) over the vocabulary
+    lse = m + total.log()  # (P,)
+    cols = [tempered_sums[:, j].log() + (m - lse) / t for j, t in enumerate(temps)]
+    labels = SoftLabels(
+        offsets=_positions_tensor(len(ids), lengths),
+        topk_ids=ids,
+        topk_logprobs=(kept - lse[:, None]).float(),
+        tail_logprob=_exact_tiny_tails(logits, ids, tail_sum, total, lse).float(),
+        tempered_lse=torch.stack(cols, 1).float() if temps else top.new_zeros(len(ids), 0),
+        temperatures=temps,
+    )
+    if tail_samples:
+        tail_ids, counts = _unique_counts(draws)
+        labels.tail_ids, labels.tail_counts = tail_ids, torch.where(tail_sum[:, None] > 0, counts, 0).int()
+    return labels
+
+
+def _exact_tiny_tails(logits, ids, tail_sum, total, lse) -> torch.Tensor:
+    """The tail's log-probability (P,) float64 from the compiled sums: log(tail / total).
+
+    The compiled exp flushes terms under 2^-126 of the row's top mass to 0, where torch's keeps float32's
+    subnormals. Where that could move the tail by 1e-4 of itself (the tail's sum under 1e4 V 2^-126: a tail
+    under 1e-30 of the mass), it is taken again in float64 over the row's logits.
+    """
+    tail = tail_sum.log() - total.log()  # log(0) = -inf: no tail
+    tiny = (tail_sum < 1e4 * logits.shape[1] * 2.0**-126).nonzero()[:, 0]
+    if len(tiny):
+        rest = logits[tiny].double().scatter(1, ids[tiny], float("-inf"))  # (t, V) the tail's logits
+        tail[tiny] = rest.logsumexp(1) - lse[tiny]
+    return tail
 
 
 def largest(logits: torch.Tensor, k: int, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,7 +473,8 @@ def draw(weights: torch.Tensor, m: int, generator: torch.Generator | None = None
         draws = torch.multinomial(torch.where(rows, weights, 1.0), m, replacement=True, generator=generator)  # (P, m)
         draws, _ = draws.sort(dim=1)
     elif sampling == "systematic" and weights.shape[1] >= 4 * m * BLOCK:  # the m blocks are a small part of a row
-        draws, rows = _systematic(weights, m, generator, block_sums(weights) if sums is None else sums)
+        sums = block_sums(weights) if sums is None else sums
+        draws, rows = _systematic(lambda at: _block_terms(weights, at), weights.shape[1], m, generator, sums)
     elif sampling == "systematic":
         draws, rows = _systematic_whole(weights, m, generator)
     else:
@@ -437,9 +501,12 @@ def _systematic_whole(weights: torch.Tensor, m: int, generator) -> tuple[torch.T
     return torch.searchsorted(cdf, points, right=True).clamp_max(weights.shape[1] - 1), total > 0
 
 
-def _systematic(weights: torch.Tensor, m: int, generator, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Systematic draws (P, m), ascending, and whether each row has weight (P, 1); ``sums``: block_sums(weights)."""
-    rows, v = weights.shape
+def _systematic(terms_of, v: int, m: int, generator, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Systematic draws (P, m), ascending, and whether each row has weight (P, 1).
+
+    ``sums``: the weights' ``block_sums`` (P, ceil(V / BLOCK)); ``terms_of(at)``: the weights of the
+    blocks ``at`` (P, m), (P, m, BLOCK), zero past the vocabulary (``_block_terms``).
+    """
     block = BLOCK  # the block size block_sums used
     assert sums.shape[1] == -(-v // block), "sums must be block_sums(weights)"
     cdf = sums.double().cumsum(1)  # (P, blocks)
@@ -448,17 +515,26 @@ def _systematic(weights: torch.Tensor, m: int, generator, sums: torch.Tensor) ->
     points = _points(total, m, generator)
     at = torch.searchsorted(cdf, points, right=True).clamp_max(sums.shape[1] - 1)  # (P, m) block of each point
     before = torch.where(at > 0, cdf.gather(1, (at - 1).clamp_min(0)), 0.0)
-    if v % block:  # the last block is short: its columns past the vocabulary weigh nothing
-        columns = at[:, :, None] * block + torch.arange(block, device=weights.device)  # (P, m, block)
-        terms = weights.gather(1, columns.clamp_max(v - 1).view(rows, -1)).view(rows, m, block)
-        terms = torch.where(columns < v, terms, 0.0)
-    else:
-        terms = _blocks_of(weights, at, block).view(rows, m, block)
-    local = terms.double().cumsum(2)  # (P, m, block)
+    local = terms_of(at).double().cumsum(2)  # (P, m, block)
     # the block's float64 sum can differ from its float32 block sum in the last digits: stay inside it
     left = torch.minimum(points - before, torch.nextafter(local[:, :, -1], torch.zeros_like(before)))
     step = (local <= left[:, :, None]).sum(2).clamp_max(block - 1)  # first column whose cumulative sum passes the point
     return (at * block + step).clamp_max(v - 1), has
+
+
+def _block_columns(at: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """The columns (P, m, block) of column blocks ``at`` (P, m)."""
+    return at[:, :, None] * block + torch.arange(block, device=at.device)
+
+
+def _block_terms(weights: torch.Tensor, at: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """The columns of blocks ``at`` (P, m) of ``weights`` (P, V): (P, m, BLOCK), ``fill`` past the vocabulary."""
+    rows, v = weights.shape
+    if v % BLOCK == 0:
+        return _blocks_of(weights, at, BLOCK).view(rows, at.shape[1], BLOCK)
+    columns = _block_columns(at)  # (P, m, block) the last block is short: its columns past V weigh nothing
+    terms = weights.gather(1, columns.clamp_max(v - 1).view(rows, -1)).view(columns.shape)
+    return torch.where(columns < v, terms, fill)
 
 
 def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

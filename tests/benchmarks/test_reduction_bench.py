@@ -1,7 +1,8 @@
-"""benchmarks/reduction.py at a tiny shape: every setting and kind of logits timed, figures positive."""
+"""benchmarks/reduction.py at a tiny shape: every setting and kind of logits timed by both paths, figures positive."""
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,4 +17,7 @@ def test_reduction_benchmark_times_every_setting_on_both_kinds_of_logits(capsys)
     assert out["benchmark"] == "reduction" and (out["positions"], out["vocab_size"]) == (8, 8192)
     assert set(out["settings"]) == {f"{s}/{kind}" for s in ("k4_draws48", "k64_draws48", "k64")
                                     for kind in ("lm", "below_zero")}
-    assert all(row["ms"] > 0 and row["ns_per_logit"] > 0 for row in out["settings"].values())
+    for row in out["settings"].values():
+        assert all(row[path]["ms"] > 0 and row[path]["ns_per_logit"] > 0 for path in ("compiled", "torch"))
+        assert row["speedup"] > 0
+    assert "DISTILL_NATIVE" not in os.environ  # the benchmark puts the switch back
