@@ -1,9 +1,10 @@
-"""Stage one's top-k reduction as compiled code on the CPU (``reduce.c``), built on first use.
+"""Compiled CPU kernels, built on first use: stage one's top-k reduction (``reduce.c``) and the
+classifier's dense bucket loss (``distill/pipeline/bucketloss.c``, called from ``distill.pipeline.fused``).
 
 On a CPU, ``topk_labels`` in plain torch makes several memory-bound passes over (positions x
 vocabulary): the top k, an exp, a power per temperature, the block sums. ``reduce.c`` reads each
 row twice (the second time from cache) with vectorised loops; ``python benchmarks/reduction.py``
-times both. The C file is compiled with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
+times both. Each C file is compiled with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
 ``clang``) for this machine's CPU into ``$DISTILL_CACHE/native`` (default ``~/.cache/distill``), once
 per source, compiler and CPU, and loaded with ctypes. Where there is no compiler, or
 ``DISTILL_NATIVE=0``, ``library()`` is None and the torch path runs instead (the same labels, to float32
@@ -26,9 +27,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BLOCK", "MAX_EXPONENTS", "build", "library", "topk_reduce"]
+__all__ = ["BLOCK", "MAX_EXPONENTS", "build", "compiled", "library", "topk_reduce"]
 
 SOURCE = Path(__file__).with_name("reduce.c")
+_P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+SIGNATURES = {  # the exported functions' argument types, set on whichever library has them
+    "distill_topk_reduce": ([_P, _I64, _I64, _I64, _I64, _INT, _P, _P, _P, _P, _P, _P, _I64, _P, _P], _INT),
+    "distill_dense_bucket_loss": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _F32, _F32, _I64, _P, _P], _INT),
+}
 BLOCK = 32  # reduce.c's BLOCK: the columns of each block sum
 MAX_EXPONENTS = 8
 FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
@@ -42,23 +48,29 @@ _state: dict = {}
 
 def library() -> ctypes.CDLL | None:
     """The compiled reduction, or None where it cannot be built here (or ``DISTILL_NATIVE=0``)."""
+    return compiled(SOURCE)
+
+
+def compiled(source: Path) -> ctypes.CDLL | None:
+    """``source`` compiled and loaded once per process; None where it cannot be built here (or ``DISTILL_NATIVE=0``)."""
     if os.environ.get("DISTILL_NATIVE", "1") == "0":
         return None
     with _lock:
-        if "lib" not in _state:
-            _state["lib"] = build()
-    return _state["lib"]
+        if source not in _state:
+            _state[source] = build(source=source)
+    return _state[source]
 
 
-def build(compiler: str | None = None, cache: str | os.PathLike | None = None) -> ctypes.CDLL | None:
-    """Compiles ``reduce.c`` (unless ``cache`` already holds this build) and loads it; None, with a line on
+def build(compiler: str | None = None, cache: str | os.PathLike | None = None,
+          source: Path = SOURCE) -> ctypes.CDLL | None:
+    """Compiles ``source`` (unless ``cache`` already holds this build) and loads it; None, with a line on
     stderr, where it cannot be built. ``compiler``: default ``$CC``, else ``cc``, ``gcc`` or ``clang``;
     ``cache``: default ``$DISTILL_CACHE/native``."""
     compiler = compiler or os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
     if not compiler:
-        return _unavailable("no C compiler (set CC, or install gcc)")
-    identity = "\0".join([SOURCE.read_text(), compiler, _version(compiler), _cpu(), " ".join(FLAGS)])
-    name = f"reduce-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
+        return _unavailable(source, "no C compiler: set CC, or install gcc")
+    identity = "\0".join([source.read_text(), compiler, _version(compiler), _cpu(), " ".join(FLAGS)])
+    name = f"{source.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     folder = _cache_dir(cache)
     path = folder / name
     if not path.exists():
@@ -67,28 +79,27 @@ def build(compiler: str | None = None, cache: str | os.PathLike | None = None) -
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
             os.close(fd)
             try:
-                run = subprocess.run([compiler, *FLAGS, *arch, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                run = subprocess.run([compiler, *FLAGS, *arch, str(source), "-o", tmp, "-lm"], capture_output=True,
                                      text=True, timeout=300)
             except (OSError, subprocess.SubprocessError) as e:
                 os.unlink(tmp)
-                return _unavailable(f"{compiler} did not run: {e}")
+                return _unavailable(source, f"{compiler} did not run: {e}")
             if run.returncode == 0:
                 os.replace(tmp, path)  # atomic: other processes (torchrun's ranks) see the whole file or none
                 break
             os.unlink(tmp)
             errors.append(run.stderr.strip().splitlines()[-1:] or [f"exit status {run.returncode}"])
         else:
-            return _unavailable(f"{compiler} failed: {errors[-1][0]}")
+            return _unavailable(source, f"{compiler} failed: {errors[-1][0]}")
     lib = ctypes.CDLL(str(path))
-    fn = lib.distill_topk_reduce
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
-    fn.restype = ctypes.c_int
+    for name, (argtypes, restype) in SIGNATURES.items():
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
     return lib
 
 
-def _unavailable(why: str) -> None:
-    print(f"distill: the compiled top-k reduction is not available ({why}); using the slower torch path",
+def _unavailable(source: Path, why: str) -> None:
+    print(f"distill: compiled code ({source.name}) is not available ({why}); using the slower torch path",
           file=sys.stderr)
     return None
 

@@ -3,12 +3,14 @@ ones computed from full logits, gradients pass gradcheck, peaked logits stay fin
 sampled cross-entropy is unbiased. Every user-fixable mistake is one ConfigError."""
 
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distill.errors import ConfigError
+from distill.pipeline.fused import dense_bucket_loss
 from distill.pipeline.losses import (LOSSES, SampledDistillationLoss, TopKDistillationLoss, bucket_divergence,
                                      make_loss, student_buckets)
 from distill.storage import sampled_labels, topk_labels
@@ -651,6 +653,66 @@ def test_the_dense_loss_gives_bfloat16_logits_a_bfloat16_gradient_and_needs_none
         out = TopKDistillationLoss("kl", 2.0, 0.5)(student.requires_grad_(), labels, hard)
     assert not out["loss"].requires_grad
     torch.testing.assert_close(out["loss"], TopKDistillationLoss("kl", 2.0, 0.5, fused=False)(student, labels, hard)["loss"])
+
+
+needs_a_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                      reason="no C compiler: the dense loss's torch path runs instead")
+
+
+def _dense(student, labels, hard, temperature, alpha, compiled):
+    """dense_bucket_loss on ``student`` (a leaf), and its gradient: ((loss, soft, ce), grad)."""
+    x = student.clone().requires_grad_()
+    lp, tail = labels.tempered(temperature)
+    out = dense_bucket_loss(x, labels.topk_ids, lp, tail, temperature, alpha, hard, compiled=compiled)
+    (grad,) = torch.autograd.grad(out[0], x)
+    return out, grad
+
+
+@needs_a_compiler
+@pytest.mark.parametrize("case", [c for c in FUSED_CASES if c != "sampled-padding"])
+@pytest.mark.parametrize("temperature, alpha", [(1.0, 0.3), (2.0, 0.5), (2.0, 0.0), (1.0, 1.0), (1.5, 0.4)])
+def test_the_compiled_dense_loss_matches_float64(case, temperature, alpha):
+    """bucketloss.c on float32 logits against the torch path in float64 on the same values: loss, terms, gradient."""
+    student, labels, hard = fused_inputs(case, torch.float32, v=24, k=6)
+    (loss, soft, ce), grad = _dense(student, labels, hard, temperature, alpha, compiled=True)
+    (loss64, soft64, ce64), grad64 = _dense(student.double(), labels, hard, temperature, alpha, compiled=False)
+    for got, want in ((loss, loss64), (soft, soft64), (ce, ce64)):
+        if want is not None:
+            torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-6)
+    assert (ce is None) == (ce64 is None) and grad.dtype == torch.float32 and bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(grad.double(), grad64, rtol=2e-5, atol=1e-7)
+
+
+@needs_a_compiler
+@pytest.mark.parametrize("k", [4, 10])
+def test_the_compiled_dense_loss_reads_masked_student_ids_and_ignored_labels_as_the_torch_path(k):
+    labels = topk_labels(logits(5, 10, 2.0, 73).float(), k, temperatures=(2.0,))
+    student = logits(5, 10, 1.0, 74).float().scatter(1, labels.topk_ids[:, :1], -math.inf)  # each row's top id
+    student[1, :] = student[1].scatter(0, torch.arange(10)[~torch.isin(torch.arange(10), labels.topk_ids[1])],
+                                       -math.inf)  # row 1: the whole tail masked
+    hard = torch.tensor([1, 2, -100, 3, 4])
+    (loss, soft, ce), grad = _dense(student, labels, hard, 2.0, 0.5, compiled=True)
+    (loss0, soft0, ce0), grad0 = _dense(student, labels, hard, 2.0, 0.5, compiled=False)
+    torch.testing.assert_close((loss, soft, ce), (loss0, soft0, ce0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad0, rtol=1e-5, atol=1e-7)
+
+
+@needs_a_compiler
+def test_the_compiled_dense_loss_leaves_bad_input_and_other_dtypes_to_the_torch_path():
+    labels = topk_labels(logits(4, 10, 2.0, 75).float(), 3)
+    student = logits(4, 10, 1.0, 76).float()
+    lp, tail = labels.tempered(1.0)
+    with pytest.raises((IndexError, RuntimeError)) as torch_path:  # a label past the outputs: torch's own error
+        dense_bucket_loss(student, labels.topk_ids, lp, tail, 1.0, 0.5, torch.tensor([0, 1, 10, 2]), compiled=False)
+    with pytest.raises(type(torch_path.value)):
+        dense_bucket_loss(student, labels.topk_ids, lp, tail, 1.0, 0.5, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(RuntimeError, match="float32 logits on a CPU"):
+        dense_bucket_loss(student.double(), labels.topk_ids, lp, tail, 1.0, 0.5, torch.tensor([0, 1, 2, 3]),
+                          compiled=True)
+    with torch.no_grad():  # no gradient asked: none computed, the same value
+        got = dense_bucket_loss(student, labels.topk_ids, lp, tail, 1.0, 0.5, torch.tensor([0, 1, 2, 3]))[0]
+    want = dense_bucket_loss(student, labels.topk_ids, lp, tail, 1.0, 0.5, torch.tensor([0, 1, 2, 3]), compiled=False)
+    torch.testing.assert_close(got, want[0].detach(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("k", [4, 10])
