@@ -71,7 +71,13 @@ int distill_dense_bucket_loss(const float *x, int64_t p_count, int64_t c, const 
         }
         int has_label = hard && alpha > 0.0f && hard[p] != ignore_index;
         float total1 = total;
-        if (has_label) {  /* the cross-entropy at T = 1 */
+        if (has_label && inv_t == 0.5f) {  /* the cross-entropy at T = 1: exp(x - max x) is ez^2, no second exp */
+            total1 = 0.0f;
+            for (int64_t j = 0; j < c; j++) { ez1[j] = ez[j] * ez[j]; total1 += ez1[j]; }
+            float most = -INFINITY;
+            for (int64_t j = 0; j < c; j++) most = row[j] > most ? row[j] : most;
+            ce -= row[hard[p]] - most - logf(total1);
+        } else if (has_label) {
             if (inv_t != 1.0f) total1 = log_softmax(row, c, 1.0f, lq1, ez1);
             ce -= inv_t != 1.0f ? lq1[hard[p]] : lq[hard[p]];
         }
