@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from distill.cli import cli
 from distill.pipeline.data import DataConfig, load_data
 from distill.pipeline.models import ModelConfig, load_model
-from distill.storage import open_store, topk_labels
+from distill.storage import native, open_store, topk_labels
 
 REPO = Path(__file__).resolve().parents[2]
 MNIST = "mnist1d:num_samples=600"  # 480 train examples
@@ -151,6 +151,27 @@ def test_tail_draws_are_seeded_drawn_outside_the_top_k_and_resume_alike(tmp_path
     assert summary["tail_samples"] == 6 and summary["sampling"] == "systematic" and summary["unique_ids_mean"] > 1
     with pytest.raises(AssertionError, match="there is no tail|holds all 256"):
         run(*args[:-4], "--k", 256, "--out", tmp_path / "b")
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: only the torch reduction runs here")
+def test_the_compiled_reduction_writes_the_store_the_torch_path_writes(tmp_path, monkeypatch):
+    """A vocabulary large enough for storage/reduce.c (8,192 ids, k = 8, 16 tail draws): the same ids, draws and
+    counts as with DISTILL_NATIVE=0, and log-probs, tails and normalisers within float32 rounding."""
+    text = _text_file(tmp_path / "corpus.txt")
+    args = ["--teacher", "gpt:vocab_size=8192,d_model=32,n_layers=1,n_heads=2,max_len=64", "--data", text,
+            "--tokenizer", "bytes", "--seq-len", 48, "--k", 8, "--tail-samples", 16, "--temperature", 2,
+            "--value-encoding", "lossless", "--batch-size", 8, "--examples-per-shard", 16]
+    run(*args, "--out", tmp_path / "compiled")
+    monkeypatch.setenv("DISTILL_NATIVE", "0")
+    run(*args, "--out", tmp_path / "torch")
+    a, b = decoded(tmp_path / "compiled"), decoded(tmp_path / "torch")
+    for f in ("offsets", "topk_ids"):
+        assert torch.equal(a[f], b[f]), f
+    for f in ("topk_logprobs", "tail_logprob", "tempered_lse"):
+        torch.testing.assert_close(a[f], b[f], rtol=0, atol=2e-6)
+    assert not torch.equal(a["tempered_lse"], b["tempered_lse"])  # two paths ran: their float32 rounding differs
+    got, want = (open_store(str(tmp_path / name)).read_all() for name in ("compiled", "torch"))
+    assert torch.equal(got.tail_ids, want.tail_ids) and torch.equal(got.tail_counts, want.tail_counts)
 
 
 def test_other_settings_are_refused_unless_overwrite(tmp_path):
