@@ -271,7 +271,7 @@ def _unshifted(row_max: torch.Tensor) -> bool:
     return row_max.device.type == "cpu" and bool(((row_max >= 0) & (row_max <= UNSHIFTED_MAX)).all())
 
 
-BLOCK = 32  # columns per block of block_sums: the draws scan m blocks of this many instead of a (P, V) cumulative sum
+BLOCK = native.BLOCK  # columns per block of block_sums (32, as reduce.c): the draws scan m blocks instead of a cumsum
 
 
 def block_sums(weights: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
