@@ -171,3 +171,13 @@ def test_distill_native_0_turns_it_off_in_a_fresh_process(tmp_path):
     env = {**os.environ, "DISTILL_NATIVE": "0", "DISTILL_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True" and not any(tmp_path.iterdir())
+
+
+def test_processes_building_at_once_into_one_cache_each_get_a_whole_library(tmp_path):
+    """torchrun's ranks all build on first use: each compiles to its own temporary file and renames it into place."""
+    code = ("import sys; from pathlib import Path; from distill.storage import native; "
+            "sys.exit(native.build(cache=Path(sys.argv[1])) is None)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(3)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    assert len(list(tmp_path.glob("reduce-*.so"))) == 1 and not list(tmp_path.glob("*.so.*")) and \
+        len(list(tmp_path.iterdir())) == 1
