@@ -44,8 +44,8 @@ from distill.pipeline.tasks import Positions
 from distill.pipeline.tokenize import tokenizer_beside
 from distill.pipeline.tokenfiles import looked_for_tokenizer
 from distill.storage import (BACKENDS, METHODS, SAMPLINGS, VALUE_ENCODINGS, SoftLabels, StoreSpec, StoreWriter,
-                             concat_labels, create_store, empty_labels, open_store, open_store_writer, sampled_labels,
-                             topk_labels)
+                             concat_labels, create_store, empty_labels, native, open_store, open_store_writer,
+                             sampled_labels, topk_labels)
 from distill.storage.codecs import ID_CODINGS, VALUE_BITS, ValueEncoding
 
 __all__ = ["GenerateConfig", "generate_labels", "DEFAULTS", "store_spec", "batch_labels"]
@@ -62,16 +62,20 @@ class LabelDefaults:
 # top-k ids per position (capped at the output size) and tail draws: see docs/RESULTS.md for the measurements
 DEFAULTS = {"classification": LabelDefaults(k=64, tail_samples=0), "causal-lm": LabelDefaults(k=4, tail_samples=48)}
 TARGET_SHARD_POSITIONS = 65536  # default shard size: about this many positions, a few MB encoded
-# Logits reduced at once on a CPU (elsewhere LOGITS_CHUNK_ELEMENTS). On a CPU the reduction's passes
+# Logits reduced at once by torch's reduction on a CPU (elsewhere LOGITS_CHUNK_ELEMENTS). Its passes
 # over (positions x vocabulary) are bound by memory bandwidth: a chunk about the size of a last-level cache
 # (32 MiB of float32) is mostly read from DRAM once instead of once per pass. Measured on 2 cores at
 # V = 32,000: 15% less time for k = 4 with 48 tail draws (the causal-LM default), the same for k = 64.
+# The compiled reduction (distill.storage.native) reads each row from cache anyway and splits a chunk's rows
+# over threads: it takes a whole LOGITS_CHUNK_ELEMENTS (benchmarks/generate.py --workload lm-small, two
+# alternated pairs: overhead_ratio 0.797 and 0.846 against 0.718 and 0.756 at CPU_REDUCE_ELEMENTS).
 CPU_REDUCE_ELEMENTS = 1 << 23
 
 
-def _reduce_elements(device: torch.device) -> int:
-    """Logits reduced at once on ``device``: LOGITS_CHUNK_ELEMENTS, at most CPU_REDUCE_ELEMENTS on a CPU."""
-    if device.type == "cpu":
+def _reduce_elements(device: torch.device, spec: StoreSpec) -> int:
+    """Logits reduced at once on ``device``: LOGITS_CHUNK_ELEMENTS, at most CPU_REDUCE_ELEMENTS on a CPU
+    without the compiled top-k reduction."""
+    if device.type == "cpu" and not (spec.method == "topk" and native.library() is not None):
         return min(CPU_REDUCE_ELEMENTS, tasks.LOGITS_CHUNK_ELEMENTS)
     return tasks.LOGITS_CHUNK_ELEMENTS
 
@@ -473,7 +477,7 @@ def batch_labels(config: GenerateConfig, teacher: LoadedModel, host: dict, batch
     positions = Positions.of(batch, spec.task, logits.device)
     # a slice of the teacher's own logits (consumed in place), or a padded batch's chunk gathered: a chunk's copy
     parts = [_reduce(config, spec, positions.rows(logits, span), generator)
-             for span in positions.spans(logits.shape[-1], _reduce_elements(logits.device))]
+             for span in positions.spans(logits.shape[-1], _reduce_elements(logits.device, spec))]
     labels = concat_labels(parts) if parts else empty_labels(spec, len(lengths))
     labels.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.to(torch.int64).cumsum(0)])
     labels.token_index = token_index
