@@ -44,8 +44,8 @@ from distill.pipeline.tasks import Positions
 from distill.pipeline.tokenize import tokenizer_beside
 from distill.pipeline.tokenfiles import looked_for_tokenizer
 from distill.storage import (BACKENDS, METHODS, SAMPLINGS, VALUE_ENCODINGS, SoftLabels, StoreSpec, StoreWriter,
-                             concat_labels, create_store, empty_labels, native, open_store, open_store_writer,
-                             sampled_labels, topk_labels)
+                             compiled_topk_applies, concat_labels, create_store, empty_labels, open_store,
+                             open_store_writer, sampled_labels, topk_labels)
 from distill.storage.codecs import ID_CODINGS, VALUE_BITS, ValueEncoding
 
 __all__ = ["GenerateConfig", "generate_labels", "DEFAULTS", "store_spec", "batch_labels"]
@@ -72,10 +72,12 @@ TARGET_SHARD_POSITIONS = 65536  # default shard size: about this many positions,
 CPU_REDUCE_ELEMENTS = 1 << 23
 
 
-def _reduce_elements(device: torch.device, spec: StoreSpec) -> int:
+def _reduce_elements(device: torch.device, spec: StoreSpec, config: GenerateConfig) -> int:
     """Logits reduced at once on ``device``: LOGITS_CHUNK_ELEMENTS, at most CPU_REDUCE_ELEMENTS on a CPU
-    without the compiled top-k reduction."""
-    if device.type == "cpu" and not (spec.method == "topk" and native.library() is not None):
+    where torch's reduction runs (not the compiled one)."""
+    compiled = spec.method == "topk" and compiled_topk_applies(spec.vocab_size, spec.k, spec.tail_samples,
+                                                               spec.sample_temperature or 1.0, config.sampling)
+    if device.type == "cpu" and not compiled:
         return min(CPU_REDUCE_ELEMENTS, tasks.LOGITS_CHUNK_ELEMENTS)
     return tasks.LOGITS_CHUNK_ELEMENTS
 
@@ -477,7 +479,7 @@ def batch_labels(config: GenerateConfig, teacher: LoadedModel, host: dict, batch
     positions = Positions.of(batch, spec.task, logits.device)
     # a slice of the teacher's own logits (consumed in place), or a padded batch's chunk gathered: a chunk's copy
     parts = [_reduce(config, spec, positions.rows(logits, span), generator)
-             for span in positions.spans(logits.shape[-1], _reduce_elements(logits.device, spec))]
+             for span in positions.spans(logits.shape[-1], _reduce_elements(logits.device, spec, config))]
     labels = concat_labels(parts) if parts else empty_labels(spec, len(lengths))
     labels.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.to(torch.int64).cumsum(0)])
     labels.token_index = token_index

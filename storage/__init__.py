@@ -2,7 +2,8 @@
 
 from distill.storage.backend import BACKENDS, Backend, get_backend
 from distill.storage.codecs import VALUE_ENCODINGS, ValueEncoding
-from distill.storage.labels import SAMPLINGS, SoftLabels, concat_labels, draw, sampled_labels, topk_labels
+from distill.storage.labels import (SAMPLINGS, SoftLabels, compiled_topk_applies, concat_labels, draw, sampled_labels,
+                                    topk_labels)
 from distill.storage.manifest import FORMAT_VERSION, METHODS, Manifest, ShardRecord, StoreSpec
 from distill.storage.reader import StoreReader, open_store
 from distill.storage.shards import decode_shard, encode_shard
@@ -24,6 +25,7 @@ __all__ = [
     "StoreWriter",
     "VALUE_ENCODINGS",
     "ValueEncoding",
+    "compiled_topk_applies",
     "concat_labels",
     "create_store",
     "decode_shard",

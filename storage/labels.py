@@ -16,7 +16,7 @@ from distill.errors import ConfigError
 from distill.storage import native
 
 __all__ = ["POSITION_FIELDS", "SAMPLINGS", "SoftLabels", "topk_labels", "sampled_labels", "concat_labels", "draw", "largest",
-           "block_sums"]
+           "block_sums", "compiled_topk_applies"]
 
 
 # the fields with one row per position, in the order the store documents them
@@ -341,6 +341,18 @@ def topk_labels(logits: torch.Tensor, k: int, temperatures=(), lengths=None, con
     return labels
 
 
+def compiled_topk_applies(v: int, k: int, tail_samples: int = 0, sample_temperature: float = 1.0,
+                          sampling: str = "systematic") -> bool:
+    """Whether ``topk_labels`` on a CPU takes the compiled reduction for these settings (V outputs, top k, M tail
+    draws): a C compiler is at hand, V holds at least 4 k blocks, and any draws are systematic at T = 1 over
+    at least 4 M blocks."""
+    if -(-v // BLOCK) < 4 * k:
+        return False
+    if tail_samples and (sample_temperature != 1.0 or sampling != "systematic" or v < 4 * tail_samples * BLOCK):
+        return False
+    return native.library() is not None
+
+
 def _compiled_topk(logits: torch.Tensor, k: int, temperatures, lengths, tail_samples: int, generator,
                    sample_temperature: float, sampling: str) -> SoftLabels | None:
     """``topk_labels`` by ``distill.storage.native``'s compiled reduction on a CPU, or None where it does not apply.
@@ -349,12 +361,8 @@ def _compiled_topk(logits: torch.Tensor, k: int, temperatures, lengths, tail_sam
     and systematic tail draws at T = 1 over at least 4 M blocks (as ``draw``'s block path), which it places
     as ``draw`` does, from the same offsets of ``generator``.
     """
-    v = logits.shape[1]
-    if logits.device.type != "cpu" or -(-v // BLOCK) < 4 * k:
-        return None
-    if tail_samples and (sample_temperature != 1.0 or sampling != "systematic" or v < 4 * tail_samples * BLOCK):
-        return None
-    if native.library() is None:
+    if logits.device.type != "cpu" or not compiled_topk_applies(logits.shape[1], k, tail_samples, sample_temperature,
+                                                                  sampling):
         return None
     temps = tuple(float(t) for t in temperatures if t != 1.0)
     state = (generator.get_state() if generator is not None else torch.get_rng_state()) if tail_samples else None

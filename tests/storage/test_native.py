@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from distill.storage import native, topk_labels
+from distill.storage import compiled_topk_applies, native, topk_labels
 
 pytestmark = pytest.mark.skipif(native.library() is None and shutil.which("cc") is None,
                                 reason="no C compiler: the torch path runs instead (tested in test_labels_and_codecs)")
@@ -181,3 +181,13 @@ def test_processes_building_at_once_into_one_cache_each_get_a_whole_library(tmp_
     assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
     assert len(list(tmp_path.glob("reduce-*.so"))) == 1 and not list(tmp_path.glob("*.so.*")) and \
         len(list(tmp_path.iterdir())) == 1
+
+
+def test_which_settings_take_the_compiled_reduction(monkeypatch):
+    assert compiled_topk_applies(32000, 64, 48) and compiled_topk_applies(32000, 4)
+    assert not compiled_topk_applies(1024, 16)  # 32 blocks: fewer than 4 k
+    assert not compiled_topk_applies(4096, 8, 48)  # 48 draws need 4 x 48 blocks
+    assert not compiled_topk_applies(32000, 4, 48, sample_temperature=2.0)
+    assert not compiled_topk_applies(32000, 4, 48, sampling="iid")
+    monkeypatch.setenv("DISTILL_NATIVE", "0")
+    assert not compiled_topk_applies(32000, 64, 48)
