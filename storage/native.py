@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BLOCK", "MAX_EXPONENTS", "build", "compiled", "library", "topk_reduce"]
+__all__ = ["BLOCK", "MAX_EXPONENTS", "build", "compiled", "default_compiler", "library", "topk_reduce"]
 
 SOURCE = Path(__file__).with_name("reduce.c")
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -66,7 +66,7 @@ def build(compiler: str | None = None, cache: str | os.PathLike | None = None,
     """Compiles ``source`` (unless ``cache`` already holds this build) and loads it; None, with a line on
     stderr, where it cannot be built. ``compiler``: default ``$CC``, else ``cc``, ``gcc`` or ``clang``;
     ``cache``: default ``$DISTILL_CACHE/native``."""
-    compiler = compiler or os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+    compiler = compiler or default_compiler()
     if not compiler:
         return _unavailable(source, "no C compiler: set CC, or install gcc")
     identity = "\0".join([source.read_text(), compiler, _version(compiler), _cpu(), " ".join(FLAGS)])
@@ -96,6 +96,11 @@ def build(compiler: str | None = None, cache: str | os.PathLike | None = None,
         if hasattr(lib, name):
             getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, restype
     return lib
+
+
+def default_compiler() -> str | None:
+    """The C compiler ``build`` uses: ``$CC``, else the first of ``cc``, ``gcc`` and ``clang`` on the PATH."""
+    return os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
 
 
 def _unavailable(source: Path, why: str) -> None:
