@@ -481,8 +481,7 @@ def draw(weights: torch.Tensor, m: int, generator: torch.Generator | None = None
         draws = torch.multinomial(torch.where(rows, weights, 1.0), m, replacement=True, generator=generator)  # (P, m)
         draws, _ = draws.sort(dim=1)
     elif sampling == "systematic" and weights.shape[1] >= 4 * m * BLOCK:  # the m blocks are a small part of a row
-        sums = block_sums(weights) if sums is None else sums
-        draws, rows = _systematic(lambda at: _block_terms(weights, at), weights.shape[1], m, generator, sums)
+        draws, rows = _systematic(weights, m, generator, block_sums(weights) if sums is None else sums)
     elif sampling == "systematic":
         draws, rows = _systematic_whole(weights, m, generator)
     else:
@@ -509,12 +508,9 @@ def _systematic_whole(weights: torch.Tensor, m: int, generator) -> tuple[torch.T
     return torch.searchsorted(cdf, points, right=True).clamp_max(weights.shape[1] - 1), total > 0
 
 
-def _systematic(terms_of, v: int, m: int, generator, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Systematic draws (P, m), ascending, and whether each row has weight (P, 1).
-
-    ``sums``: the weights' ``block_sums`` (P, ceil(V / BLOCK)); ``terms_of(at)``: the weights of the
-    blocks ``at`` (P, m), (P, m, BLOCK), zero past the vocabulary (``_block_terms``).
-    """
+def _systematic(weights: torch.Tensor, m: int, generator, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Systematic draws (P, m), ascending, and whether each row has weight (P, 1); ``sums``: block_sums(weights)."""
+    rows, v = weights.shape
     block = BLOCK  # the block size block_sums used
     assert sums.shape[1] == -(-v // block), "sums must be block_sums(weights)"
     cdf = sums.double().cumsum(1)  # (P, blocks)
@@ -523,26 +519,17 @@ def _systematic(terms_of, v: int, m: int, generator, sums: torch.Tensor) -> tupl
     points = _points(total, m, generator)
     at = torch.searchsorted(cdf, points, right=True).clamp_max(sums.shape[1] - 1)  # (P, m) block of each point
     before = torch.where(at > 0, cdf.gather(1, (at - 1).clamp_min(0)), 0.0)
-    local = terms_of(at).double().cumsum(2)  # (P, m, block)
+    if v % block:  # the last block is short: its columns past the vocabulary weigh nothing
+        columns = at[:, :, None] * block + torch.arange(block, device=weights.device)  # (P, m, block)
+        terms = weights.gather(1, columns.clamp_max(v - 1).view(rows, -1)).view(rows, m, block)
+        terms = torch.where(columns < v, terms, 0.0)
+    else:
+        terms = _blocks_of(weights, at, block).view(rows, m, block)
+    local = terms.double().cumsum(2)  # (P, m, block)
     # the block's float64 sum can differ from its float32 block sum in the last digits: stay inside it
     left = torch.minimum(points - before, torch.nextafter(local[:, :, -1], torch.zeros_like(before)))
     step = (local <= left[:, :, None]).sum(2).clamp_max(block - 1)  # first column whose cumulative sum passes the point
     return (at * block + step).clamp_max(v - 1), has
-
-
-def _block_columns(at: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """The columns (P, m, block) of column blocks ``at`` (P, m)."""
-    return at[:, :, None] * block + torch.arange(block, device=at.device)
-
-
-def _block_terms(weights: torch.Tensor, at: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """The columns of blocks ``at`` (P, m) of ``weights`` (P, V): (P, m, BLOCK), ``fill`` past the vocabulary."""
-    rows, v = weights.shape
-    if v % BLOCK == 0:
-        return _blocks_of(weights, at, BLOCK).view(rows, at.shape[1], BLOCK)
-    columns = _block_columns(at)  # (P, m, block) the last block is short: its columns past V weigh nothing
-    terms = weights.gather(1, columns.clamp_max(v - 1).view(rows, -1)).view(columns.shape)
-    return torch.where(columns < v, terms, fill)
 
 
 def _unique_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
