@@ -30,6 +30,7 @@ See docs/FORMAT.md for the layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
@@ -179,12 +180,23 @@ def _gaps(ids: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+@functools.lru_cache(maxsize=16)
 def _code_tables(levels: int) -> tuple[np.ndarray, np.ndarray]:
-    """(log p, p) of each code 0..levels, float32; code 0 stands for (0.25 / L)^2."""
+    """(log p, p) of each code 0..levels, float32, read-only (cached: every shard reads them); code 0 stands for
+    (0.25 / L)^2."""
     root = np.arange(levels + 1, dtype=np.float64) / levels
     root[0] = 0.25 / levels
     p = root * root
-    return np.log(p).astype(np.float32), p.astype(np.float32)
+    tables = np.log(p).astype(np.float32), p.astype(np.float32)
+    for table in tables:
+        table.setflags(write=False)
+    return tables
+
+
+def _running_sum(gaps: np.ndarray, k: int) -> torch.Tensor:
+    """(P, K) int64 running sums along each row of ``gaps`` (P K,) or (P, K): torch's cumsum, 3-4x numpy's along
+    short rows."""
+    return torch.from_numpy(gaps.reshape(-1, k).astype(np.int64)).cumsum_(1)
 
 
 def decode_labels(
@@ -199,7 +211,7 @@ def decode_labels(
         columns = dict(columns)
         ids = _ranks_to_ids(columns, k)
     else:
-        ids = np.cumsum(columns["ids_delta"].reshape(-1, k), axis=1, dtype=np.int64)  # (P, K)
+        ids = _running_sum(columns["ids_delta"], k)  # (P, K)
     n = ids.shape[0]
     tail = np.array(columns["tail_logprob"], dtype=np.float32).reshape(n)
     counts = columns.get("counts")
@@ -208,10 +220,11 @@ def decode_labels(
     else:
         log_table, p_table = _code_tables(encoding.levels)
         codes = columns["logprob_codes"].reshape(n, k)
-        logprobs = log_table[codes]  # (P, K)
-        mass = p_table[codes].sum(axis=1, dtype=np.float32)
+        logprobs = np.take(log_table, codes)  # (P, K); take: twice as fast as indexing with the codes
+        p = np.take(p_table, codes)
+        mass = p.sum(axis=1, dtype=np.float32)
         if counts is not None:  # padding slots hold nothing
-            mass -= np.where(counts.reshape(n, k) == 0, p_table[codes], 0).sum(axis=1, dtype=np.float32)
+            mass -= np.where(counts.reshape(n, k) == 0, p, 0).sum(axis=1, dtype=np.float32)
         target = -np.expm1(tail.astype(np.float64))  # exact top-k mass, 1 - tail
         logprobs += np.log(target / mass).astype(np.float32)[:, None]  # the scale p_max, recovered
     if counts is not None:
@@ -222,11 +235,11 @@ def decode_labels(
     token_index = columns.get("token_index")
     tail_ids = tail_counts = None
     if tail_samples:
-        tail_ids = torch.from_numpy(np.cumsum(columns["tail_ids_delta"].reshape(n, tail_samples), axis=1, dtype=np.int64))
+        tail_ids = _running_sum(columns["tail_ids_delta"], tail_samples)
         tail_counts = torch.from_numpy(columns["tail_counts"].reshape(n, tail_samples).astype(np.int32))
     return SoftLabels(
         offsets=torch.from_numpy(np.array(columns["offsets"], dtype=np.int64)),
-        topk_ids=torch.from_numpy(ids),
+        topk_ids=ids if isinstance(ids, torch.Tensor) else torch.from_numpy(ids),
         topk_logprobs=torch.from_numpy(np.ascontiguousarray(logprobs)),
         tail_logprob=torch.from_numpy(tail),
         tempered_lse=torch.from_numpy(lse),

@@ -6,6 +6,7 @@ same file or chunk, and no write ever read-modify-writes another shard's data.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numcodecs
@@ -90,12 +91,34 @@ def _decode_single_chunk(name: str, files: dict[str, bytes], expected: tuple[int
     Anything else (another chunking, codec or byte order, or a shape other than
     ``expected``) raises ValueError; the reader reports it as a shard that cannot be decoded.
     """
-    meta = json.loads(files[f"{name}/zarr.json"])
+    shape, problem, dtype, grid, codec = _layout(name, files[f"{name}/zarr.json"])
+    if expected is not None and shape != tuple(expected):
+        raise ValueError(f"array {name} has shape {list(shape)[:4]}, the commit record implies {list(expected)}")
+    if problem:
+        raise ValueError(problem)
+    key = _chunk_key(name, len(shape))
+    if key not in files:  # zarr itself writes no chunk that is all fill value
+        return np.zeros(shape, dtype)
+    out = np.zeros(int(np.prod(grid)), dtype)  # a frame that claims to be larger is refused, not allocated
+    chunk = np.frombuffer(_DECODERS[codec].decode(files[key], out=out), dtype).reshape(grid)
+    return chunk[tuple(slice(0, n) for n in shape)]
+
+
+# frames describe themselves (typesize, shuffle, level): one decoder of each kind serves every array
+_DECODERS = {"blosc": numcodecs.Blosc(), "zstd": numcodecs.Zstd()}
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(name: str, raw: bytes) -> tuple[tuple[int, ...], str | None, np.dtype | None, tuple[int, ...], str]:
+    """(shape, what is wrong with the layout or None, dtype, chunk shape, codec name) of an array's zarr.json.
+
+    Cached by the metadata's bytes: every shard of a store repeats the same few, and parsing and
+    checking them took as long as decoding a small shard's chunks.
+    """
+    meta = json.loads(raw)
     if not isinstance(meta, dict):
         raise ValueError(f"array {name}: zarr.json is not an object")
     shape = tuple(meta.get("shape", ()))
-    if expected is not None and shape != tuple(expected):
-        raise ValueError(f"array {name} has shape {list(shape)[:4]}, the commit record implies {list(expected)}")
     codecs = meta.get("codecs", [])
     grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
     if (
@@ -105,14 +128,7 @@ def _decode_single_chunk(name: str, files: dict[str, bytes], expected: tuple[int
         or meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") != "/"
         or codecs[1].get("name") not in ("blosc", "zstd")
     ):
-        raise ValueError(f"array {name} is not laid out as distill writes it")
+        return shape, f"array {name} is not laid out as distill writes it", None, (), ""
     if meta.get("data_type") not in DTYPES:
-        raise ValueError(f"array {name} has data type {str(meta.get('data_type'))[:20]!r}, not one distill writes")
-    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-    key = _chunk_key(name, len(shape))
-    if key not in files:  # zarr itself writes no chunk that is all fill value
-        return np.zeros(shape, dtype)
-    codec = numcodecs.Blosc() if codecs[1]["name"] == "blosc" else numcodecs.Zstd()  # frames describe themselves
-    out = np.zeros(int(np.prod(grid)), dtype)  # a frame that claims to be larger is refused, not allocated
-    chunk = np.frombuffer(codec.decode(files[key], out=out), dtype).reshape(grid)
-    return chunk[tuple(slice(0, n) for n in shape)]
+        return shape, f"array {name} has data type {str(meta.get('data_type'))[:20]!r}, not one distill writes", None, (), ""
+    return shape, None, np.dtype(meta["data_type"]).newbyteorder("<"), tuple(grid), codecs[1]["name"]

@@ -89,3 +89,32 @@ def test_a_store_resumes_whatever_it_records_about_the_data_but_not_other_settin
     described.check_same(old)
     with pytest.raises(IncompatibleStoreError, match="extra"):
         old.check_same(StoreSpec("topk", k=K, vocab_size=V, num_examples=10, extra={"seed": 2}))
+
+
+def test_the_zarr_reader_refuses_metadata_it_did_not_write_even_after_reading_good_metadata():
+    """Parsed zarr.json files are cached by their bytes: an edited one is parsed and refused on its own, each problem
+    with its own message, and the good one still decodes (and is not confused with an array of another name)."""
+    import numpy as np
+
+    zarr = get_backend("zarr")
+    columns = {"tail_logprob": np.arange(6, dtype=np.float32), "counts": np.ones((3, 2), np.uint8)}
+    files = zarr.serialize(columns)
+    for _ in range(2):  # the second time from the cache
+        out = zarr.deserialize(files, {"tail_logprob": (6,), "counts": (3, 2)})
+        assert out["tail_logprob"].tolist() == list(range(6)) and out["counts"].tolist() == [[1, 1]] * 3
+    meta = json.loads(files["tail_logprob/zarr.json"])
+    edits = {
+        "not laid out as distill writes it": lambda m: m["codecs"][1].update(name="gzip"),
+        "data type 'float64'": lambda m: m.update(data_type="float64"),
+    }
+    for message, edit in edits.items():
+        bad = json.loads(json.dumps(meta))
+        edit(bad)
+        with pytest.raises(ValueError, match=message):
+            zarr.deserialize({**files, "tail_logprob/zarr.json": json.dumps(bad).encode()})
+    with pytest.raises(ValueError, match=r"shape \[6\], the commit record implies \[7\]"):
+        zarr.deserialize(files, {"tail_logprob": (7,)})
+    with pytest.raises(ValueError, match="not an object"):
+        zarr.deserialize({**files, "tail_logprob/zarr.json": b"[1, 2]"})
+    renamed = {k.replace("tail_logprob", "other"): v for k, v in files.items() if k.startswith("tail_logprob")}
+    assert zarr.deserialize(renamed)["other"].tolist() == list(range(6))
