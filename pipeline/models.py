@@ -160,7 +160,8 @@ def load_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: t
     state = read_state_dict(config.weights) if config.weights is not None else None  # fail before building
     loader = {"hf": functools.partial(load_hf, device=torch.device(device)),
               "torchscript": functools.partial(_load_torchscript, device=torch.device(device)),
-              "builtin": _load_builtin, "factory": _load_factory}[kind]
+              "builtin": functools.partial(_load_builtin, initialise=state is None),  # every weight is loaded next
+              "factory": _load_factory}[kind]
     module, task, describe = loader(target, config, dtype)
     spec = target if kind in ("hf", "torchscript") else config.spec  # an absolute path rebuilds from anywhere
     describe = {"kind": kind, "spec": spec, "task": task,
@@ -351,10 +352,10 @@ def _task(config_task: str | None, module_task: Any, spec: str) -> str:
 # --- the four kinds: each returns (module on the CPU, task, describe entries of its own) ----------
 
 
-def _load_builtin(target: tuple[str, dict], config: ModelConfig, dtype: torch.dtype | None):
+def _load_builtin(target: tuple[str, dict], config: ModelConfig, dtype: torch.dtype | None, initialise: bool = True):
     name, options = target
     options = resolve_options(name, options)
-    module = build_builtin(name, **options)
+    module = build_builtin(name, initialise=initialise, **options)
     return module, _task(config.task, module.task, config.spec), {"name": name, "options": options}
 
 

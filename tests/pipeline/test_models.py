@@ -82,6 +82,47 @@ def test_tied_gpt_weights_round_trip_through_safetensors(tmp_path):
         teacher.logits(token_batch(40, [9]))
 
 
+def test_saved_builtins_load_without_random_init_and_init_is_left_as_it_was(tmp_path):
+    """With weights to load, a built-in is built uninitialised (no random draws): every weight comes from the file,
+    ties stay ties, torch.nn.init is restored, and a build in another thread meanwhile is initialised as usual."""
+    import threading
+    from unittest import mock
+
+    import distill.pipeline.architectures as architectures
+
+    spec = "gpt:vocab_size=40,d_model=16,n_heads=2,n_layers=2,max_len=8"
+    trained = load_model(ModelConfig(spec)).module
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.rand_like(p))  # weights no seed gives
+    save_weights(trained, tmp_path / "gpt.safetensors")
+    reference = build_builtin("mlp", hidden=8).state_dict()
+    init_before = dict(vars(torch.nn.init))
+    others: list = []
+    real = architectures._uninitialised
+
+    @__import__("contextlib").contextmanager
+    def while_another_thread_builds():
+        with real():
+            assert torch.nn.init.normal_(torch.zeros(3)).tolist() == [0.0] * 3  # skipped in this thread
+            worker = threading.Thread(target=lambda: others.append(build_builtin("mlp", hidden=8).state_dict()))
+            worker.start()
+            worker.join()
+            yield
+
+    with mock.patch.object(architectures, "_uninitialised", while_another_thread_builds):
+        skipped = architectures.build_builtin("gpt", initialise=False, vocab_size=40, d_model=16, n_heads=2, n_layers=2,
+                                              max_len=8)
+        loaded = load_model(ModelConfig(spec, weights=str(tmp_path / "gpt.safetensors")))
+    assert len(others) == 2 and all(torch.equal(a, b) for o in others for a, b in zip(o.values(), reference.values()))
+    assert dict(vars(torch.nn.init)) == init_before
+    assert skipped.lm_head.weight is skipped.tok_emb.weight and loaded.module.lm_head.weight is loaded.module.tok_emb.weight
+    assert loaded.fingerprint == model_fingerprint(trained, loaded.describe)
+    for (name, a), (_, b) in zip(loaded.module.state_dict().items(), trained.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(a, b) for a, b in zip(build_builtin("mlp", hidden=8).state_dict().values(), reference.values()))
+
+
 def test_dtype_casts_the_weights_and_the_fingerprint_follows():
     model = load_model(ModelConfig("mlp:hidden=8"), dtype=torch.bfloat16)
     assert model.logits(features()).dtype == torch.bfloat16
