@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import numcodecs
 import numpy as np
@@ -99,7 +100,7 @@ def _decode_single_chunk(name: str, files: dict[str, bytes], expected: tuple[int
     key = _chunk_key(name, len(shape))
     if key not in files:  # zarr itself writes no chunk that is all fill value
         return np.zeros(shape, dtype)
-    out = np.zeros(int(np.prod(grid)), dtype)  # a frame that claims to be larger is refused, not allocated
+    out = np.zeros(math.prod(grid), dtype)  # a frame that claims to be larger is refused, not allocated
     chunk = np.frombuffer(_DECODERS[codec].decode(files[key], out=out), dtype).reshape(grid)
     return chunk[tuple(slice(0, n) for n in shape)]
 
