@@ -24,8 +24,8 @@ from torch import nn
 
 from distill.errors import ConfigError
 
-__all__ = ["BUILTINS", "ARCHITECTURES", "Architecture", "resolve_options", "build_builtin", "MLP", "CNN", "GPT",
-           "document_mask"]
+__all__ = ["BUILTINS", "ARCHITECTURES", "Architecture", "resolve_options", "build_builtin", "uninitialised", "MLP", "CNN",
+           "GPT", "document_mask"]
 
 
 class MLP(nn.Module):
@@ -251,7 +251,7 @@ def build_builtin(name: str, *, initialise: bool = True, **options: Any) -> nn.M
     for a caller that loads every weight next (``load_model`` with saved weights).
     """
     resolved = resolve_options(name, options)
-    with torch.random.fork_rng(devices=[]), (contextlib.nullcontext() if initialise else _uninitialised()):
+    with torch.random.fork_rng(devices=[]), (contextlib.nullcontext() if initialise else uninitialised()):
         torch.manual_seed(resolved["seed"])
         return ARCHITECTURES[name].build(**resolved)
 
@@ -260,7 +260,7 @@ _INIT_LOCK = threading.Lock()  # one build at a time swaps torch.nn.init's funct
 
 
 @contextlib.contextmanager
-def _uninitialised():
+def uninitialised():
     """torch.nn.init's in-place initialisers do nothing in this thread while inside (as transformers' no_init_weights);
     other threads' calls meanwhile still initialise."""
     owner = threading.get_ident()

@@ -84,11 +84,12 @@ def test_tied_gpt_weights_round_trip_through_safetensors(tmp_path):
 
 def test_saved_builtins_load_without_random_init_and_init_is_left_as_it_was(tmp_path):
     """With weights to load, a built-in is built uninitialised (no random draws): every weight comes from the file,
-    ties stay ties, torch.nn.init is restored, and a build in another thread meanwhile is initialised as usual."""
+    ties stay ties and torch.nn.init is restored; meanwhile a build in another thread is initialised as usual."""
     import threading
     from unittest import mock
 
-    import distill.pipeline.architectures as architectures
+    import distill.pipeline.models as models
+    from distill.pipeline.architectures import uninitialised
 
     spec = "gpt:vocab_size=40,d_model=16,n_heads=2,n_layers=2,max_len=8"
     trained = load_model(ModelConfig(spec)).module
@@ -99,22 +100,19 @@ def test_saved_builtins_load_without_random_init_and_init_is_left_as_it_was(tmp_
     reference = build_builtin("mlp", hidden=8).state_dict()
     init_before = dict(vars(torch.nn.init))
     others: list = []
-    real = architectures._uninitialised
+    with uninitialised():
+        assert torch.nn.init.normal_(torch.zeros(3)).tolist() == [0.0] * 3  # skipped in this thread
+        worker = threading.Thread(target=lambda: others.append(build_builtin("mlp", hidden=8).state_dict()))
+        worker.start()
+        worker.join()
+    assert len(others) == 1 and all(torch.equal(a, b) for a, b in zip(others[0].values(), reference.values()))
+    assert dict(vars(torch.nn.init)) == init_before
 
-    @__import__("contextlib").contextmanager
-    def while_another_thread_builds():
-        with real():
-            assert torch.nn.init.normal_(torch.zeros(3)).tolist() == [0.0] * 3  # skipped in this thread
-            worker = threading.Thread(target=lambda: others.append(build_builtin("mlp", hidden=8).state_dict()))
-            worker.start()
-            worker.join()
-            yield
-
-    with mock.patch.object(architectures, "_uninitialised", while_another_thread_builds):
-        skipped = architectures.build_builtin("gpt", initialise=False, vocab_size=40, d_model=16, n_heads=2, n_layers=2,
-                                              max_len=8)
+    skipped = build_builtin("gpt", initialise=False, vocab_size=40, d_model=16, n_heads=2, n_layers=2, max_len=8)
+    with mock.patch.object(models, "build_builtin", wraps=models.build_builtin) as built:
         loaded = load_model(ModelConfig(spec, weights=str(tmp_path / "gpt.safetensors")))
-    assert len(others) == 2 and all(torch.equal(a, b) for o in others for a, b in zip(o.values(), reference.values()))
+        load_model(ModelConfig(spec))
+    assert [c.kwargs["initialise"] for c in built.call_args_list] == [False, True]  # weights to load: no init
     assert dict(vars(torch.nn.init)) == init_before
     assert skipped.lm_head.weight is skipped.tok_emb.weight and loaded.module.lm_head.weight is loaded.module.tok_emb.weight
     assert loaded.fingerprint == model_fingerprint(trained, loaded.describe)
