@@ -513,6 +513,21 @@ def test_the_fused_loss_writes_a_non_contiguous_gradient_as_a_contiguous_one(cas
     assert_same_loss((fused, g_fused), (plain, g_plain), torch.float64, 1e-9, 1e-12)
 
 
+@pytest.mark.parametrize("case", ["random", "sampled-padding"])
+def test_the_fused_loss_runs_under_deterministic_algorithms_with_the_same_result(case):
+    """torch.use_deterministic_algorithms(True) refuses put_, the flat writes' fast path: they take index_put_
+    then, and give the same loss and gradient bit for bit."""
+    student, labels, hard = fused_inputs(case, torch.float32)
+    free = fused_and_plain(student, labels, hard, temperature=2.0, alpha=0.5)[0]
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        strict = fused_and_plain(student, labels, hard, temperature=2.0, alpha=0.5)[0]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(free[1], strict[1]) and all(torch.equal(free[0][n], strict[0][n]) for n in ("loss", "soft", "ce"))
+
+
 @pytest.mark.parametrize("case", ["random", "peaked", "every-id-kept"])
 def test_the_fused_loss_equals_the_plain_one_at_another_temperature(case):
     """T = 1 and 2 share the tail's softmax with the cross-entropy; any other T takes its own."""
