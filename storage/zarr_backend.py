@@ -123,7 +123,8 @@ def _layout(name: str, raw: bytes) -> tuple[tuple[int, ...], str | None, np.dtyp
     codecs = meta.get("codecs", [])
     grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
     if (
-        meta.get("zarr_format") != 3 or len(codecs) != 2 or codecs[0].get("name") != "bytes"
+        not all(type(n) is int and n >= 0 for n in shape)
+        or meta.get("zarr_format") != 3 or len(codecs) != 2 or codecs[0].get("name") != "bytes"
         or codecs[0].get("configuration", {}).get("endian", "little") != "little"
         or grid != [max(1, n) for n in shape] or meta.get("fill_value") != 0
         or meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator") != "/"

@@ -103,11 +103,12 @@ def test_the_zarr_reader_refuses_metadata_it_did_not_write_even_after_reading_go
         out = zarr.deserialize(files, {"tail_logprob": (6,), "counts": (3, 2)})
         assert out["tail_logprob"].tolist() == list(range(6)) and out["counts"].tolist() == [[1, 1]] * 3
     meta = json.loads(files["tail_logprob/zarr.json"])
-    edits = {
-        "not laid out as distill writes it": lambda m: m["codecs"][1].update(name="gzip"),
-        "data type 'float64'": lambda m: m.update(data_type="float64"),
-    }
-    for message, edit in edits.items():
+    edits = [
+        ("not laid out as distill writes it", lambda m: m["codecs"][1].update(name="gzip")),
+        ("data type 'float64'", lambda m: m.update(data_type="float64")),
+        ("not laid out as distill writes it", lambda m: m.update(shape=[6.0])),  # its chunk shape still matches
+    ]
+    for message, edit in edits:
         bad = json.loads(json.dumps(meta))
         edit(bad)
         with pytest.raises(ValueError, match=message):
