@@ -193,10 +193,10 @@ def _code_tables(levels: int) -> tuple[np.ndarray, np.ndarray]:
     return tables
 
 
-def _running_sum(gaps: np.ndarray, k: int) -> torch.Tensor:
-    """(P, K) int64 running sums along each row of ``gaps`` (P K,) or (P, K): torch's cumsum, 3-4x numpy's along
-    short rows."""
-    return torch.from_numpy(gaps.reshape(-1, k).astype(np.int64)).cumsum_(1)
+def _running_sum(gaps: np.ndarray, rows: int, k: int) -> torch.Tensor:
+    """(rows, K) int64 running sums along each row of ``gaps`` (rows K,) or (rows, K) (rows -1: as many as it holds):
+    torch's cumsum, 3-4x numpy's along short rows."""
+    return torch.from_numpy(gaps.reshape(rows, k).astype(np.int64)).cumsum_(1)
 
 
 def decode_labels(
@@ -211,7 +211,7 @@ def decode_labels(
         columns = dict(columns)
         ids = _ranks_to_ids(columns, k)
     else:
-        ids = _running_sum(columns["ids_delta"], k)  # (P, K)
+        ids = _running_sum(columns["ids_delta"], -1, k)  # (P, K)
     n = ids.shape[0]
     tail = np.array(columns["tail_logprob"], dtype=np.float32).reshape(n)
     counts = columns.get("counts")
@@ -235,7 +235,7 @@ def decode_labels(
     token_index = columns.get("token_index")
     tail_ids = tail_counts = None
     if tail_samples:
-        tail_ids = _running_sum(columns["tail_ids_delta"], tail_samples)
+        tail_ids = _running_sum(columns["tail_ids_delta"], n, tail_samples)
         tail_counts = torch.from_numpy(columns["tail_counts"].reshape(n, tail_samples).astype(np.int32))
     return SoftLabels(
         offsets=torch.from_numpy(np.array(columns["offsets"], dtype=np.int64)),
