@@ -259,10 +259,11 @@ class _Flat:
     def put(self, t: Tensor, values: Tensor) -> None:
         """t[i, ids[i, k]] = values[i, k] (or a 0-dim value everywhere); on repeated ids, one of their values."""
         if t.is_contiguous():
+            flat_values = values.reshape(-1) if values.dim() else values.expand(self.flat.shape)
             if torch.are_deterministic_algorithms_enabled():  # put_ refuses to run then; index_put_ is deterministic
-                t.view(-1).index_put_((self.flat,), values.reshape(-1) if values.dim() else values)
+                t.view(-1).index_put_((self.flat,), flat_values)
             else:
-                t.put_(self.flat, values.reshape(-1) if values.dim() else values.expand(self.flat.shape))
+                t.put_(self.flat, flat_values)
         else:
             t.scatter_(1, self.ids, values.expand(self.ids.shape))
 

@@ -209,7 +209,7 @@ def decode_labels(
     """
     if "ranks_delta" in columns:
         columns = dict(columns)
-        ids = _ranks_to_ids(columns, k)
+        ids = torch.from_numpy(_ranks_to_ids(columns, k))
     else:
         ids = _running_sum(columns["ids_delta"], -1, k)  # (P, K)
     n = ids.shape[0]
@@ -239,7 +239,7 @@ def decode_labels(
         tail_counts = torch.from_numpy(columns["tail_counts"].reshape(n, tail_samples).astype(np.int32))
     return SoftLabels(
         offsets=torch.from_numpy(np.array(columns["offsets"], dtype=np.int64)),
-        topk_ids=ids if isinstance(ids, torch.Tensor) else torch.from_numpy(ids),
+        topk_ids=ids,
         topk_logprobs=torch.from_numpy(np.ascontiguousarray(logprobs)),
         tail_logprob=torch.from_numpy(tail),
         tempered_lse=torch.from_numpy(lse),

@@ -162,9 +162,9 @@ def topk_reduce(logits: torch.Tensor, k: int, exponents=(), offsets: torch.Tenso
     rows, v = logits.shape
     if lib is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(1) != 1:
         return None
-    if len(exponents) > MAX_EXPONENTS or -(-v // BLOCK) < k:
-        return None
     blocks = -(-v // BLOCK)
+    if len(exponents) > MAX_EXPONENTS or blocks < k:
+        return None
     top, ids = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64)
     sums, tail = torch.empty(rows, blocks), torch.empty(rows, dtype=torch.float64)
     tempered = torch.empty(rows, len(exponents), dtype=torch.float64)
