@@ -38,7 +38,8 @@ SIGNATURES = {  # the exported functions' argument types, set on whichever libra
 BLOCK = 32  # reduce.c's BLOCK: the columns of each block sum
 MAX_EXPONENTS = 8
 FLAGS = ("-O3", "-std=c99", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
-         "-fassociative-math", "-fno-signed-zeros")  # reassociation: the horizontal sums of `omp simd` as trees
+         "-fassociative-math", "-fno-signed-zeros",  # reassociation: the horizontal sums of `omp simd` as trees
+         "-ffp-contract=fast")  # fused multiply-adds where the CPU has them (ISO C mode, -std=c99, turns them off)
 ARCH_FLAGS = (("-march=native",), ())  # tried in turn: some compilers and CPUs have no -march=native
 MIN_ROWS_PER_THREAD = 16
 

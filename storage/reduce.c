@@ -3,14 +3,16 @@
  * Built and loaded by distill/storage/native.py (C99, no dependencies; compiled with -O3 -march=native so that
  * the loops marked `omp simd` vectorise). For each row x of V float32 logits:
  *
- *   pass 1  the maximum of each block of BLOCK columns (and whether any value is NaN); the k largest block
- *           maxima (kept as they come: a block is a candidate while its maximum beats the k-th best so far);
- *           the k largest values among those k blocks' columns, which are the row's k largest (any value
- *           elsewhere has k block maxima at least as large above it);
+ *   pass 1  the maximum of each block of BLOCK columns (and whether any value is NaN); a threshold that at least
+ *           k block maxima reach, and the blocks that reach it (narrowed by binning their maxima); the k largest
+ *           values among those blocks' columns, which are the row's k largest (any value elsewhere has k block
+ *           maxima at least as large above it);
  *   pass 2  e = exp(x - max) once per value, with a vectorised polynomial (relative error about 1e-7); the
  *           sum of each block's e outside the top k (the tail's block sums, which place the tail draws),
  *           the tail's sum, and for each exponent a the sum of e^a over every value (the tempered
  *           normalisers: a = 1/T; a = 1/2 is a square root, any other a a second exp).
+ *
+ * While pass 2 runs on a row, the next row is prefetched, so that pass 1 finds it in cache.
  *
  * Outputs per row: top values and their ids (in no order), block sums (float32), tail sum and tempered
  * sums (float64). Returns 0, or 1 when a row holds a NaN or +inf, or fewer than k values above -inf: the
@@ -23,6 +25,7 @@
 
 #define BLOCK 32     /* columns per block: distill.storage.labels.BLOCK */
 #define MAX_EXPONENTS 8
+#define BINS 256     /* pass 1's bins of block maxima */
 #define FLUSH 32     /* blocks between moving the float lanes of the tempered sums into float64 */
 
 static inline float exp_poly(float x) {
@@ -43,6 +46,17 @@ static inline float exp_poly(float x) {
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return x < -87.3f ? 0.0f : p * scale;
+}
+
+/* Asks for the next row's block into cache while pass 2 computes on this row's, so that pass 1 finds it there
+ * (pass 1 alone waits on memory; pass 2 does not). */
+static inline void prefetch_block(const float *y, int64_t len) {
+#if defined(__GNUC__)
+    for (int64_t j = 0; j < len; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(y + j, 0, 2);
+#else
+    (void)y;
+    (void)len;
+#endif
 }
 
 typedef struct { float value; int64_t id; } item;
@@ -73,10 +87,10 @@ static int is_kept(const int64_t *ids, int64_t k, int64_t id) {
     return 0;
 }
 
-/* Pass 1: the row's k largest values and their ids (in no order) into top/ids; 0, or 1 for a NaN, +inf or fewer
- * than k values above -inf. `blocks` holds up to 2k candidate blocks: each block whose maximum beats the k-th
+/* Pass 1's general path (any row): the row's k largest values and their ids (in no order) into top/ids; 0, or 1 for
+ * a NaN, +inf or fewer than k values above -inf. `blocks` holds up to 2k candidate blocks: each block whose maximum beats the k-th
  * largest maximum seen so far (`low`), cut back to the k largest whenever it fills. */
-static int row_largest(const float *x, int64_t v, int64_t k, item *blocks, item *found, float *top, int64_t *ids) {
+static int row_largest_general(const float *x, int64_t v, int64_t k, item *blocks, item *found, float *top, int64_t *ids) {
     int64_t n_blocks = (v + BLOCK - 1) / BLOCK, full = v / BLOCK, n = 0;
     float low = -INFINITY;
     int nan = 0;
@@ -116,9 +130,83 @@ static int row_largest(const float *x, int64_t v, int64_t k, item *blocks, item 
     return 0;
 }
 
+/* Pass 1: the row's k largest values and their ids (in no order) into top/ids; 0, or 1 for a NaN, +inf or fewer
+ * than k values above -inf. With few data-dependent branches (the general path's running threshold mispredicts
+ * a few thousand times a row at k = 64):
+ *   - every block's maximum into bm (and whether any value is NaN);
+ *   - t0, the smallest of k group maxima (groups of consecutive blocks): at least k blocks reach it, the
+ *     candidates;
+ *   - where there are more than 4k, they are counted into BINS bins between t0 and the largest maximum, and only
+ *     those in the top bins that hold k or more stay. Binning is monotone in the maximum, so the maximum of every
+ *     block left out is below t, the smallest candidate maximum, and at least k values reach t;
+ *   - the values at or above t in the candidate blocks (no branch), and the k largest of them.
+ * Rows where this does not narrow the search (masked vocabularies, +inf, many tied maxima) take the general path. */
+static int row_largest(const float *x, int64_t v, int64_t k, float *bm, uint16_t *bin, int64_t *cand, item *blocks,
+                       item *found, float *top, int64_t *ids) {
+    int64_t n_blocks = (v + BLOCK - 1) / BLOCK, full = v / BLOCK;
+    int nan = 0;
+    for (int64_t b = 0; b < full; b++) {
+        const float *y = x + b * BLOCK;
+        float most = -INFINITY;
+        int odd = 0;
+        #pragma omp simd reduction(max:most) reduction(|:odd)
+        for (int j = 0; j < BLOCK; j++) { most = y[j] > most ? y[j] : most; odd |= (y[j] != y[j]); }
+        bm[b] = most;
+        nan |= odd;
+    }
+    if (full < n_blocks) {
+        float most = -INFINITY;
+        for (int64_t j = full * BLOCK; j < v; j++) { most = x[j] > most ? x[j] : most; nan |= (x[j] != x[j]); }
+        bm[full] = most;
+    }
+    if (nan) return 1;
+    float t0 = INFINITY, hi = -INFINITY;
+    for (int64_t g = 0; g < k; g++) {
+        float most = -INFINITY;
+        for (int64_t b = g * n_blocks / k; b < (g + 1) * n_blocks / k; b++) most = bm[b] > most ? bm[b] : most;
+        t0 = most < t0 ? most : t0;
+        hi = most > hi ? most : hi;
+    }
+    if (!(t0 > -INFINITY && hi < INFINITY)) return row_largest_general(x, v, k, blocks, found, top, ids);
+    int64_t n = 0;
+    for (int64_t b = 0; b < n_blocks; b++) { cand[n] = b; n += bm[b] >= t0; }
+    if (n > 4 * k) {  /* narrow the candidates down to the top bins holding k or more of them */
+        float scale = (float)BINS / (hi - t0);
+        if (!(scale < INFINITY)) return row_largest_general(x, v, k, blocks, found, top, ids);
+        int64_t count[BINS] = {0};
+        for (int64_t a = 0; a < n; a++) {
+            float at = (bm[cand[a]] - t0) * scale;
+            int64_t i = at >= (float)(BINS - 1) ? BINS - 1 : (int64_t)at;
+            bin[a] = (uint16_t)i;
+            count[i]++;
+        }
+        int64_t lowest = BINS - 1, kept = count[BINS - 1];
+        while (kept < k) kept += count[--lowest];  /* ends at bin 0 at the latest: all n >= k candidates */
+        if (kept > 4 * k) return row_largest_general(x, v, k, blocks, found, top, ids);
+        int64_t m = 0;
+        for (int64_t a = 0; a < n; a++) { cand[m] = cand[a]; m += bin[a] >= lowest; }
+        n = m;
+    }
+    float t = INFINITY;
+    for (int64_t a = 0; a < n; a++) t = bm[cand[a]] < t ? bm[cand[a]] : t;
+    int64_t m = 0;
+    for (int64_t a = 0; a < n; a++) {
+        int64_t b = cand[a], len = b < full ? BLOCK : v - b * BLOCK;
+        const float *y = x + b * BLOCK;
+        for (int64_t j = 0; j < len; j++) { found[m].value = y[j]; found[m].id = b * BLOCK + j; m += y[j] >= t; }
+    }
+    select_largest(found, m, k);
+    for (int64_t a = 0; a < k; a++) {
+        top[a] = found[a].value;
+        ids[a] = found[a].id;
+    }
+    return 0;
+}
+
 /* Pass 2: block sums of e = exp(x - max) outside the top k, their total, and the sums of e^a over the row. */
 static void row_sums(const float *x, int64_t v, int64_t k, const float *top, const int64_t *ids, int n_exp,
-                     const float *exponents, float *block_sums, double *tail_sum, double *tempered) {
+                     const float *exponents, float *block_sums, double *tail_sum, double *tempered,
+                     const float *next) {
     int64_t n_blocks = (v + BLOCK - 1) / BLOCK, full = v / BLOCK;
     float most = top[0], kth = top[0];
     for (int64_t a = 1; a < k; a++) { most = top[a] > most ? top[a] : most; kth = top[a] < kth ? top[a] : kth; }
@@ -129,6 +217,7 @@ static void row_sums(const float *x, int64_t v, int64_t k, const float *top, con
         const float *y = x + b * BLOCK;
         int64_t len = b < full ? BLOCK : v - b * BLOCK;
         float s = 0.0f;
+        if (next) prefetch_block(next + b * BLOCK, len);
         int ties = 0;
         if (b < full) {
             #pragma omp simd reduction(+:s) reduction(|:ties)
@@ -222,18 +311,24 @@ int distill_topk_reduce(const float *logits, int64_t rows, int64_t v, int64_t st
     int64_t n_blocks = (v + BLOCK - 1) / BLOCK;
     if (k < 1 || n_blocks < k || n_exp < 0 || n_exp > MAX_EXPONENTS) return 2;
     item *blocks = malloc(sizeof(item) * (size_t)(2 * k));
-    item *found = malloc(sizeof(item) * (size_t)(k * BLOCK));
-    int status = blocks && found ? 0 : 3;
+    item *found = malloc(sizeof(item) * (size_t)(4 * k * BLOCK + 1));  /* pass 1's fast path: up to 4k blocks */
+    float *bm = malloc(sizeof(float) * (size_t)n_blocks);
+    uint16_t *bin = malloc(sizeof(uint16_t) * (size_t)n_blocks);
+    int64_t *cand = malloc(sizeof(int64_t) * (size_t)(n_blocks + 1));
+    int status = blocks && found && bm && bin && cand ? 0 : 3;
     for (int64_t r = 0; r < rows && status == 0; r++) {
         const float *x = logits + r * stride;
-        status = row_largest(x, v, k, blocks, found, top + r * k, ids + r * k);
+        status = row_largest(x, v, k, bm, bin, cand, blocks, found, top + r * k, ids + r * k);
         if (status == 0)
             row_sums(x, v, k, top + r * k, ids + r * k, n_exp, exponents, block_sums + r * n_blocks,
-                     tail_sums + r, tempered + r * n_exp);
+                     tail_sums + r, tempered + r * n_exp, r + 1 < rows ? x + stride : NULL);
         if (status == 0 && m > 0)
             row_draws(x, v, k, top + r * k, ids + r * k, block_sums + r * n_blocks, m, offsets[r], draws + r * m);
     }
     free(blocks);
     free(found);
+    free(bm);
+    free(bin);
+    free(cand);
     return status;
 }
