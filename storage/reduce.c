@@ -59,6 +59,18 @@ static inline void prefetch_block(const float *y, int64_t len) {
 #endif
 }
 
+typedef char block_fits_a_32_bit_mask[BLOCK == 32 ? 1 : -1];
+
+static inline int64_t lowest_bit(uint32_t bits) {  /* the index of the lowest set bit (bits != 0) */
+#if defined(__GNUC__)
+    return __builtin_ctz(bits);
+#else
+    int64_t j = 0;
+    while (!(bits & 1u)) { bits >>= 1; j++; }
+    return j;
+#endif
+}
+
 typedef struct { float value; int64_t id; } item;
 
 /* Moves the k largest of items[0..n) to items[0..k) (in no order) and returns the smallest of them. */
@@ -136,10 +148,10 @@ static int row_largest_general(const float *x, int64_t v, int64_t k, item *block
  *   - every block's maximum into bm (and whether any value is NaN);
  *   - t0, the smallest of k group maxima (groups of consecutive blocks): at least k blocks reach it, the
  *     candidates;
- *   - where there are more than 4k, they are counted into BINS bins between t0 and the largest maximum, and only
+ *   - where there are more than k + 16, they are counted into BINS bins between t0 and the largest maximum, and only
  *     those in the top bins that hold k or more stay. Binning is monotone in the maximum, so the maximum of every
  *     block left out is below t, the smallest candidate maximum, and at least k values reach t;
- *   - the values at or above t in the candidate blocks (no branch), and the k largest of them.
+ *   - the values at or above t in the candidate blocks (a bit mask per block), and the k largest of them.
  * Rows where this does not narrow the search (masked vocabularies, +inf, many tied maxima) take the general path. */
 static int row_largest(const float *x, int64_t v, int64_t k, float *bm, uint16_t *bin, int64_t *cand, item *blocks,
                        item *found, float *top, int64_t *ids) {
@@ -170,7 +182,7 @@ static int row_largest(const float *x, int64_t v, int64_t k, float *bm, uint16_t
     if (!(t0 > -INFINITY && hi < INFINITY)) return row_largest_general(x, v, k, blocks, found, top, ids);
     int64_t n = 0;
     for (int64_t b = 0; b < n_blocks; b++) { cand[n] = b; n += bm[b] >= t0; }
-    if (n > 4 * k) {  /* narrow the candidates down to the top bins holding k or more of them */
+    if (n > k + 16) {  /* narrow the candidates down to the top bins holding k or more of them */
         float scale = (float)BINS / (hi - t0);
         if (!(scale < INFINITY)) return row_largest_general(x, v, k, blocks, found, top, ids);
         int64_t count[BINS] = {0};
@@ -193,7 +205,18 @@ static int row_largest(const float *x, int64_t v, int64_t k, float *bm, uint16_t
     for (int64_t a = 0; a < n; a++) {
         int64_t b = cand[a], len = b < full ? BLOCK : v - b * BLOCK;
         const float *y = x + b * BLOCK;
-        for (int64_t j = 0; j < len; j++) { found[m].value = y[j]; found[m].id = b * BLOCK + j; m += y[j] >= t; }
+        uint32_t reach = 0;  /* bit j: y[j] >= t (BLOCK is 32) */
+        if (len == BLOCK) {
+            #pragma omp simd reduction(|:reach)
+            for (int j = 0; j < BLOCK; j++) reach |= (uint32_t)(y[j] >= t) << j;
+        } else {
+            for (int64_t j = 0; j < len; j++) reach |= (uint32_t)(y[j] >= t) << j;
+        }
+        for (; reach; reach &= reach - 1) {
+            int64_t j = lowest_bit(reach);
+            found[m].value = y[j];
+            found[m++].id = b * BLOCK + j;
+        }
     }
     select_largest(found, m, k);
     for (int64_t a = 0; a < k; a++) {

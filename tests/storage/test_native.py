@@ -99,6 +99,31 @@ def test_compiled_tail_draws_equal_one_float64_cumulative_sum_of_the_tail(v):
         assert bool((got >= want).all()) and int((got - want).sum()) == int(near[row].sum())
 
 
+@pytest.mark.parametrize("kind", ["normal", "integers", "one_hot_block", "spread"])
+@pytest.mark.parametrize("k", [1, 3, 64])
+def test_every_route_of_the_top_k_search_finds_the_k_largest(kind, k):
+    """The search's routes: few candidate blocks (k = 1, 3), many narrowed by binning their maxima (normal, k = 64),
+    tied maxima that binning cannot separate (integers: the general search), one block far above the rest, and
+    a row whose values rise steadily (every group maximum in its last block)."""
+    g = torch.Generator().manual_seed(k)
+    x = {"normal": lambda: torch.randn(30, 8203, generator=g) * 3,
+         "integers": lambda: torch.randint(-3, 4, (30, 8203), generator=g).float(),
+         "one_hot_block": lambda: torch.randn(30, 8203, generator=g).index_fill_(1, torch.arange(64, 128), 50.0),
+         "spread": lambda: torch.linspace(-20, 20, 8203).repeat(30, 1) + torch.rand(30, 8203, generator=g) * 1e-3,
+         }[kind]()
+    top, ids, sums, tail, _, _ = native.topk_reduce(x, k)
+    assert torch.equal(x.gather(1, ids), top) and all(len(set(r.tolist())) == k for r in ids)
+    assert torch.equal(top.sort(1, descending=True).values, x.topk(k, 1).values)
+    e = (x.double() - x.double().amax(1, keepdim=True)).exp()
+    assert torch.allclose(tail, e.scatter(1, ids, 0.0).sum(1), rtol=2e-6, atol=0)
+
+
+def test_a_row_with_plus_inf_is_left_to_the_torch_path():
+    x = _logits(8, 8192, seed=3).float()
+    x[5, 4000] = float("inf")
+    assert native.topk_reduce(x, 16) is None and native.topk_reduce(x[:5], 16) is not None
+
+
 def test_ties_at_the_kth_value_keep_k_ids_and_leave_the_others_in_the_tail():
     """bf16 teachers give many equal logits: the kept ids hold the k largest values, tied ids outside them
     stay in the tail (its mass and its draws), and no draw lands on a kept id."""
