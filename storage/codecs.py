@@ -194,7 +194,7 @@ def _code_tables(levels: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _running_sum(gaps: np.ndarray, rows: int, k: int) -> torch.Tensor:
-    """(rows, K) int64 running sums along each row of ``gaps`` (rows K,) or (rows, K) (rows -1: as many as it holds):
+    """(rows, K) int64 running sums along each row of ``gaps`` (rows * K,) or (rows, K) (rows -1: as many as it holds):
     torch's cumsum, 3-4x numpy's along short rows."""
     return torch.from_numpy(gaps.reshape(rows, k).astype(np.int64)).cumsum_(1)
 

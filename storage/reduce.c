@@ -334,7 +334,8 @@ int distill_topk_reduce(const float *logits, int64_t rows, int64_t v, int64_t st
     int64_t n_blocks = (v + BLOCK - 1) / BLOCK;
     if (k < 1 || n_blocks < k || n_exp < 0 || n_exp > MAX_EXPONENTS) return 2;
     item *blocks = malloc(sizeof(item) * (size_t)(2 * k));
-    item *found = malloc(sizeof(item) * (size_t)(4 * k * BLOCK + 1));  /* pass 1's fast path: up to 4k blocks */
+    /* pass 1's candidate blocks: up to k + 16 unbinned, or 4k binned; the general path's k */
+    item *found = malloc(sizeof(item) * (size_t)((4 * k + 16) * BLOCK));
     float *bm = malloc(sizeof(float) * (size_t)n_blocks);
     uint16_t *bin = malloc(sizeof(uint16_t) * (size_t)n_blocks);
     int64_t *cand = malloc(sizeof(int64_t) * (size_t)(n_blocks + 1));

@@ -99,17 +99,19 @@ def test_compiled_tail_draws_equal_one_float64_cumulative_sum_of_the_tail(v):
         assert bool((got >= want).all()) and int((got - want).sum()) == int(near[row].sum())
 
 
-@pytest.mark.parametrize("kind", ["normal", "integers", "one_hot_block", "spread"])
+@pytest.mark.parametrize("kind", ["normal", "integers", "one_hot_block", "spread", "tied_top_blocks"])
 @pytest.mark.parametrize("k", [1, 3, 64])
 def test_every_route_of_the_top_k_search_finds_the_k_largest(kind, k):
     """The search's routes: few candidate blocks (k = 1, 3), many narrowed by binning their maxima (normal, k = 64),
-    tied maxima that binning cannot separate (integers: the general search), one block far above the rest, and
-    a row whose values rise steadily (every group maximum in its last block)."""
+    tied maxima that binning cannot separate (integers: the general search), one block far above the rest, a row
+    whose values rise steadily (every group maximum in its last block), and 320 values tied at the top over 11
+    blocks (at k = 1 and 3 all of them candidates, more values than 4k blocks hold)."""
     g = torch.Generator().manual_seed(k)
     x = {"normal": lambda: torch.randn(30, 8203, generator=g) * 3,
          "integers": lambda: torch.randint(-3, 4, (30, 8203), generator=g).float(),
          "one_hot_block": lambda: torch.randn(30, 8203, generator=g).index_fill_(1, torch.arange(64, 128), 50.0),
          "spread": lambda: torch.linspace(-20, 20, 8203).repeat(30, 1) + torch.rand(30, 8203, generator=g) * 1e-3,
+         "tied_top_blocks": lambda: torch.randn(30, 8203, generator=g).index_fill_(1, torch.arange(40, 360), 10.0),
          }[kind]()
     top, ids, sums, tail, _, _ = native.topk_reduce(x, k)
     assert torch.equal(x.gather(1, ids), top) and all(len(set(r.tolist())) == k for r in ids)
